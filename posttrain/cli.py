@@ -1,0 +1,212 @@
+"""``posttrain`` command line: run, submit, plot, rewards.
+
+    posttrain run recipes/sft_tiny_arith.yaml trainer.max_steps=50 [--dry-run]
+    posttrain submit recipes/grpo_tiny_arith.yaml --address http://127.0.0.1:8265 --wait
+    posttrain plot runs/sft_tiny_arith
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import yaml
+
+from posttrain.config.errors import PosttrainError
+
+
+def _make_run_dir(output_dir: str, name: str, resuming: bool) -> str:
+    """``<output_dir>/<name>``; an existing run is never overwritten (a suffix is added)."""
+    base = os.path.join(output_dir, name)
+    if resuming or not os.path.exists(base):
+        os.makedirs(base, exist_ok=True)
+        return base
+    i = 1
+    while os.path.exists(f"{base}-{i}"):
+        i += 1
+    os.makedirs(f"{base}-{i}")
+    return f"{base}-{i}"
+
+
+def derived_counts(cfg) -> dict[str, Any]:
+    """Counts a user should see before starting: per step, per run, and how they relate."""
+    from posttrain.data.sources import load_rows
+    from posttrain.models.loading import load_tokenizer
+
+    if hasattr(cfg.algorithm, "derived_counts"):
+        return cfg.algorithm.derived_counts(cfg)
+    t = cfg.trainer
+    tok = load_tokenizer(cfg.model)
+    algo = cfg.algorithm.build()
+    rows = load_rows(cfg.data.train, "data.train")
+    examples, _ = algo.prepare(rows, tok, cfg.data.max_length, cfg.data.max_bad_fraction, "data.train")
+    probe = [algo.collate([e], tok.pad_token_id) for e in examples[:256]]
+    mean_tokens = sum(float(b["attention_mask_BT"].sum()) for b in probe) / max(1, len(probe))
+    return {
+        "train_examples": len(examples),
+        "samples_per_step": t.global_batch_size,
+        "micro_batch_size_per_rank": t.micro_batch_size,
+        "grad_accum_steps": t.grad_accum_steps,
+        "ranks": t.world_size,
+        "optimizer_steps": t.max_steps,
+        "epochs": round(t.max_steps * t.global_batch_size / max(1, len(examples)), 3),
+        "tokens_per_step": round(mean_tokens * t.global_batch_size),
+    }
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from posttrain.config.loader import load_recipe
+    from posttrain.metrics import redact
+
+    cfg, resolved = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        print(yaml.safe_dump(redact(resolved), sort_keys=False))
+        print("# derived counts")
+        print(yaml.safe_dump(derived_counts(cfg), sort_keys=False))
+        return 0
+    run_dir = _make_run_dir(cfg.run.output_dir, cfg.run.name, bool(cfg.checkpoint.resume))
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(redact(resolved), f, sort_keys=False)
+    print(f"run directory: {run_dir}")
+    runner = getattr(cfg.algorithm, "runner", None)
+    if runner is None:
+        from posttrain.offline.runner import run_offline as runner
+    summary = runner(cfg, resolved, run_dir)
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    before, after = summary.get("before", {}), summary.get("after", {})
+    for key in sorted(set(before) | set(after)):
+        b, a = before.get(key), after.get(key)
+        fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+        print(f"{key}: before {fmt(b)}  after {fmt(a)}")
+    print(json.dumps({"summary": summary}))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a recipe as a Ray job (posttrain.cluster); --wait follows its logs to the end."""
+    from posttrain import cluster
+
+    spec = cluster.build_job(args.recipe, args.overrides, args.job_dir, args.working_dir, tuple(args.env))
+    if args.dry_run:
+        print(yaml.safe_dump(cluster.describe_job(spec), sort_keys=False, default_flow_style=None))
+        return 0
+    client, job_id = cluster.submit(spec, args.address)
+    where = f" --address {args.address}" if args.address else ""
+    print(f"job id: {job_id}")
+    print(f"logs: ray job logs {job_id}{where}  (head node: <ray temp dir>/session_latest/logs/job-driver-{job_id}.log)")
+    print(f"run directory: {spec.run_dir} (a -N suffix is added if it already exists)")
+    if not args.wait:
+        print(f"status: ray job status {job_id}{where}")
+        return 0
+    status, logs = cluster.wait(client, job_id)
+    print(f"job {job_id}: {status}")
+    print(f"run directory: {cluster.run_dir_from_logs(logs) or spec.run_dir}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from posttrain.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def _recipe_reward_graph(recipe: str, overrides: list[str]):
+    from posttrain.config.errors import ConfigError
+    from posttrain.config.loader import load_recipe
+
+    cfg, _ = load_recipe(recipe, overrides)
+    if cfg.reward is None:
+        raise ConfigError("reward", recipe, "this recipe has no reward graph", "use an online-RL or rejection-sampling recipe")
+    return cfg.reward
+
+
+def cmd_rewards_show(args: argparse.Namespace) -> int:
+    from posttrain.rewards.inspect import show_graph, write_graph_picture
+
+    graph_cfg = _recipe_reward_graph(args.recipe, args.overrides)
+    print(show_graph(graph_cfg))
+    if args.out:
+        print(f"picture: {write_graph_picture(graph_cfg, args.out)}")
+    return 0
+
+
+def cmd_rewards_try(args: argparse.Namespace) -> int:
+    from posttrain.config.errors import DataError
+    from posttrain.rewards.inspect import try_graph
+
+    graph_cfg = _recipe_reward_graph(args.recipe, args.overrides)
+    if not os.path.isfile(args.input):
+        raise DataError(f"--input '{args.input}' does not exist.\n  fix: give a .jsonl file of {{prompt, completion, ...fields}} rows")
+    with open(args.input) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i for i, r in enumerate(rows) if not {"prompt", "completion"} <= set(r)]
+    if bad:
+        raise DataError(f"--input rows {bad[:5]} lack 'prompt' or 'completion'.\n  fix: every row needs both, plus the fields the reward nodes read")
+    for result in try_graph(graph_cfg, rows):
+        nodes = "  ".join(f"{k}={v['value']!r}({v['status']})" for k, v in result["nodes"].items())
+        print(f"reward={result['reward']!r} masked={result['masked']}  {nodes}  | {result['completion'][:40]!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, DPO, reward models, PPO, GRPO")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a recipe: posttrain run recipes/X.yaml key=value ...")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax); group=option selects a config group")
+    r.add_argument("--dry-run", action="store_true", help="print the resolved config and derived counts, then exit")
+    r.set_defaults(fn=cmd_run)
+    sb = sub.add_parser("submit", help="run a recipe as a Ray job: posttrain submit recipes/X.yaml key=value ... [--wait]")
+    sb.add_argument("recipe")
+    sb.add_argument("overrides", nargs="*", help="key=value overrides, as for run; RL recipes get cluster.address=auto")
+    sb.add_argument("--address", default=None, help="Ray job server (dashboard) address, e.g. http://127.0.0.1:8265; default: RAY_ADDRESS")
+    sb.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    sb.add_argument("--dry-run", action="store_true", help="print the job (entrypoint, runtime env, run dir, placement) and exit")
+    sb.add_argument("--job-dir", default=None, help="directory the job's driver runs in (default: here); must exist on the head node")
+    sb.add_argument("--working-dir", default=None, help="project sent with the job (default: this posttrain checkout)")
+    sb.add_argument("--env", action="append", default=[], metavar="NAME", help="copy env var NAME (e.g. a secret) into the job")
+    sb.set_defaults(fn=cmd_submit)
+    pl = sub.add_parser("plot", help="write PNG curves of a run's metrics")
+    pl.add_argument("run_dir")
+    pl.add_argument("--out", default=None)
+    pl.set_defaults(fn=cmd_plot)
+    rw = sub.add_parser("rewards", help="inspect a recipe's reward graph without training")
+    rsub = rw.add_subparsers(dest="rewards_command", required=True)
+    show = rsub.add_parser("show", help="print the reward graph (and draw it with --out graph.png)")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*")
+    show.add_argument("--out", default=None, help="picture path (.png, .svg, or .dot for graphviz text)")
+    show.set_defaults(fn=cmd_rewards_show)
+    tr = rsub.add_parser("try", help="score given completions and print the per-node breakdown")
+    tr.add_argument("recipe")
+    tr.add_argument("overrides", nargs="*")
+    tr.add_argument("--input", required=True, help="jsonl rows: {prompt, completion, ...dataset fields}")
+    tr.set_defaults(fn=cmd_rewards_try)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]  # overrides may come after --dry-run
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args)
+    except PosttrainError as err:
+        print(f"posttrain: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The recipe schema: one typed section per component; the algorithm is chosen by ``_target_``.
+
+Each component reads only its own section (``cfg.trainer`` goes to the engine, ``cfg.model`` to
+the model loader, ...); nothing reads the root config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.data.sources import DatasetSource
+from posttrain.engine.checkpoint import CheckpointConfig
+from posttrain.engine.trainer import TrainerConfig
+from posttrain.metrics import LoggingConfig
+from posttrain.models.loading import ModelConfig
+
+
+@dataclass
+class RunSection:
+    name: str = "run"
+    output_dir: str = "runs"  # the run directory is <output_dir>/<name>
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train: DatasetSource = field(default_factory=DatasetSource)
+    eval: DatasetSource | None = None
+    max_length: int = 256  # tokens (prompt + response); longer rows are skipped and counted
+    max_bad_fraction: float = 0.05  # more bad rows than this stops the run
+    shuffle: bool = True
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            return ("max_bad_fraction", f"{self.max_bad_fraction} is not a fraction", "use a value in [0, 1]")
+        return None
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0: only before and after training
+    max_new_tokens: int = 16
+
+
+@dataclass
+class RecipeConfig:
+    algorithm: Any  # {_target_: posttrain.offline.sft.SFTConfig, ...} — a dataclass with build()
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Online RL only (the algorithm declares and validates them; offline recipes must omit them).
+    rollout: Any = None
+    reward: Any = None
+    cluster: Any = None

@@ -1,0 +1,102 @@
+"""Turning rows into token ids: SFT examples (prompt masked), preference pairs, RL prompts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def prompt_text(tokenizer, row: dict[str, Any]) -> str:
+    """The prompt as the model sees it: the chat template with a generation prompt when the
+    tokenizer has one, the raw prompt otherwise."""
+    messages = row.get("messages")
+    if messages is None:
+        messages = [{"role": "user", "content": row["prompt"]}]
+    else:
+        messages = [m for m in messages[:-1]]  # all turns before the final assistant turn
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "".join(m["content"] for m in messages)
+
+
+def response_text(tokenizer, response: str) -> str:
+    """A response followed by the end-of-turn token (so the model learns to stop)."""
+    return response + (tokenizer.eos_token or "")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class SFTExample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 on response tokens (the targets that count)
+
+
+def sft_row_problem(row: dict[str, Any]) -> str | None:
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
+            return "messages must end with an assistant turn"
+        return None if str(msgs[-1].get("content", "")).strip() else "empty response"
+    if not isinstance(row.get("prompt"), str):
+        return "missing field 'prompt'"
+    if not isinstance(row.get("response"), str):
+        return "missing field 'response'"
+    return None if row["response"].strip() else "empty response"
+
+
+def make_sft_example(tokenizer, row: dict[str, Any], max_length: int) -> SFTExample | str:
+    """Tokenised example, or a reason string when the row is over-length."""
+    response = row["messages"][-1]["content"] if row.get("messages") else row["response"]
+    p, r = encode(tokenizer, prompt_text(tokenizer, row)), encode(tokenizer, response_text(tokenizer, response))
+    if len(p) + len(r) > max_length:
+        return "over max_length"
+    return SFTExample(p + r, [0] * len(p) + [1] * len(r))
+
+
+@dataclass
+class PairExample:
+    chosen: SFTExample
+    rejected: SFTExample
+
+
+def pair_row_problem(row: dict[str, Any]) -> str | None:
+    for f in ("prompt", "chosen", "rejected"):
+        if not isinstance(row.get(f), str):
+            return f"missing field '{f}'"
+    if not row["chosen"].strip() or not row["rejected"].strip():
+        return "empty response"
+    return None
+
+
+def make_pair_example(tokenizer, row: dict[str, Any], max_length: int) -> PairExample | str:
+    c = make_sft_example(tokenizer, {"prompt": row["prompt"], "response": row["chosen"]}, max_length)
+    r = make_sft_example(tokenizer, {"prompt": row["prompt"], "response": row["rejected"]}, max_length)
+    if isinstance(c, str) or isinstance(r, str):
+        return "over max_length"
+    return PairExample(c, r)
+
+
+def rl_row_problem(row: dict[str, Any]) -> str | None:
+    if not isinstance(row.get("prompt"), str) and not row.get("messages"):
+        return "missing field 'prompt'"
+    return None
+
+
+def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence. Returns input_ids_BT, attention_mask_BT, loss_mask_BT
+    where loss_mask_BT[b, t] = 1 when token t is a target (its logprob comes from position t-1)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    lmask = torch.zeros((len(seqs), T), dtype=torch.float32)
+    for b, (s, m) in enumerate(zip(seqs, masks, strict=False)):
+        ids[b, : len(s)] = torch.tensor(s)
+        attn[b, : len(s)] = 1
+        lmask[b, : len(m)] = torch.tensor(m, dtype=torch.float32)
+    lmask[:, 0] = 0  # token 0 has no prediction
+    return {"input_ids_BT": ids, "attention_mask_BT": attn, "loss_mask_BT": lmask}

@@ -1,0 +1,101 @@
+"""Synthetic tasks whose answers can be checked: the data of demos and tests.
+
+Each task is a config dataclass named by ``_target_`` in a recipe, with ``generate(n, seed)``
+returning rows usable for SFT (prompt/response), preference pairs (prompt/chosen/rejected) and RL
+(prompt plus answer fields), and ``is_correct(row, completion)`` to score a completion.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import random
+from dataclasses import dataclass
+from typing import Any
+
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+
+
+def first_line(completion: str) -> str:
+    """The answer part of a completion: text before the first end-of-turn marker or newline."""
+    for stop in ("<|im_end|>", "\n"):
+        completion = completion.split(stop, 1)[0]
+    return completion.strip()
+
+
+@dataclass
+class ArithmeticTask:
+    """``a op b =`` with ``digits``-digit operands; the answer is the integer result."""
+
+    digits: int = 2
+    ops: str = "+"
+
+    def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed)
+        lo, hi = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10**self.digits - 1
+        rows = []
+        for _ in range(n):
+            a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(self.ops)
+            answer = str(_OPS[op](a, b))
+            wrong = str(int(answer) + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11]))
+            rows.append({"prompt": f"{a}{op}{b}=", "response": answer, "answer": answer, "chosen": answer, "rejected": wrong})
+        return rows
+
+    def is_correct(self, row: dict[str, Any], completion: str) -> bool:
+        return first_line(completion) == str(row["answer"])
+
+
+def eval_expression(expr: str, allowed_numbers: list[int]) -> float | None:
+    """Value of an arithmetic expression using only + - * / and each allowed number at most once.
+
+    Returns None for anything else (names, calls, other numbers, reuse): parsed with ``ast``,
+    never ``eval``.
+    """
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except (SyntaxError, ValueError):
+        return None
+    pool = list(allowed_numbers)
+    binops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.BinOp) and type(node.op) in binops:
+            left, right = walk(node.left), walk(node.right)
+            if isinstance(node.op, ast.Div) and right == 0:
+                raise ValueError("division by zero")
+            return binops[type(node.op)](left, right)
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value in pool:
+            pool.remove(node.value)
+            return node.value
+        raise ValueError("not allowed")
+
+    try:
+        return walk(tree.body)
+    except (ValueError, RecursionError):
+        return None
+
+
+@dataclass
+class CountdownTask:
+    """Reach ``target`` with the given numbers (each at most once) and + - *; e.g. ``3 5 7 -> 22``."""
+
+    num_numbers: int = 3
+    max_number: int = 9
+
+    def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed)
+        rows = []
+        for _ in range(n):
+            nums = [rng.randint(1, self.max_number) for _ in range(self.num_numbers)]
+            expr = str(nums[0])
+            for x in nums[1:]:
+                expr = f"{expr}{rng.choice('+-*')}{x}"
+            target = int(eval_expression(expr, nums))
+            shown = sorted(nums)
+            prompt = f"{' '.join(map(str, shown))}->{target}:"
+            rows.append({"prompt": prompt, "response": expr, "numbers": shown, "target": target, "answer": expr})
+        return rows
+
+    def is_correct(self, row: dict[str, Any], completion: str) -> bool:
+        value = eval_expression(first_line(completion), list(row["numbers"]))
+        return value is not None and abs(value - row["target"]) < 1e-9

@@ -1,0 +1,74 @@
+"""Process groups for the trainer: N ranks on one machine (spawned processes) or a torchrun job.
+
+No Ray here: the RL controller wraps ranks in Ray actors; offline runs spawn them directly.
+Rendezvous goes through a FileStore in the run directory, so no TCP port is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def device_for_rank(rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_rank(rank: int, world_size: int, store_path: str, backend: str = "auto") -> None:
+    """Join the trainer process group as ``rank`` (idempotent)."""
+    if dist.is_initialized():
+        return
+    backend = default_backend() if backend == "auto" else backend
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_for_rank(rank))
+    else:
+        # Ranks share the cores: oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, backend: str, args: tuple) -> None:
+    init_rank(rank, world_size, store_path, backend)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str = "auto") -> None:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks.
+
+    One rank runs in this process (cheap, debuggable); more ranks are spawned processes.
+    Under torchrun (RANK/WORLD_SIZE set) the existing environment is used instead.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(default_backend() if backend == "auto" else backend)
+        try:
+            fn(dist.get_rank(), dist.get_world_size(), *args)
+        finally:
+            dist.destroy_process_group()
+        return
+    fd, store_path = tempfile.mkstemp(prefix="posttrain_store_")
+    os.close(fd)
+    os.unlink(store_path)
+    try:
+        if world_size == 1:
+            _entry(0, fn, 1, store_path, backend, args)
+        else:
+            mp.spawn(_entry, args=(fn, world_size, store_path, backend, args), nprocs=world_size, join=True)
+    finally:
+        if os.path.exists(store_path):
+            os.unlink(store_path)

@@ -1,0 +1,179 @@
+"""When and how posttrain's Triton kernels run.
+
+Triton decides between compiling a kernel and interpreting it (``TRITON_INTERPRET=1``) when
+``triton.jit`` is applied. posttrain applies it lazily, at the first launch, so the decision follows
+the environment at launch time rather than at import time: a test can switch the interpreter on
+with ``monkeypatch.setenv`` without leaking it into other tests, whatever was imported first.
+
+Rules:
+
+- CUDA tensors: compiled kernels (or interpreted ones when ``TRITON_INTERPRET=1``).
+- CPU tensors: interpreted kernels when ``TRITON_INTERPRET=1``; otherwise Triton cannot run them and
+  callers fall back to :mod:`posttrain.kernels.reference` (see :func:`triton_available`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+# Programs of a persistent kernel under the interpreter: small, but more than one so the
+# round-robin tile loop is exercised.
+INTERPRETER_NUM_PROGRAMS = 3
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET=1`` is set now."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether posttrain's Triton kernels can run on tensors living on ``device``."""
+    if not _triton_importable():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and interpreter_enabled()
+
+
+def num_programs(device: torch.device) -> int:
+    """Grid size of a persistent kernel: one program per SM on CUDA, a few in the interpreter."""
+    if device.type == "cuda" and not interpreter_enabled():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_NUM_PROGRAMS
+
+
+def use_tma(device: torch.device) -> bool:
+    """Device-side TMA descriptors: Hopper or newer and a Triton that has them.
+
+    ``POSTTRAIN_DISABLE_TMA=1`` forces the pointer path (for A/B benchmarks and debugging);
+    ``POSTTRAIN_INTERPRET_TMA=1`` runs the TMA path under the interpreter (tests).
+    """
+    if os.environ.get("POSTTRAIN_DISABLE_TMA") == "1":
+        return False
+    if interpreter_enabled():
+        # The interpreter emulates descriptors; tests opt in to exercise the TMA code path on CPU.
+        return os.environ.get("POSTTRAIN_INTERPRET_TMA") == "1"
+    if device.type != "cuda":
+        return False
+    import triton.language as tl
+
+    return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.cache
+def _set_tma_allocator() -> None:
+    # Device-side descriptors need a scratch allocator (128 bytes per program).
+    import triton
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    triton.set_allocator(alloc)
+
+
+def prepare_tma() -> None:
+    """Install the scratch allocator that device-side TMA descriptors need (once per process)."""
+    _set_tma_allocator()
+
+
+@contextlib.contextmanager
+def _interpretable_triton_language() -> Iterator[None]:
+    """Make triton.language's own ``@triton.jit`` helpers (tl.sum, tl.cdiv, ...) interpretable.
+
+    Triton builds those helpers when it is imported: if ``TRITON_INTERPRET`` was not set then, they
+    are compiled-only and an interpreted kernel calling them fails ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). For the duration of one interpreted launch, swap them for
+    interpreted twins, then put the originals back.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    swapped: list[tuple[object, str, object]] = []
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("triton.language") or module is None:
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                swapped.append((module, attr, value))
+                setattr(module, attr, _interpreted_twin(value, InterpretedFunction))
+    try:
+        yield
+    finally:
+        for module, attr, value in swapped:
+            setattr(module, attr, value)
+
+
+_TWINS: dict[int, Any] = {}
+
+
+def _interpreted_twin(jit_fn: Any, interpreted_cls: type) -> Any:
+    twin = _TWINS.get(id(jit_fn))
+    if twin is None:
+        twin = _TWINS[id(jit_fn)] = interpreted_cls(jit_fn.fn)
+    return twin
+
+
+class LazyKernel:
+    """A Triton kernel source whose ``triton.jit`` (and optional autotune) is applied at first launch.
+
+    One compiled object is kept per interpreter mode. Kernels wrapped this way must not call other
+    ``@triton.jit`` helpers: the kernels in this package are self-contained for that reason.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., None],
+        autotune_configs: Callable[[], Sequence[Any]] | None = None,
+        autotune_key: Sequence[str] = (),
+    ) -> None:
+        self.fn = fn
+        self._autotune_configs = autotune_configs
+        self._autotune_key = list(autotune_key)
+        self._built: dict[bool, Any] = {}
+
+    def _build(self, interpret: bool) -> Any:
+        import triton
+
+        kernel = triton.jit(self.fn)
+        if self._autotune_configs is not None and not interpret:
+            kernel = triton.autotune(configs=list(self._autotune_configs()), key=self._autotune_key)(kernel)
+        return kernel
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        interpret = interpreter_enabled()
+        if interpret not in self._built:
+            self._built[interpret] = self._build(interpret)
+        launch = self._built[interpret][grid]
+        if not interpret:
+            return launch
+
+        def interpreted_launch(*args: Any, **kwargs: Any) -> Any:
+            with _interpretable_triton_language():
+                return launch(*args, **kwargs)
+
+        return interpreted_launch
+
+    @property
+    def autotuned(self) -> bool:
+        """True when the current mode launches through ``triton.autotune`` (block sizes come from it)."""
+        return self._autotune_configs is not None and not interpreter_enabled()
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= max(n, 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()

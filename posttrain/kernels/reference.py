@@ -1,0 +1,166 @@
+"""Plain-torch reference implementations of the MoE kernels.
+
+Every Triton kernel in :mod:`posttrain.kernels` has a function here with the same signature and
+semantics; tests compare the two, and CPU runs without the Triton interpreter use these directly.
+These functions may synchronise with the host (``.tolist()``); the kernels never do.
+
+Notation: T tokens, E experts, k experts per token, S = T * k routed (token, expert) pairs,
+H hidden size, I expert intermediate size, G groups (= experts) of a grouped GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+class RouterOutput(NamedTuple):
+    """What a top-k router produced for T tokens over E experts."""
+
+    scores: torch.Tensor  # [T, E] float32: softmax or sigmoid of the router logits
+    top_k_weights: torch.Tensor  # [T, k] float32: combine weights (renormalised if asked)
+    top_k_index: torch.Tensor  # [T, k] int64: chosen experts, best first
+
+
+class ShuffledIndices(NamedTuple):
+    """Routed (token, expert) pairs sorted by expert, stable in flat pair order (t * k + j).
+
+    The first three fields are MetaShuffling's index-shuffling outputs; ``slot_positions`` is the
+    inverse permutation, which lets the combine step gather instead of scatter (deterministic,
+    no atomics).
+    """
+
+    token_counts: torch.Tensor  # [E] int32: pairs routed to each expert (the grouped GEMM m_sizes)
+    expert_indices: torch.Tensor  # [S] int32: expert of each shuffled row, non-decreasing
+    token_indices: torch.Tensor  # [S] int32: source token of each shuffled row
+    slot_positions: torch.Tensor  # [T, k] int32: shuffled row of the pair (token t, j-th choice)
+
+
+def route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    score_func: Literal["softmax", "sigmoid"] = "softmax",
+    renormalize: bool = True,
+) -> RouterOutput:
+    """Top-k routing. ``router_logits``: [T, E]. Scores are computed in float32.
+
+    ``renormalize`` divides the k chosen scores by their sum (Qwen3-MoE ``norm_topk_prob``).
+    There is no Triton kernel for this step: it is a handful of fused-by-torch element-wise ops.
+    """
+    logits = router_logits.float()
+    scores = torch.softmax(logits, dim=-1) if score_func == "softmax" else torch.sigmoid(logits)
+    top_k_weights, top_k_index = torch.topk(scores, top_k, dim=-1)
+    if renormalize:
+        top_k_weights = top_k_weights / top_k_weights.sum(dim=-1, keepdim=True)
+    return RouterOutput(scores, top_k_weights, top_k_index)
+
+
+def dense_scales(top_k_weights: torch.Tensor, top_k_index: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Scatter [T, k] combine weights into a dense [T, E] table (zeros elsewhere); differentiable."""
+    dense = top_k_weights.new_zeros(top_k_weights.shape[0], num_experts)
+    return dense.scatter(1, top_k_index.long(), top_k_weights)
+
+
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ShuffledIndices:
+    """Shuffle the pairs of ``top_k_index`` [T, k] so that rows routed to one expert are contiguous."""
+    num_tokens, top_k = top_k_index.shape
+    flat = top_k_index.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices  # [S]: flat pair index of each shuffled row
+    counts = torch.bincount(flat, minlength=num_experts)
+    slots = torch.empty_like(order)
+    slots[order] = torch.arange(order.numel(), device=order.device)
+    return ShuffledIndices(
+        token_counts=counts.to(torch.int32),
+        expert_indices=flat[order].to(torch.int32),
+        token_indices=(order // top_k).to(torch.int32),
+        slot_positions=slots.view(num_tokens, top_k).to(torch.int32),
+    )
+
+
+def index_shuffling(scores: torch.Tensor, top_k: int) -> ShuffledIndices:
+    """Top-k over ``scores`` [T, E] (largest first), then :func:`sort_by_expert`."""
+    top_k_index = torch.topk(scores.float(), top_k, dim=-1).indices
+    return sort_by_expert(top_k_index, scores.shape[1])
+
+
+def _row_scales(indices: ShuffledIndices, scales: torch.Tensor | None) -> torch.Tensor | None:
+    if scales is None:
+        return None
+    return scales[indices.token_indices.long(), indices.expert_indices.long()].float()  # [S]
+
+
+def gather_mul(x: torch.Tensor, indices: ShuffledIndices, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Shuffle token rows into expert order: out[p] = x[token[p]] * scales[token[p], expert[p]].
+
+    ``x``: [T, H]; ``scales``: [T, E] or None (plain gather). Returns [S, H] in ``x.dtype``.
+    """
+    rows = x[indices.token_indices.long()]
+    row_scale = _row_scales(indices, scales)
+    if row_scale is None:
+        return rows
+    return (rows.float() * row_scale[:, None]).to(x.dtype)
+
+
+def scatter_add(
+    y: torch.Tensor,
+    indices: ShuffledIndices,
+    scales: torch.Tensor | None = None,
+    shared: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Un-shuffle and combine: out[t] = shared[t] + sum_j scales[t, e_tj] * y[slot[t, j]].
+
+    ``y``: [S, H] shuffled expert outputs; ``scales``: [T, E] or None (weight 1); ``shared``:
+    [T, H] or None (e.g. a shared expert's output). Accumulates in float32, returns [T, H] in
+    ``y.dtype``.
+    """
+    num_tokens, top_k = indices.slot_positions.shape
+    row_scale = _row_scales(indices, scales)
+    rows = y.float() if row_scale is None else y.float() * row_scale[:, None]
+    out = rows[indices.slot_positions.long().reshape(-1)].view(num_tokens, top_k, -1).sum(dim=1)
+    if shared is not None:
+        out = out + shared.float()
+    return out.to(y.dtype)
+
+
+def grouped_gemm(
+    x: torch.Tensor, w: torch.Tensor, m_sizes: torch.Tensor, transposed_w: bool = False
+) -> torch.Tensor:
+    """Grouped GEMM: rows of ``x`` [M, K] are split into G consecutive groups of ``m_sizes`` [G] rows.
+
+    ``w``: [G, N, K] (``transposed_w=False``, the ``nn.Linear`` layout) or [G, K, N]
+    (``transposed_w=True``). out[rows of g] = x[rows of g] @ w[g]^T (resp. @ w[g]), accumulated in
+    float32, returned in ``x.dtype``, shape [M, N]. Groups may be empty; rows past
+    ``sum(m_sizes)`` (allowed to be < M) are zero in the output.
+    """
+    w_kn = w if transposed_w else w.transpose(1, 2)  # [G, K, N]
+    out = x.new_zeros(x.shape[0], w_kn.shape[2], dtype=torch.float32)
+    start = 0
+    for g, size in enumerate(m_sizes.tolist()):
+        if size:
+            out[start : start + size] = x[start : start + size].float() @ w_kn[g].float()
+        start += size
+    return out.to(x.dtype)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a concatenated [S, 2I] projection: silu(gate) * up, computed in float32."""
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    m_sizes: torch.Tensor,
+    transposed_w: bool = False,
+) -> torch.Tensor:
+    """SwiGLU experts on expert-sorted rows ``x`` [S, H].
+
+    ``gate_up_proj``: [G, 2I, H] ([G, H, 2I] if ``transposed_w``), gate rows first;
+    ``down_proj``: [G, H, I] ([G, I, H]). Gate and up come out of one grouped GEMM. Returns [S, H].
+    """
+    hidden = grouped_gemm(x, gate_up_proj, m_sizes, transposed_w)
+    return grouped_gemm(swiglu(hidden), down_proj, m_sizes, transposed_w)

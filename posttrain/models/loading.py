@@ -1,0 +1,108 @@
+"""Model and tokenizer loading: a local Hugging Face checkpoint or a tiny-model factory spec."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+)
+
+from posttrain.config.errors import ModelLoadError
+from posttrain.models.factory import TinyModelSpec, build_config, build_tiny_model
+from posttrain.models.tokenizer import build_char_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to train. Exactly one of ``path`` (local HF directory) or ``factory`` is set."""
+
+    path: str | None = None
+    factory: TinyModelSpec | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # parameter dtype (fp32 master weights)
+    trust_remote_code: bool = False
+    activation_checkpointing: bool = False
+    moe_kernels: Literal["triton", "grouped_mm", "eager"] = "eager"
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if (self.path is None) == (self.factory is None):
+            return ("path", "set exactly one of model.path and model.factory", "give model.path=/local/checkpoint or a model.factory spec")
+        return None
+
+
+def _check_path(path: str) -> None:
+    if not os.path.isdir(path):
+        raise ModelLoadError(
+            f"model path '{path}' does not exist or is not a directory.\n"
+            "  fix: point model.path at a local Hugging Face checkpoint directory (config.json + *.safetensors), "
+            "or use model.factory for a tiny model built from config (nothing is downloaded)"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"model path '{path}' has no config.json.\n  fix: export the checkpoint with save_pretrained, or point at its directory")
+    if not os.access(os.path.join(path, "config.json"), os.R_OK):
+        raise ModelLoadError(f"model path '{path}' is not readable.\n  fix: check file permissions")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The tokenizer for ``cfg``: the in-code character tokenizer for factory models."""
+    if cfg.factory is not None:
+        return build_char_tokenizer()
+    _check_path(cfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a tokenizer from '{cfg.path}': {exc}\n  fix: save the tokenizer next to the weights") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
+    """A causal LM from a local path or the factory, in ``cfg.dtype``."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.factory is not None:
+        model = build_tiny_model(cfg.factory, dtype=dtype)
+    else:
+        _check_path(cfg.path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                cfg.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True, use_safetensors=True
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load a causal LM from '{cfg.path}': {exc}\n  fix: check the checkpoint (safetensors weights)") from None
+    _apply_moe_kernels(model, cfg.moe_kernels)
+    return model
+
+
+def load_sequence_classifier(cfg: ModelConfig) -> PreTrainedModel:
+    """A scalar-head sequence classifier (reward model); from a causal-LM path the head is new."""
+    dtype = DTYPES[cfg.dtype]
+    if cfg.factory is not None:
+        config = build_config(cfg.factory)
+        config.num_labels = 1
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.factory.seed)
+            return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    _check_path(cfg.path)
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            cfg.path, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load a reward model from '{cfg.path}': {exc}\n  fix: check the checkpoint") from None
+
+
+def _apply_moe_kernels(model: PreTrainedModel, kind: str) -> None:
+    if kind == "eager" or not getattr(model.config, "num_experts", None):
+        return
+    from posttrain.models.moe_experts import set_moe_kernels  # only MoE models need the kernels
+
+    set_moe_kernels(model, kind)

@@ -1,0 +1,57 @@
+"""Supervised fine-tuning: cross-entropy on response tokens only (the prompt is masked)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posttrain.algorithms.offline_losses import sft_loss
+from posttrain.data.formatting import make_sft_example, pad_batch, sft_row_problem
+from posttrain.data.sources import build_examples
+from posttrain.models.loading import load_causal_lm
+from posttrain.offline.common import Batch, greedy_accuracy, sequence_token_logprobs
+
+
+@dataclass
+class SFTConfig:
+    """``algorithm: {_target_: posttrain.offline.sft.SFTConfig}``."""
+
+    eval_max_new_tokens: int = 16
+
+    def build(self) -> SFT:
+        return SFT(self)
+
+
+class SFT:
+    needs_reference = False
+
+    def __init__(self, cfg: SFTConfig) -> None:
+        self.cfg = cfg
+
+    def load_model(self, model_cfg) -> torch.nn.Module:
+        return load_causal_lm(model_cfg)
+
+    def prepare(self, rows, tokenizer, max_length: int, max_bad_fraction: float, key: str) -> tuple[list[Any], list[dict]]:
+        return build_examples(rows, lambda r: sft_row_problem(r) or make_sft_example(tokenizer, r, max_length), max_bad_fraction, key)
+
+    def collate(self, examples, pad_id: int) -> Batch:
+        return pad_batch([e.input_ids for e in examples], [e.loss_mask for e in examples], pad_id)
+
+    def count(self, batch: Batch) -> float:
+        return float(batch["loss_mask_BT"].sum())
+
+    def loss(self, model, batch: Batch, global_count: float):
+        lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
+        return sft_loss(lp, batch["loss_mask_BT"], global_count)
+
+    def evaluate(self, model, examples, rows, tokenizer, checker) -> dict[str, float]:
+        with torch.no_grad():
+            batch = self.collate(examples, tokenizer.pad_token_id)
+            lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
+            nll = float(-(lp * batch["loss_mask_BT"]).sum() / batch["loss_mask_BT"].sum())
+        out = {"nll": nll}
+        if checker is not None:
+            out.update(greedy_accuracy(model, rows, tokenizer, checker, self.cfg.eval_max_new_tokens))
+        return out

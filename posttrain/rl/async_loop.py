@@ -1,0 +1,368 @@
+"""Bounded off-policyness: rollout workers generate while the trainer trains, within the bound.
+
+Two loops share a :class:`~posttrain.rollout.buffer.RolloutBuffer`:
+
+* the rollout loop (:class:`RolloutLoop`, a thread of the controller) consumes the prompt stream,
+  waits for the version gate of each step (``StalenessBound.first_version``; ``pace``) and for idle
+  workers, and unblocks the trainer by adding whole groups to the buffer;
+* the trainer loop (:func:`run_async`, the main thread) consumes step ``t``'s groups, waits only
+  when they are not finished (trainer idle time), trains, syncs the weights, and unblocks the
+  rollout loop by announcing version ``t`` (``RolloutLoop.advance``).
+
+In-flight updates are at chunk granularity (``rollout.chunk_tokens``): a request generates at most
+that many tokens; an unfinished completion continues as a new request (prompt + its tokens so far)
+on whatever version the worker serves by then, each token recording its version. Weight updates
+queue on the worker actor behind the chunk it is running, so they land between chunks. True
+mid-decode pausing of vLLM is not used.
+
+A request that runs longer than ``rollout.request_timeout_s`` is re-queued on another worker and
+its worker set aside (:class:`WorkerPool`); once the worker answers it is re-synced and rejoins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.metrics import MetricsLogger
+from posttrain.rl.controller import RLRun, train_on_groups
+from posttrain.rollout.buffer import RolloutBuffer, StalenessBound
+from posttrain.types import Completion, Group, PromptRecord
+
+
+class WorkerPool:
+    """Which rollout workers take requests and weights; thread-safe (both loops use it)."""
+
+    def __init__(self, workers: list) -> None:
+        self.workers = workers
+        self._lock = threading.RLock()
+        self._aside: dict[int, list] = {}  # worker index -> refs it still owes
+        self._latest: tuple[list, int] | None = None  # newest weights (bucket refs, version)
+        self.set_aside_count = 0
+
+    def usable(self) -> list[int]:
+        with self._lock:
+            return [i for i in range(len(self.workers)) if i not in self._aside]
+
+    def set_aside(self, index: int, ref: Any, reason: str) -> None:
+        with self._lock:
+            if index not in self._aside:
+                self.set_aside_count += 1
+                print(
+                    f"[posttrain] rollout worker {index} set aside: {reason}; its requests go to other workers",
+                    flush=True,
+                )
+            self._aside.setdefault(index, []).append(ref)
+
+    def publish(self, refs: list, version: int) -> list[int]:
+        """Record the newest weights; returns the workers that should load them now."""
+        with self._lock:
+            self._latest = (refs, version)
+            return self.usable()
+
+    def readmit(self) -> None:
+        """Workers that answered everything they owed are caught up to the newest weights and rejoin."""
+        import ray
+
+        with self._lock:
+            for index, refs in list(self._aside.items()):
+                if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
+                    continue
+                worker = self.workers[index]
+                if self._latest is not None and ray.get(worker.version.remote()) < self._latest[1]:
+                    ray.get(worker.update_weights.remote(*self._latest))
+                del self._aside[index]
+
+
+@dataclass
+class _Sample:
+    """One completion being generated, possibly over several chunks and versions."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "abort"
+    chunks: int = 0
+
+
+@dataclass
+class _StepState:
+    prompts: list[PromptRecord]
+    samples: dict[tuple[int, int], _Sample]  # (ordinal, sample index) -> sample
+    unfinished: int
+
+
+@dataclass
+class _Job:
+    """One request to one worker: first chunks of some prompts, or continuations of some samples."""
+
+    id: int
+    step: int
+    prompts: list[PromptRecord]  # first chunk: the step's prompts; continuation: prompt + tokens so far
+    keys: list[tuple[int, int]] | None  # continuation: (ordinal, sample index) of each prompt
+    sampling: Any
+    shard: int = 0  # preferred worker (first chunks keep the synchronous sharding)
+
+
+class RolloutLoop(threading.Thread):
+    """The rollout loop: consumes prompts, waits for the version gate and idle workers, fills the buffer."""
+
+    def __init__(
+        self, run: RLRun, next_prompts: Callable[[], list[PromptRecord]], buffer: RolloutBuffer
+    ) -> None:
+        super().__init__(name="posttrain-rollout-loop", daemon=True)
+        self.run_, self.next_prompts, self.buffer = run, next_prompts, buffer
+        algo, rollout = run.algo, run.cfg.rollout
+        self.max_steps = run.cfg.trainer.max_steps
+        # drop: one batch further ahead than the bound allows; what is too stale is dropped later
+        self.gate = StalenessBound(algo.max_staleness + (1 if algo.staleness_policy == "drop" else 0))
+        self.chunk, self.timeout = rollout.chunk_tokens, rollout.request_timeout_s
+        self.pool = run.pool
+        self.version, self.launched = 0, 0
+        self.steps: dict[int, _StepState] = {}
+        self.jobs: list[_Job] = []  # waiting for a worker
+        self.inflight: dict[Any, tuple[int, _Job, float]] = {}  # ref -> (worker, job, start)
+        self._ids = itertools.count()
+        self._lock = threading.RLock()  # guards version, jobs, steps (the trainer loop adds regenerations)
+        self._halt = threading.Event()
+        self.idle_s = 0.0  # worker-seconds with no request in flight (usable workers)
+        self.requeued = 0
+        self._starved_since: float | None = None
+
+    # -- called by the trainer loop ------------------------------------------------------------
+    def advance(self, version: int) -> None:
+        """The workers now serve ``version``: steps whose gate it opens may start."""
+        with self._lock:
+            self.version = version
+
+    def regenerate(self, step: int, prompts: list[PromptRecord]) -> None:
+        """Generate ``prompts`` again for ``step`` now (drop policy), ahead of everything else."""
+        with self._lock:
+            self._launch(step, prompts)
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def take_idle(self) -> float:
+        with self._lock:
+            idle, self.idle_s = self.idle_s, 0.0
+        return idle
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            last = time.perf_counter()
+            while not self._halt.is_set():
+                with self._lock:
+                    while (
+                        self.launched < self.max_steps
+                        and self.gate.first_version(self.launched + 1) <= self.version
+                    ):
+                        self.launched += 1
+                        self._launch(self.launched, self.next_prompts())
+                    self._dispatch()
+                self._collect()
+                self.pool.readmit()
+                self._check_starved()
+                now = time.perf_counter()
+                busy = {w for w, _, _ in self.inflight.values()}
+                with self._lock:
+                    self.idle_s += (now - last) * len(set(self.pool.usable()) - busy)
+                last = now
+        except BaseException as err:  # the trainer loop re-raises it from RolloutBuffer.take
+            self.buffer.fail(err)
+
+    def _check_starved(self) -> None:
+        """Work is waiting but every worker has been set aside for too long: stop with a clear error."""
+        if not self.jobs or self.pool.usable():
+            self._starved_since = None
+            return
+        self._starved_since = self._starved_since or time.perf_counter()
+        if time.perf_counter() - self._starved_since > 5 * (self.timeout or 0):
+            raise RuntimeError(
+                f"every rollout worker has been unresponsive for over {5 * self.timeout:.0f} s (5 x rollout.request_timeout_s); "
+                "fix: check the workers' logs (a hung engine, out of memory), raise rollout.request_timeout_s, or add "
+                "rollout.num_workers so one slow worker can be routed around"
+            )
+
+    def _launch(self, step: int, prompts: list[PromptRecord]) -> None:
+        n = self.run_.sampling.n
+        samples = {(p.ordinal, i): _Sample() for p in prompts for i in range(n)}
+        state = self.steps.setdefault(step, _StepState([], {}, 0))
+        state.prompts += prompts
+        state.samples.update(samples)
+        state.unfinished += len(samples)
+        sampling = self._chunked(self.run_.sampling, self.run_.sampling.max_tokens)
+        shards = len(self.pool.workers)
+        for i in range(shards):
+            if prompts[i::shards]:
+                self.jobs.append(_Job(next(self._ids), step, prompts[i::shards], None, sampling, shard=i))
+
+    def _chunked(self, sampling: Any, remaining: int) -> Any:
+        return (
+            sampling
+            if self.chunk is None
+            else dataclasses.replace(sampling, max_tokens=min(self.chunk, remaining))
+        )
+
+    def _dispatch(self) -> None:
+        busy = {w for w, _, _ in self.inflight.values()}
+        for job in sorted(self.jobs, key=lambda j: (j.step, j.id)):  # oldest step first
+            idle = [w for w in self.pool.usable() if w not in busy]
+            if not idle:
+                return
+            worker = job.shard if job.shard in idle else idle[0]
+            ref = self.pool.workers[worker].generate.remote(job.prompts, job.sampling)
+            self.inflight[ref] = (worker, job, time.perf_counter())
+            self.jobs.remove(job)
+            busy.add(worker)
+
+    def _collect(self) -> None:
+        import ray
+
+        if not self.inflight:
+            time.sleep(0.02)
+            return
+        ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0.05)
+        for ref in ready:
+            _, job, _ = self.inflight.pop(ref)
+            self._absorb(job, ray.get(ref))
+        now = time.perf_counter()
+        for ref, (worker, job, start) in list(self.inflight.items()):
+            if self.timeout is not None and now - start > self.timeout:
+                self.pool.set_aside(
+                    worker, ref, f"a rollout request ran over rollout.request_timeout_s={self.timeout}"
+                )
+                del self.inflight[ref]
+                with self._lock:
+                    self.jobs.append(dataclasses.replace(job, id=next(self._ids), shard=-1))
+                    self.requeued += 1
+
+    def _absorb(self, job: _Job, groups: list[Group]) -> None:
+        """Append a request's tokens to its samples; queue continuations; hand finished steps over."""
+        with self._lock:
+            self._absorb_locked(job, groups)
+
+    def _absorb_locked(self, job: _Job, groups: list[Group]) -> None:
+        state = self.steps[job.step]
+        budget = self.run_.sampling.max_tokens
+        pending: dict[int, list[tuple[PromptRecord, tuple[int, int]]]] = {}
+        results = (
+            [((g.prompt.ordinal, c.sample_index), c) for g in groups for c in g.completions]
+            if job.keys is None
+            else [(key, g.completions[0]) for key, g in zip(job.keys, groups, strict=True)]
+        )
+        for key, c in results:
+            s = state.samples[key]
+            s.token_ids += c.token_ids
+            s.logprobs += c.logprobs
+            s.versions += c.versions
+            s.text, s.finish_reason, s.chunks = c.text, c.finish_reason, s.chunks + 1
+            if self.chunk is not None and c.finish_reason == "length" and len(s.token_ids) < budget:
+                prompt = next(p for p in state.prompts if p.ordinal == key[0])
+                cont = PromptRecord(
+                    prompt.ordinal, prompt.text, prompt.token_ids + s.token_ids, prompt.fields
+                )
+                pending.setdefault(budget - len(s.token_ids), []).append((cont, key))
+            else:
+                state.unfinished -= 1
+        for remaining, items in pending.items():
+            sampling = self._chunked(dataclasses.replace(self.run_.sampling, n=1), remaining)
+            self.jobs.append(
+                _Job(
+                    next(self._ids),
+                    job.step,
+                    [p for p, _ in items],
+                    [k for _, k in items],
+                    sampling,
+                    shard=-1,
+                )
+            )
+        if state.unfinished == 0:
+            self.buffer.add(job.step, [self._group(p, state) for p in state.prompts])
+            del self.steps[job.step]
+
+    def _group(self, prompt: PromptRecord, state: _StepState) -> Group:
+        completions = []
+        for i in range(self.run_.sampling.n):
+            s = state.samples[(prompt.ordinal, i)]
+            # one chunk: the engine's text; several: decode the whole completion (chunk texts may split a character)
+            text = s.text if s.chunks <= 1 else self.run_.tok.decode(s.token_ids, skip_special_tokens=True)
+            completions.append(
+                Completion(prompt, i, s.token_ids, text, s.logprobs, s.versions, s.finish_reason)
+            )
+        return Group(prompt, completions)
+
+
+def _admit(
+    run: RLRun, loop: RolloutLoop, buffer: RolloutBuffer, step: int
+) -> tuple[list[Group], dict[str, float]]:
+    """Step ``step``'s groups within the bound: pace asserts it, drop regenerates what is beyond it."""
+    bound, expected = StalenessBound(run.algo.max_staleness), run.algo.prompts_per_step
+    admitted, waited, dropped = [], 0.0, 0
+    while len(admitted) < expected:
+        groups, w = buffer.take(step, expected - len(admitted))
+        waited += w
+        stale = [g for g in groups if not bound.admits(step, bound.group_v_min(g))]
+        if stale and run.algo.staleness_policy == "pace":
+            raise RuntimeError(
+                f"step {step}: a group of version {bound.group_v_min(stale[0])} exceeds max_staleness (pacing bug)"
+            )
+        admitted += [g for g in groups if all(g is not x for x in stale)]
+        if stale:
+            dropped += len(stale)
+            loop.regenerate(step, [g.prompt for g in stale])
+    admitted.sort(key=lambda g: g.prompt.ordinal)  # prompt order, as the synchronous loop
+    metrics = {f"staleness/count_{s}": float(n) for s, n in sorted(bound.histogram(step, admitted).items())}
+    metrics.update(
+        {
+            "staleness/dropped_groups": float(dropped),
+            "staleness/dropped_samples": float(dropped * run.sampling.n),
+        }
+    )
+    return admitted, {**metrics, "async/trainer_wait_s": waited}
+
+
+def run_async(
+    run: RLRun,
+    next_prompts: Callable[[], list[PromptRecord]],
+    log: MetricsLogger,
+    evaluate_after: Callable[[int], dict],
+) -> None:
+    """The trainer loop: consumes step t's groups, trains, syncs, and announces version t."""
+    run.pool = WorkerPool(run.workers)
+    buffer = RolloutBuffer()
+    loop = RolloutLoop(run, next_prompts, buffer)
+    loop.start()
+    last = time.perf_counter()
+    try:
+        for step in range(1, run.cfg.trainer.max_steps + 1):
+            groups, admit_m = _admit(run, loop, buffer, step)
+            m = {**train_on_groups(run, groups, generate_s=admit_m["async/trainer_wait_s"]), **admit_m}
+            m.update(evaluate_after(step))
+            loop.advance(run.version)
+            now = time.perf_counter()
+            wall, last = now - last, now
+            idle = loop.take_idle() / max(1, len(run.workers))
+            samples = sum(len(g.completions) for g in groups)
+            m.update(
+                {
+                    "time/step_s": wall,
+                    "throughput/samples_per_s": samples / max(1e-9, wall),
+                    "async/trainer_idle_frac": admit_m["async/trainer_wait_s"] / max(1e-9, wall),
+                    "async/rollout_idle_s": idle,
+                    "async/rollout_idle_frac": idle / max(1e-9, wall),
+                    "async/requeued_requests": float(loop.requeued),
+                    "async/workers_set_aside": float(run.pool.set_aside_count),
+                }
+            )
+            log.log(step, m)
+    finally:
+        loop.stop()
+        loop.join(timeout=30)

@@ -1,0 +1,236 @@
+"""Typed config of an online-RL recipe: the algorithm section plus rollout / reward / cluster.
+
+The algorithm section (``algorithm: {_target_: posttrain.rl.config.OnlineRLConfig, ...}``) chooses
+the advantage estimator and the policy loss by ``_target_`` too, so GRPO, Dr.GRPO, RLOO, DAPO,
+GSPO and PPO are parameterisations of one loop, not copies of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from posttrain.algorithms.advantages import GRPOAdvantage
+from posttrain.algorithms.policy_loss import GRPOLossConfig, PolicyLossConfig
+from posttrain.config.targets import build_dataclass
+
+
+@dataclass
+class RolloutSection:
+    """``rollout:`` — engine, sampling, workers. ``engine`` holds the engine config's fields
+    (``_target_`` picks vLLM or HF); ``model_path`` is filled in by the controller."""
+
+    engine: dict[str, Any] = field(
+        default_factory=lambda: {"_target_": "posttrain.rollout.vllm_engine.VLLMEngineConfig"}
+    )
+    sampling: dict[str, Any] = field(default_factory=lambda: {"n": 8, "temperature": 1.0, "max_tokens": 16})
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    eval_max_tokens: int = 16
+    # In-flight weight updates at chunk granularity: each request generates at most this many new
+    # tokens; unfinished completions continue (prompt + tokens so far) on whatever version the
+    # worker serves next, every token recording its version. None: one request per completion.
+    chunk_tokens: int | None = None
+    # A rollout request running longer than this (seconds) is re-queued on another worker and
+    # its worker is set aside until it answers (then re-synced). None: wait forever.
+    request_timeout_s: float | None = None
+    worker: str = "posttrain.rollout.actor.RolloutWorker"  # import path of the rollout actor class
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            return (
+                "chunk_tokens",
+                f"{self.chunk_tokens} must be >= 1",
+                "set rollout.chunk_tokens=null (no chunking) or e.g. 8",
+            )
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            return (
+                "request_timeout_s",
+                f"{self.request_timeout_s} must be > 0",
+                "set rollout.request_timeout_s=null or e.g. 120",
+            )
+        return None
+
+
+@dataclass
+class ClusterConfig:
+    """``cluster:`` — where actors run. ``address: null`` starts a local Ray bound to 127.0.0.1."""
+
+    address: str | None = None
+    num_cpus: int | None = None  # local Ray only: logical CPUs to advertise (actors reserve these)
+    placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    cpus_per_trainer_rank: float = 1.0
+    gpus_per_trainer_rank: float = 0.0
+
+
+@dataclass
+class CriticConfig:
+    """PPO's value model: a token-classification head (1 label) on the policy's backbone."""
+
+    lr: float = 1e-3
+    value_clip: float | None = 0.2
+
+
+@dataclass
+class OnlineRLConfig:
+    """One online-RL step: ``prompts_per_step`` prompts x ``rollout.sampling.n`` samples.
+
+    The batch is split into ``mini_batches`` optimizer steps per rollout batch (PPO epochs = 1
+    pass over it); with one mini-batch the update is exactly on-policy.
+    """
+
+    prompts_per_step: int = 8
+    mini_batches: int = 1
+    advantage: Any = field(default_factory=GRPOAdvantage)  # _target_: posttrain.algorithms.advantages.*
+    loss: PolicyLossConfig = field(default_factory=GRPOLossConfig)
+    kl_in_reward_coef: float = (
+        0.0  # KL to the reference added to the reward (PPO style); loss.kl_coef for in-loss
+    )
+    use_reference: bool = False  # load a frozen reference model (needed when any KL coefficient > 0)
+    critic: CriticConfig | None = None  # set for PPO (GAE advantages)
+    dynamic_sampling: bool = False  # drop groups whose rewards all agree (zero advantage)
+    overlong_filter: bool = False  # mask samples cut at max_tokens
+    max_masked_fraction: float = 0.5  # more masked samples than this in a step stops the run
+    probe_tolerance: float | None = None  # nats; None: by dtype (posttrain.weight_sync.PROBE_TOLERANCE)
+    bucket_mb: int = 64  # weight-sync bucket size
+    skip_weight_sync: bool = False  # testing only: proves the probe catches a stale engine
+    eval_every_steps: int = 0
+    # Bounded off-policyness: a sample whose oldest token came from policy version v_min may enter
+    # the optimizer step that turns version s into s+1 only if s - v_min <= max_staleness.
+    # 0 = the synchronous algorithm. See posttrain/rl/async_loop.py.
+    max_staleness: int = 0
+    # pace: rollouts never start a batch that would be too stale when trained (nothing is wasted);
+    # drop: rollouts run one batch further ahead and too-stale groups are dropped and regenerated.
+    staleness_policy: Literal["pace", "drop"] = "pace"
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if self.max_staleness < 0:
+            return (
+                "max_staleness",
+                f"{self.max_staleness} must be >= 0",
+                "set algorithm.max_staleness=0 for synchronous training",
+            )
+        if self.staleness_policy not in ("pace", "drop"):
+            return (
+                "staleness_policy",
+                f"{self.staleness_policy!r} is not allowed",
+                "use pace (default) or drop",
+            )
+        if self.max_staleness > 0 and self.loss.tis_cap is None and not self.loss.decoupled:
+            return (
+                "max_staleness",
+                f"max_staleness={self.max_staleness} trains on samples from older policies, but the loss has no off-policy "
+                "correction (loss.tis_cap is null and loss.decoupled is false)",
+                "set algorithm.loss.tis_cap (e.g. 2.0, truncated IS) or algorithm.loss.decoupled=true, or max_staleness=0",
+            )
+        needs_ref = self.kl_in_reward_coef > 0 or self.loss.kl_coef > 0
+        if needs_ref and not self.use_reference:
+            return (
+                "use_reference",
+                "a KL coefficient is set but use_reference is false",
+                "set algorithm.use_reference=true",
+            )
+        if self.mini_batches < 1:
+            return ("mini_batches", "must be >= 1", "set algorithm.mini_batches=1 for on-policy updates")
+        return None
+
+    def build(self):
+        return self
+
+    def derived_counts(self, cfg) -> dict[str, Any]:
+        n = int(cfg.rollout.sampling.get("n", 1))
+        max_new = int(cfg.rollout.sampling.get("max_tokens", 16))
+        return {
+            "prompts_per_step": self.prompts_per_step,
+            "samples_per_step": self.prompts_per_step * n,
+            "group_size": n,
+            "rollout_steps": cfg.trainer.max_steps,
+            "optimizer_steps": cfg.trainer.max_steps * self.mini_batches,
+            "max_new_tokens_per_step": self.prompts_per_step * n * max_new,
+            "trainer_ranks": cfg.trainer.world_size,
+            "rollout_workers": cfg.rollout.num_workers,
+            "placement": cfg.cluster.placement,
+            "reward_nodes": [node.name for node in cfg.reward.nodes],
+            "staleness_contract": self.staleness_contract(cfg),
+            "expected_overlap": self.expected_overlap(cfg),
+        }
+
+    def staleness_contract(self, cfg) -> str:
+        """The bound in words, as ``--dry-run`` prints it."""
+        k = self.max_staleness
+        if k == 0 and cfg.rollout.chunk_tokens is None:
+            return "synchronous: every sample of step s+1 is generated by policy version s (the weights after step s)"
+        how = (
+            "a rollout batch starts only once its prompts cannot become too stale (pace)"
+            if self.staleness_policy == "pace"
+            else "rollouts run one batch further ahead; groups too stale when consumed are dropped and regenerated (drop)"
+        )
+        chunks = (
+            f"; completions are generated in chunks of {cfg.rollout.chunk_tokens} tokens and may span versions "
+            "(in-flight updates), v_min = the oldest version of any token"
+            if cfg.rollout.chunk_tokens
+            else ""
+        )
+        return (
+            f"a sample whose oldest token came from version v_min is trained in the step that turns version s into s+1 "
+            f"only if s - v_min <= {k}; {how}{chunks}; off-policy correction: "
+            f"tis_cap={self.loss.tis_cap}, decoupled={self.loss.decoupled}"
+        )
+
+    def expected_overlap(self, cfg) -> str:
+        k = self.max_staleness
+        if k == 0:
+            return "none: rollout workers wait while the trainer trains and the trainer waits while they generate"
+        return (
+            f"rollout workers may generate up to {k} batch(es) ahead of the trainer, so generation of steps s+1..s+{k} "
+            f"overlaps training step s; with {cfg.rollout.num_workers} worker(s) sharing a machine with the trainer the "
+            "overlap is bounded by the cores they share"
+        )
+
+    def check_recipe(self, cfg) -> tuple[str, str, str] | None:
+        """Cross-section consistency: the trainer's batch is the rollout batch."""
+        n = int(cfg.rollout.sampling.get("n", 1))
+        samples = self.prompts_per_step * n
+        if cfg.trainer.global_batch_size != samples:
+            return (
+                "trainer.global_batch_size",
+                f"{cfg.trainer.global_batch_size} != algorithm.prompts_per_step x rollout.sampling.n = {samples}",
+                f"set trainer.global_batch_size={samples} (samples per step)",
+            )
+        asynchronous = (
+            self.max_staleness > 0
+            or cfg.rollout.chunk_tokens is not None
+            or cfg.rollout.request_timeout_s is not None
+        )
+        if asynchronous and cfg.cluster.placement == "colocated":
+            return (
+                "algorithm.max_staleness",
+                "colocated placement shares devices between trainer and rollout workers, so "
+                "rollouts cannot overlap training (max_staleness > 0, rollout.chunk_tokens, rollout.request_timeout_s)",
+                "use cluster.placement=disaggregated, or max_staleness=0 with chunk_tokens/request_timeout_s null",
+            )
+        per_mini = samples // self.mini_batches
+        if samples % self.mini_batches or per_mini % (cfg.trainer.micro_batch_size * cfg.trainer.world_size):
+            return (
+                "algorithm.mini_batches",
+                f"{samples} samples do not split into {self.mini_batches} mini-batches of whole micro-batches",
+                "choose mini_batches and trainer.micro_batch_size that divide the samples per step",
+            )
+        return None
+
+    @property
+    def runner(self):
+        from posttrain.rl.controller import run_rl
+
+        return run_rl
+
+    def sections(self) -> dict[str, type]:
+        """Extra top-level recipe sections this algorithm needs, validated at load time."""
+        from posttrain.rewards.config import RewardGraphConfig
+
+        return {"rollout": RolloutSection, "reward": RewardGraphConfig, "cluster": ClusterConfig}
+
+
+def build_section(tp: type, data: Any, key: str, source: str) -> Any:
+    return build_dataclass(tp, data or {}, key, source)

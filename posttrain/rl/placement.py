@@ -1,0 +1,224 @@
+"""Starting or joining Ray, checking resources, and placing trainer ranks and rollout workers."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.config.errors import PosttrainError
+from posttrain.rl.config import ClusterConfig, RolloutSection
+
+# What every actor process needs before it imports vLLM (DESIGN.md: in-process engine on CPU).
+logger = logging.getLogger(__name__)
+
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
+
+
+# PACK: bundles share a node when they fit (cheap weight sync), spill to other nodes when not.
+PLACEMENT_STRATEGY = "PACK"
+
+
+class ResourceError(PosttrainError):
+    exit_code = 2
+
+
+def start_ray(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address`` (``auto``: the cluster this machine belongs to) or start a local Ray.
+
+    A local Ray listens on loopback only, has no dashboard and uses Ray's token authentication
+    (``RAY_AUTH_MODE=token`` unless the environment sets another mode).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {
+        "env_vars": {
+            **ACTOR_ENV,
+            **{k: v for k, v in os.environ.items() if k.startswith(("VLLM_", "POSTTRAIN_"))},
+        }
+    }
+    if cluster.address:
+        _join(cluster.address, env)
+        return
+    _secure_local_defaults()
+    with _loopback_only():
+        ray.init(
+            num_cpus=cluster.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env=env,
+            log_to_driver=True,
+        )
+
+
+class ClusterError(PosttrainError):
+    exit_code = 2
+
+
+def _join(address: str, runtime_env: dict[str, Any]) -> None:
+    """``ray.init`` on an existing cluster; an address nobody answers on fails at once, not after
+    Ray's minutes of retries. A loopback address (a cluster started with
+    ``--node-ip-address=127.0.0.1``) is kept as given (see ``_loopback_only``)."""
+    import ray
+
+    host, _, port = address.rpartition(":")
+    loopback = host in ("127.0.0.1", "localhost", "::1", "[::1]")
+    if host and port.isdigit() and not address.startswith("ray://"):
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=3).close()
+        except OSError as err:
+            raise ClusterError(_no_cluster(address, err)) from err
+    try:
+        with _loopback_only() if loopback else contextlib.nullcontext():
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    except ConnectionError as err:
+        raise ClusterError(_no_cluster(address, err)) from err
+
+
+def _no_cluster(address: str, err: Exception) -> str:
+    return (
+        f"cluster.address={address}: no Ray cluster answered ({err}).\n  fix: start one (`ray start --head` on the "
+        "head node, `ray start --address=HEAD:PORT` on the others) and pass its address, "
+        "or set cluster.address=null to start a local Ray for this run"
+    )
+
+
+def _secure_local_defaults() -> None:
+    """Token auth for a local Ray: Ray 2.60's ``ray.init`` turns it on (and writes a token to
+    ``~/.ray/auth_token`` if none exists) when ``RAY_AUTH_MODE`` is unset; posttrain keeps that
+    default and warns when the environment turned it off. (Setting the variable here would not do:
+    Ray reads its config once at import.)"""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None and mode.lower() != "token":
+        logger.warning(
+            "RAY_AUTH_MODE=%s: the local Ray accepts unauthenticated requests from this machine", mode
+        )
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Make ``ray.init`` keep 127.0.0.1 as the node address, so every Ray server binds loopback.
+
+    ``ray.init(_node_ip_address="127.0.0.1")`` alone is not enough: Ray replaces a loopback node
+    address by the machine's external IP (and its servers then listen on all interfaces) unless
+    multi-node clustering is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read at import, hence
+    the module attribute too). Both are restored afterwards so a later join of a real cluster
+    still reports a reachable address; the processes started meanwhile keep the setting.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_attr = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_attr
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+
+
+@dataclass
+class Plan:
+    """Bundles of the placement group: trainer ranks first, then rollout workers (disaggregated),
+    or one bundle per (rank, worker) pair (colocated: both share the bundle's devices)."""
+
+    bundles: list[dict[str, float]]
+    trainer_bundle: list[int]
+    rollout_bundle: list[int]
+    trainer_resources: dict[str, float]
+    rollout_resources: dict[str, float]
+
+
+def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) -> Plan:
+    t = {"CPU": cluster.cpus_per_trainer_rank, "GPU": cluster.gpus_per_trainer_rank}
+    r = {"CPU": rollout.cpus_per_worker, "GPU": rollout.gpus_per_worker}
+    if cluster.placement == "colocated":
+        n = max(world, rollout.num_workers)
+        bundles = [{k: max(t[k], r[k]) for k in t} for _ in range(n)]
+        half = lambda res: {k: v / 2 for k, v in res.items()}  # noqa: E731 — both actors fit in one bundle
+        return Plan(
+            bundles,
+            list(range(world)),
+            [i % n for i in range(rollout.num_workers)],
+            half(bundles[0]),
+            half(bundles[0]),
+        )
+    bundles = [dict(t) for _ in range(world)] + [dict(r) for _ in range(rollout.num_workers)]
+    return Plan(bundles, list(range(world)), list(range(world, world + rollout.num_workers)), t, r)
+
+
+def describe_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) -> dict[str, Any]:
+    """The placement plan as plain data for ``--dry-run``: the group's bundles and what each role gets.
+
+    ``bundles`` lists every bundle (resources, and the roles placed in it); ``roles`` gives, per role,
+    the actor count, the resources each actor reserves and the bundle indices they use; ``totals``
+    is what the cluster must hold.
+    """
+    plan = plan_placement(cluster, rollout, world)
+    roles = {
+        "trainer": {"actors": world, "per_actor": plan.trainer_resources, "bundles": plan.trainer_bundle},
+        "rollout": {
+            "actors": rollout.num_workers,
+            "per_actor": plan.rollout_resources,
+            "bundles": plan.rollout_bundle,
+        },
+    }
+    bundles = []
+    for i, b in enumerate(plan.bundles):
+        placed = [f"trainer[{r}]" for r, j in enumerate(plan.trainer_bundle) if j == i]
+        placed += [f"rollout[{w}]" for w, j in enumerate(plan.rollout_bundle) if j == i]
+        bundles.append({"index": i, "resources": dict(b), "actors": placed})
+    totals = {res: sum(b.get(res, 0.0) for b in plan.bundles) for res in ("CPU", "GPU")}
+    return {
+        "placement": cluster.placement,
+        "strategy": PLACEMENT_STRATEGY,
+        "cluster": "local Ray (127.0.0.1)" if not cluster.address else cluster.address,
+        "bundles": bundles,
+        "roles": roles,
+        "totals": totals,
+    }
+
+
+def check_resources(plan: Plan) -> None:
+    """Fail before any actor starts when the cluster cannot hold the plan (names the resource)."""
+    import ray
+
+    have = ray.cluster_resources()
+    for res in ("CPU", "GPU"):
+        need = sum(b.get(res, 0.0) for b in plan.bundles)
+        if need > have.get(res, 0.0) + 1e-9:
+            raise ResourceError(
+                f"the recipe needs {need:g} {res} (trainer ranks + rollout workers) but the Ray cluster has "
+                f"{have.get(res, 0.0):g}.\n  fix: lower trainer.world_size / rollout.num_workers / per-actor {res} "
+                f"(cluster.*_per_trainer_rank, rollout.*_per_worker){', or raise cluster.num_cpus for a local Ray' if res == 'CPU' else ''}"
+            )
+
+
+def placement_group(plan: Plan):
+    import ray
+    from ray.util.placement_group import placement_group as pg
+
+    group = pg([{k: v for k, v in b.items() if v > 0} for b in plan.bundles], strategy=PLACEMENT_STRATEGY)
+    ray.get(group.ready(), timeout=120)
+    return group
+
+
+def actor_options(group, bundle: int, resources: dict[str, float]) -> dict[str, Any]:
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {
+        "num_cpus": resources.get("CPU", 0.0),
+        "num_gpus": resources.get("GPU", 0.0),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=bundle
+        ),
+    }

@@ -1,0 +1,134 @@
+"""One trainer rank of online RL: policy (FSDP2), optional frozen reference and critic.
+
+A plain class with a few verbs (``forward``, ``train``, ``push_weights``, ``probe``, ``export``);
+the controller runs one per rank as a Ray actor and calls every verb on all ranks at once
+(the verbs are collectives). Each rank gets its share of the rows; counts that normalise the loss
+are global (computed by the controller over the whole mini-batch).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from posttrain.algorithms.logprobs import entropy_from_logits, token_logprobs
+from posttrain.algorithms.policy_loss import policy_loss, value_loss
+from posttrain.engine.checkpoint import export_hf
+from posttrain.engine.dist import device_for_rank, init_rank
+from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
+from posttrain.models.loading import ModelConfig, load_causal_lm, load_tokenizer
+from posttrain.weight_sync import WeightSender, dtype_from_name
+
+Rows = dict[str, torch.Tensor]
+
+
+def _shifted_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+    return F.pad(token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:]), (1, 0))
+
+
+class TrainerWorker:
+    def __init__(self, rank: int, world: int, store_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, algo, cpus: float) -> None:
+        torch.set_num_threads(max(1, int(cpus)))
+        init_rank(rank, world, store_path, trainer_cfg.backend)
+        self.rank, self.world, self.algo, self.trainer_cfg = rank, world, algo, trainer_cfg
+        self.model_cfg = model_cfg
+        self.device = device_for_rank(rank)
+        torch.manual_seed(0)
+        policy = load_causal_lm(model_cfg)
+        self.model_config, self.model_class = policy.config, type(policy)
+        self.policy = TrainEngine(policy, trainer_cfg, self.device)
+        self.reference = TrainEngine(load_causal_lm(model_cfg), trainer_cfg, self.device, trainable=False) if algo.use_reference else None
+        self.critic = None
+        if algo.critic is not None:
+            from transformers import AutoModelForTokenClassification
+
+            src = model_cfg.path
+            critic = (
+                AutoModelForTokenClassification.from_pretrained(src, num_labels=1, local_files_only=True)
+                if src
+                else AutoModelForTokenClassification.from_config(policy.config, num_labels=1)
+            )
+            ccfg = TrainerConfig(**{**trainer_cfg.__dict__, "optim": OptimConfig(lr=algo.critic.lr)})
+            self.critic = TrainEngine(critic, ccfg, self.device)
+        self.sender = WeightSender(bucket_bytes=algo.bucket_mb << 20)
+
+    # -- forward-only ------------------------------------------------------------------------
+    def forward(self, rows: Rows) -> dict[str, torch.Tensor]:
+        """old_logprobs_BT (current policy), ref_logprobs_BT, values_BT for this rank's rows."""
+        ids, attn = rows["input_ids_BT"].to(self.device), rows["attention_mask_BT"].to(self.device)
+        out = {"old_logprobs_BT": self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()}
+        if self.reference is not None:
+            out["ref_logprobs_BT"] = self.reference.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
+        if self.critic is not None:
+            # values_BT[t] = V(state before token t) = the critic's output at position t-1
+            v = self.critic.forward(lambda m: m(input_ids=ids, attention_mask=attn).logits[..., 0].float())
+            out["values_BT"] = F.pad(v[:, :-1], (1, 0)).cpu()
+        return out
+
+    # -- training ----------------------------------------------------------------------------
+    def _policy_loss(self, model, mb: dict[str, Any], _count: float):
+        logits = model(input_ids=mb["input_ids_BT"], attention_mask=mb["attention_mask_BT"]).logits
+        lp = _shifted_logprobs(logits, mb["input_ids_BT"])
+        ent = F.pad(entropy_from_logits(logits[:, :-1]), (1, 0)) if self.algo.loss.entropy_coef > 0 else None
+        if ent is None:
+            with torch.no_grad():
+                ent = F.pad(entropy_from_logits(logits[:, :-1].detach()), (1, 0))
+        return policy_loss(
+            lp, mb["old_logprobs_BT"], mb["behaviour_logprobs_BT"], mb["advantages_BT"], mb["loss_mask_BT"], self.algo.loss,
+            num_tokens=mb["num_tokens"], num_seqs=mb["num_seqs"], ref_logprobs_BT=mb.get("ref_logprobs_BT"), entropy_BT=ent,
+        )
+
+    def _value_loss(self, model, mb: dict[str, Any], _count: float):
+        v = model(input_ids=mb["input_ids_BT"], attention_mask=mb["attention_mask_BT"]).logits[..., 0].float()
+        values = F.pad(v[:, :-1], (1, 0))
+        return value_loss(values, mb["values_BT"], mb["returns_BT"], mb["loss_mask_BT"], self.algo.critic.value_clip, mb["num_tokens"])
+
+    def train(self, rows: dict[str, Any]) -> dict[str, float]:
+        """One optimizer step (policy, and critic for PPO) on this rank's rows of a mini-batch."""
+        n = rows["input_ids_BT"].shape[0]
+        size = self.trainer_cfg.micro_batch_size
+        scalars = {k: v for k, v in rows.items() if not isinstance(v, torch.Tensor)}
+        micro = [{**{k: v[i : i + size] for k, v in rows.items() if isinstance(v, torch.Tensor)}, **scalars} for i in range(0, n, size)]
+        count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
+        metrics = self.policy.train_step(micro, self._policy_loss, count)
+        if self.critic is not None:
+            cm = self.critic.train_step(micro, self._value_loss, count)
+            metrics.update({f"critic/{k}": v for k, v in cm.items()})
+        return metrics
+
+    # -- weights -----------------------------------------------------------------------------
+    def push_weights(self, version: int) -> tuple[list, dict[str, float]] | None:
+        """Collective gather; rank 0 packs buckets into Ray's object store and returns their refs."""
+        import ray
+
+        t0 = time.perf_counter()
+        full = self.policy.full_state_dict()
+        gather_s = time.perf_counter() - t0
+        if self.rank != 0:
+            return None
+        refs = [ray.put(b) for b in self.sender.buckets(full, version)]
+        stats = self.sender.last_stats
+        return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes), "sync/buckets": float(stats.num_buckets)}
+
+    def probe(self, token_ids: list[list[int]]) -> list[list[float]]:
+        """The trainer's per-token logprobs of fixed sequences (tokens 1..L-1), to compare with the engine."""
+        out = []
+        for ids in token_ids:
+            t = torch.tensor([ids], device=self.device)
+            lp = self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=t).logits, t))
+            out.append(lp[0, 1:].tolist())
+        return out
+
+    def export(self, out_dir: str) -> str:
+        export_hf(out_dir, self.policy, self.model_config, load_tokenizer(self.model_cfg), self.model_class)
+        return out_dir
+
+    def param_dtype(self) -> torch.dtype:
+        return dtype_from_name(self.model_cfg.dtype)
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,28 @@
+"""Errors a user of posttrain.rewards can cause; each message names the cause and the fix."""
+
+from __future__ import annotations
+
+
+class RewardError(Exception):
+    """Base class of every error raised by posttrain.rewards."""
+
+
+class RewardGraphError(RewardError, ValueError):
+    """The reward graph is malformed (cycle, missing input, duplicate name, bad option)."""
+
+
+class RewardConfigError(RewardGraphError):
+    """A recipe's reward config is invalid (unknown key, wrong type, import path that fails)."""
+
+
+class RewardFailureError(RewardError):
+    """A step's rewards failed beyond the configured tolerance.
+
+    Raised when a node with ``on_error="fail"`` errors, or when more than
+    ``max_failed_fraction`` of a step's samples are masked. The message names the node(s) and
+    their first errors.
+    """
+
+
+class VerdictParseError(RewardError):
+    """A judge's reply held no verdict the node could parse (the sample is masked, not scored 0)."""

@@ -1,0 +1,124 @@
+"""Reward-model node: a transformers sequence-classification model scored in a Ray actor, batched.
+
+``RewardModelScorer`` is the plain class (load a local checkpoint, score texts); the node
+``RewardModelReward`` runs one scorer in a Ray actor and sends it each step's batch. The model is
+what the reward-model recipe saves (``AutoModelForSequenceClassification`` with one label): the
+score of a sample is the logit of ``template.format(prompt=..., completion=...)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from posttrain.rewards.errors import RewardConfigError
+
+from posttrain.types import RewardSample
+
+
+class RewardModelScorer:
+    """Loads a sequence-classification checkpoint from ``model_path`` and scores texts on CPU or GPU."""
+
+    def __init__(
+        self, model_path: str, max_length: int = 1024, batch_size: int = 16, device: str = "cpu"
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, dtype=torch.float32).to(
+            device
+        )
+        self.model.eval()
+        if self.model.config.num_labels != 1:
+            raise RewardConfigError(
+                f"reward model {model_path} has num_labels={self.model.config.num_labels}; a reward model "
+                "has one output (train it with the reward-model recipe or save it with num_labels=1)"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.max_length, self.batch_size, self.device = max_length, batch_size, device
+
+    def score(self, texts: list[str]) -> list[float]:
+        """One scalar per text (the single logit), in chunks of ``batch_size``."""
+        import torch
+
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            chunk = texts[start : start + self.batch_size]
+            enc = self.tokenizer(
+                chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+            ).to(self.device)
+            with torch.inference_mode():
+                logits_B1 = self.model(**enc).logits
+            out.extend(logits_B1[:, 0].float().tolist())
+        return out
+
+
+def check_model_dir(model_path: str) -> None:
+    """Fail early, naming the path, when it is not a saved Hugging Face model directory."""
+    path = Path(model_path)
+    if not (path / "config.json").is_file():
+        raise RewardConfigError(
+            f"reward model path {model_path!r} is not a model directory (no config.json); point model_path "
+            "at a checkpoint saved with save_pretrained, e.g. the output dir of the reward-model recipe"
+        )
+
+
+class RewardModelReward:
+    """Batch-mode reward node backed by a Ray actor holding a RewardModelScorer.
+
+    The actor starts on first use (``ray.init`` is called for a local instance when Ray is not
+    running yet). A node timeout cancels the pending actor call.
+    """
+
+    reward_mode = "batch"
+
+    def __init__(
+        self,
+        model_path: str,
+        template: str = "{prompt}{completion}",
+        max_length: int = 1024,
+        batch_size: int = 16,
+        num_cpus: float = 1,
+        num_gpus: float = 0,
+    ) -> None:
+        check_model_dir(model_path)
+        self.model_path, self.template = model_path, template
+        self._scorer_args = {
+            "max_length": max_length,
+            "batch_size": batch_size,
+            "device": "cuda" if num_gpus else "cpu",
+        }
+        self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self._actor: Any = None
+
+    def _get_actor(self) -> Any:
+        import ray
+
+        if self._actor is None:
+            if not ray.is_initialized():
+                ray.init(include_dashboard=False)
+            actor_cls = ray.remote(**self._resources)(RewardModelScorer)
+            self._actor = actor_cls.remote(self.model_path, **self._scorer_args)
+        return self._actor
+
+    async def __call__(self, samples: list[RewardSample]) -> list[float]:
+        import ray
+
+        texts = [self.template.format(prompt=s.prompt, completion=s.completion) for s in samples]
+        ref = self._get_actor().score.remote(texts)
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+
+    def close(self) -> None:
+        """Stop the actor (a new one starts on the next call)."""
+        import ray
+
+        if self._actor is not None:
+            ray.kill(self._actor)
+            self._actor = None

@@ -1,0 +1,103 @@
+"""The rollout Ray actor: a few verbs over a plain engine.
+
+:class:`RolloutWorker` is a plain class (tested without Ray); :func:`start_rollout_actor` runs it
+as a Ray actor with ``num_cpus`` reserved. The engine is chosen by its config's type
+(``VLLMEngineConfig`` -> ``VLLMEngine``, ``HFEngineConfig`` -> ``HFEngine``) and built inside the
+actor process, so vLLM's environment (in-process engine core) is set there before vLLM imports.
+
+Weights reach the actor as :class:`~posttrain.weight_sync.WeightBucket` records or Ray object refs
+to them (``ray.put(bucket)``: the numpy payload sits in the object store once and is read without
+a copy by every actor on the node). Refs are fetched one at a time, so an actor holds one bucket
+in flight, not the whole model twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import ray
+
+from posttrain.types import Group, PromptRecord
+from posttrain.weight_sync import WeightBucket
+
+from .engine import LoadReport, RolloutEngine
+from .hf_engine import HFEngine, HFEngineConfig
+from .sampling import SamplingConfig
+from .vllm_engine import VLLMEngine, VLLMEngineConfig
+
+log = logging.getLogger(__name__)
+
+EngineConfig = VLLMEngineConfig | HFEngineConfig
+
+
+def build_engine(config: EngineConfig) -> RolloutEngine:
+    """The engine for a config, by the config's type."""
+    if isinstance(config, VLLMEngineConfig):
+        return VLLMEngine(config)
+    if isinstance(config, HFEngineConfig):
+        return HFEngine(config)
+    raise TypeError(
+        f"no rollout engine for config type {type(config).__name__}; use VLLMEngineConfig or HFEngineConfig"
+    )
+
+
+def _resolve(buckets: Sequence[WeightBucket | ray.ObjectRef]) -> Iterator[WeightBucket]:
+    for item in buckets:
+        yield ray.get(item) if isinstance(item, ray.ObjectRef) else item
+
+
+class RolloutWorker:
+    """The verbs of a rollout actor, delegating to one engine."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.engine = build_engine(config)
+        self.asleep = False
+
+    def generate(self, prompts: list[PromptRecord], sampling: SamplingConfig) -> list[Group]:
+        if self.asleep:
+            raise RuntimeError("rollout worker is asleep: call wake_up() before generate()")
+        return self.engine.generate(prompts, sampling)
+
+    def update_weights(self, buckets: Sequence[WeightBucket | ray.ObjectRef], version: int) -> LoadReport:
+        """Load a full version from buckets (or object refs to buckets), in order."""
+        return self.engine.load_weights(_resolve(buckets), version)
+
+    def version(self) -> int:
+        return self.engine.version
+
+    def score_tokens(self, token_ids_list: list[list[int]]) -> list[list[float]]:
+        return self.engine.score_tokens(token_ids_list)
+
+    def sleep(self, level: int = 1) -> None:
+        """Colocated mode: release accelerator memory for the trainer (no-op with a log on CPU)."""
+        self.engine.sleep(level)
+        self.asleep = True
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+        self.asleep = False
+
+    def health(self) -> dict[str, Any]:
+        """Cheap liveness report: engine type, served version, asleep, process id."""
+        return {
+            "engine": type(self.engine).__name__,
+            "version": self.engine.version,
+            "asleep": self.asleep,
+            "pid": os.getpid(),
+        }
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def start_rollout_actor(
+    config: EngineConfig, num_cpus: float = 1, num_gpus: float = 0, name: str | None = None
+):
+    """Start a :class:`RolloutWorker` as a Ray actor (requires ``ray.init`` first); returns its handle."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    if name is not None:
+        options["name"] = name
+    return ray.remote(RolloutWorker).options(**options).remote(config)

@@ -1,0 +1,60 @@
+"""The rollout engine interface: what the controller and the rollout actor may call.
+
+Implementations: ``VLLMEngine`` (vLLM; default) and ``HFEngine`` (transformers ``generate``;
+fallback). Both return the shared records of ``posttrain.types`` and take weights in the bucket
+format of ``posttrain.weight_sync``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from posttrain.types import Group, PromptRecord
+from posttrain.weight_sync import WeightBucket
+
+from .sampling import SamplingConfig
+
+
+@dataclass
+class LoadReport:
+    """What one weight update cost on the receiving engine (seconds, bytes)."""
+
+    version: int
+    num_buckets: int
+    bytes: int
+    load_s: float  # first bucket received -> new version servable
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """A policy that samples completions and takes new weights.
+
+    ``version`` is the policy version the engine serves (0 = the weights it was started with);
+    every token it generates carries that version in ``Completion.versions``.
+    """
+
+    @property
+    def version(self) -> int: ...
+
+    def generate(self, prompts: list[PromptRecord], sampling: SamplingConfig) -> list[Group]:
+        """One Group per prompt (same order), ``sampling.n`` completions each."""
+        ...
+
+    def load_weights(self, buckets: Iterable[WeightBucket], version: int) -> LoadReport:
+        """Replace ALL weights with those in ``buckets`` and serve ``version`` from now on.
+
+        Raises WeightSyncError (and serves nothing until a complete update) if the buckets break
+        an invariant of ``posttrain.weight_sync``.
+        """
+        ...
+
+    def score_tokens(self, token_ids_list: list[list[int]]) -> list[list[float]]:
+        """Per-token logprobs of given sequences under the current weights.
+
+        For a sequence of L tokens returns L-1 values: logprob of token t given tokens < t, t=1..L-1.
+        """
+        ...
+
+    def close(self) -> None: ...

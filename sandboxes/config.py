@@ -1,0 +1,109 @@
+"""Typed configuration of the sandbox: per-run limits, pool size and isolation layers."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+
+from .errors import SandboxConfigError
+
+
+class Layer(str, enum.Enum):
+    """Isolation layers. REQUIRED ones can never be weakened; the others may be with allow_weaker."""
+
+    UID = "uid"  # setpriv --reuid: one unprivileged host uid per slot (RLIMIT_NPROC is void for uid 0)
+    USERNS = "userns"  # bwrap --unshare-user --disable-userns (root bwrap without it can remount /usr rw)
+    NAMESPACES = "namespaces"  # bwrap mount/pid/ipc/uts/cgroup namespaces, ro /usr, tmpfs workdir
+    RLIMITS = "rlimits"  # prlimit: address space, cpu, nproc, fsize, nofile
+    NETNS = "netns"  # bwrap --unshare-net (no host network)
+    SECCOMP = "seccomp"  # libseccomp filter: no non-unix sockets, ptrace, mount, unshare, bpf, ...
+    CGROUP = "cgroup"  # per-slot cgroup: memory and pids limits, kill-all at the end of a run
+
+
+REQUIRED_LAYERS: frozenset[Layer] = frozenset({Layer.UID, Layer.USERNS, Layer.NAMESPACES, Layer.RLIMITS})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one run (all processes of the run together unless stated).
+
+    wall_s: hard wall clock, then the whole process group and cgroup are killed (-> TIMEOUT).
+    cpu_s: RLIMIT_CPU per process (-> TIMEOUT). memory_mb: cgroup memory limit and RLIMIT_AS per
+    process (-> OOM). nproc: RLIMIT_NPROC of the slot uid and the cgroup pids limit.
+    file_size_mb: RLIMIT_FSIZE and the size of the tmpfs workdir. open_files: RLIMIT_NOFILE.
+    output_bytes: cap on captured stdout and stderr, each, enforced by the parent.
+    """
+
+    wall_s: float = 10.0
+    cpu_s: int = 10
+    memory_mb: int = 512
+    nproc: int = 32
+    file_size_mb: int = 16
+    open_files: int = 64
+    output_bytes: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise SandboxConfigError(
+                    f"Limits.{f.name}={value!r} is invalid: it must be a positive number "
+                    f"(the default is {f.default!r})"
+                )
+        if self.memory_mb < 64:
+            raise SandboxConfigError(
+                f"Limits.memory_mb={self.memory_mb} is too small for python3 to start: use at least 64"
+            )
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Configuration of a `Sandbox` pool.
+
+    slots: number of warm slots (concurrent runs); each owns host uid `uid_base + i` and a cgroup.
+    allow_weaker: serve even when an optional layer (netns, seccomp, cgroup) is unavailable or
+    disabled; the missing layers are reported in `Sandbox.missing_layers` and logged. Required
+    layers (uid, userns, namespaces, rlimits) can never be weakened.
+    disabled_layers: optional layers to switch off on purpose (diagnostics, tests of the canary).
+    python: interpreter run inside the sandbox; it must live under /usr (only /usr is bound).
+    """
+
+    limits: Limits = Limits()
+    slots: int = 2
+    allow_weaker: bool = False
+    disabled_layers: frozenset[Layer] = frozenset()
+    uid_base: int = 61000
+    python: str = "/usr/bin/python3"
+    cgroup_name: str = "posttrain-sandbox"
+    canary: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limits, Limits):
+            raise SandboxConfigError(
+                f"SandboxConfig.limits must be a Limits, got {type(self.limits).__name__}"
+            )
+        if not isinstance(self.slots, int) or not 1 <= self.slots <= 256:
+            raise SandboxConfigError(f"SandboxConfig.slots={self.slots!r} is invalid: use an int in 1..256")
+        if not isinstance(self.uid_base, int) or self.uid_base < 1000:
+            raise SandboxConfigError(
+                f"SandboxConfig.uid_base={self.uid_base!r} is invalid: use an unused uid >= 1000 "
+                "(slot i runs as uid_base + i)"
+            )
+        if not self.python.startswith("/usr/"):
+            raise SandboxConfigError(
+                f"SandboxConfig.python={self.python!r} is outside /usr, the only host tree bound into the "
+                "sandbox: use Debian's /usr/bin/python3"
+            )
+        try:
+            layers = frozenset(Layer(x) for x in self.disabled_layers)
+        except ValueError as exc:
+            raise SandboxConfigError(
+                f"SandboxConfig.disabled_layers: {exc}; valid layers are {[x.value for x in Layer]}"
+            ) from None
+        required = layers & REQUIRED_LAYERS
+        if required:
+            raise SandboxConfigError(
+                f"SandboxConfig.disabled_layers contains required layer(s) {sorted(x.value for x in required)}: "
+                "untrusted code must never run as host root or without a user namespace; remove them"
+            )
+        object.__setattr__(self, "disabled_layers", layers)

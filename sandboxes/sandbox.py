@@ -1,0 +1,256 @@
+"""`Sandbox`: the client interface: a pool of warm slots behind run() / arun()."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import pwd
+import queue
+import secrets
+import shutil
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from .canary import canary_program, judge_canary, start_listener
+from .cgroups import SlotCgroup, create_slot_cgroup
+from .command import HARNESS_PROCS, MiB
+from .config import REQUIRED_LAYERS, Layer, Limits, SandboxConfig
+from .errors import SandboxClosedError, SandboxEscapeError, SandboxUnavailableError
+from .judge import build_job, decide, prepare_tests
+from .seccomp_filter import build_seccomp_bpf
+from .slot import RawOutcome, Slot
+from .verdict import Status, Verdict
+
+log = logging.getLogger(__name__)
+
+_TOOLS = ("bwrap", "prlimit", "setpriv")
+
+
+class Sandbox:
+    """Runs untrusted Python in a pool of warm, layered-isolation slots.
+
+    Construction checks the layers, starts `config.slots` warm processes and runs the escape
+    canary; it raises SandboxUnavailableError / SandboxEscapeError rather than serve unsafely.
+    Thread-safe; use as a context manager or call close().
+    """
+
+    def __init__(self, config: SandboxConfig | None = None) -> None:
+        self.config = config or SandboxConfig()
+        self.counts: Counter[Status] = Counter()
+        self.weaknesses: tuple[str, ...] = ()
+        self._closed = False
+        self._lock = threading.Lock()
+        self._slots: list[Slot] = []
+        self._free: queue.Queue[Slot] = queue.Queue()
+        self._recycler = ThreadPoolExecutor(
+            max_workers=self.config.slots, thread_name_prefix="sandbox-recycle"
+        )
+        self._async_pool = ThreadPoolExecutor(max_workers=self.config.slots, thread_name_prefix="sandbox-run")
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        cfg = self.config
+        self._check_required()
+        missing = set(cfg.disabled_layers)
+        seccomp_bpf = None
+        if Layer.SECCOMP not in missing:
+            try:
+                seccomp_bpf = build_seccomp_bpf(cfg.python)
+            except SandboxUnavailableError:
+                if not cfg.allow_weaker:
+                    raise
+                missing.add(Layer.SECCOMP)
+        cgroups: list[SlotCgroup | None] = [None] * cfg.slots
+        if Layer.CGROUP not in missing:
+            try:
+                cgroups = [
+                    create_slot_cgroup(
+                        cfg.cgroup_name, f"slot-{cfg.uid_base + i}", cfg.limits.memory_mb * MiB,
+                        cfg.limits.nproc + HARNESS_PROCS,
+                    )
+                    for i in range(cfg.slots)
+                ]  # fmt: skip
+            except SandboxUnavailableError:
+                if not cfg.allow_weaker:
+                    raise
+                missing.add(Layer.CGROUP)
+                cgroups = [None] * cfg.slots
+        self.missing_layers = frozenset(missing)
+        self.active_layers = frozenset(Layer) - self.missing_layers
+        for i, cg in enumerate(cgroups):
+            slot = Slot(cfg.uid_base + i, cg, seccomp_bpf, Layer.NETNS not in missing, cfg.python)
+            self._slots.append(slot)
+            if not slot.spawn(cfg.limits):
+                raise SandboxUnavailableError(
+                    f"namespaces layer: slot {i} failed to start ({slot.spawn_error}); run sandboxes/setup.sh "
+                    "and check that user namespaces are enabled (sysctl user.max_user_namespaces > 0)"
+                )
+            self._free.put(slot)
+        if cfg.canary:
+            self._run_canary()
+        if self.missing_layers and not cfg.allow_weaker:
+            raise SandboxUnavailableError(
+                f"layers {sorted(x.value for x in self.missing_layers)} are disabled or unavailable; "
+                "enable them or pass allow_weaker=True to accept a weaker sandbox"
+            )
+        if self.missing_layers:
+            log.warning(
+                "posttrain.sandboxes serving in WEAKER mode: layers %s missing; %s",
+                sorted(x.value for x in self.missing_layers),
+                "; ".join(self.weaknesses) or "no canary probe got through",
+            )
+
+    def _check_required(self) -> None:
+        cfg = self.config
+        absent = [t for t in _TOOLS if shutil.which(t) is None] + [cfg.python] * (
+            not os.access(cfg.python, os.X_OK)
+        )
+        if absent:
+            raise SandboxUnavailableError(
+                f"missing {absent}: run sandboxes/setup.sh (as root) to install them"
+            )
+        if os.geteuid() != 0:
+            raise SandboxUnavailableError(
+                "uid layer: the harness must run as root to drop each slot to its own unprivileged uid "
+                "(setpriv --reuid); start the process as root"
+            )
+        try:
+            with open("/proc/sys/user/max_user_namespaces") as f:
+                userns_ok = int(f.read()) > 0
+        except OSError:
+            userns_ok = False
+        if not userns_ok:
+            raise SandboxUnavailableError(
+                "userns layer: user namespaces are disabled (sysctl user.max_user_namespaces=0); "
+                "bwrap as root without --unshare-user lets code remount /usr writable, so the sandbox refuses "
+                "to start: set user.max_user_namespaces to a positive value"
+            )
+        for i in range(cfg.slots):
+            try:
+                user = pwd.getpwuid(cfg.uid_base + i).pw_name
+            except KeyError:
+                continue
+            raise SandboxUnavailableError(
+                f"uid layer: slot uid {cfg.uid_base + i} belongs to user {user!r}; choose a SandboxConfig.uid_base "
+                f"whose {cfg.slots} uids are unused"
+            )
+        assert REQUIRED_LAYERS.isdisjoint(cfg.disabled_layers)  # SandboxConfig guarantees it
+
+    def _run_canary(self) -> None:
+        listener = start_listener()
+        try:
+            host_paths = ["/root", "/etc/passwd", "/home", "/work", os.getcwd()]
+            code = canary_program(host_paths, listener.getsockname()[1])
+            verdict = self.run(code)
+        finally:
+            listener.close()
+        # Without allow_weaker every probe must be blocked, so a disabled layer is caught by a probe.
+        expected = self.active_layers if self.config.allow_weaker else frozenset(Layer)
+        escapes, weak = judge_canary(verdict.stdout, expected)
+        if verdict.status is not Status.PASS:
+            escapes.append(
+                f"canary run ended {verdict.status.value}: {verdict.detail} {verdict.stderr[-300:]}"
+            )
+        if escapes:
+            raise SandboxEscapeError(
+                "escape canary: "
+                + "; ".join(escapes)
+                + ". The sandbox refuses to serve: re-enable the layer(s) "
+                "or fix the host (run sandboxes/setup.sh)"
+            )
+        self.weaknesses = tuple(weak)
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    def run(
+        self,
+        code: str,
+        tests: list[str] | None = None,
+        io_cases: list[tuple[str, str]] | None = None,
+        limits: Limits | None = None,
+    ) -> Verdict:
+        """Run `code` in a warm slot and judge it (blocks until a slot is free and the run ends).
+
+        tests: assert statements / test code run after the program (see judge.py for the rules);
+        io_cases: (stdin, expected stdout) pairs, one fresh process each; neither: plain execution,
+        PASS iff the program exits with status 0. limits: override the config's limits for this run
+        (the slot then starts a fresh process instead of its warm one).
+        """
+        if self._closed:
+            raise SandboxClosedError("Sandbox.run called after close(): create a new Sandbox")
+        if not isinstance(code, str):
+            raise TypeError(f"code must be a str, got {type(code).__name__}")
+        if tests is not None and io_cases is not None:
+            raise ValueError("pass either tests or io_cases, not both")
+        if io_cases is not None:
+            io_cases = [(str(i), str(o)) for i, o in io_cases]
+        specs = prepare_tests(list(tests)) if tests is not None else None
+        lim = limits or self.config.limits
+        job = json.dumps(build_job(code, specs, [i for i, _ in io_cases] if io_cases is not None else None))
+        n_units = len(io_cases) if io_cases is not None else 1
+        result_cap = 8 * n_units * (2 * lim.output_bytes + max(1 << 20, 4 * lim.output_bytes)) + (1 << 20)
+        slot = self._free.get()
+        try:
+            if slot.limits != lim or not slot.alive():
+                slot.spawn(lim)
+            nonce = secrets.token_hex(16)
+            raw = slot.execute(job.encode(), nonce, lim.wall_s, result_cap)
+            verdict = decide(raw, nonce, specs, io_cases)
+        except Exception as exc:  # a harness bug must not score the completion
+            log.exception("sandbox harness error")
+            verdict = decide(
+                RawOutcome(f"harness error: {exc!r}", False, False, None, False, "", 0.0), "", specs, io_cases
+            )
+        finally:
+            self._recycler.submit(self._recycle, slot)
+        with self._lock:
+            self.counts[verdict.status] += 1
+        return verdict
+
+    async def arun(
+        self,
+        code: str,
+        tests: list[str] | None = None,
+        io_cases: list[tuple[str, str]] | None = None,
+        limits: Limits | None = None,
+    ) -> Verdict:
+        """Async `run`: executes in this sandbox's own thread pool (one thread per slot)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._async_pool, lambda: self.run(code, tests, io_cases, limits))
+
+    def _recycle(self, slot: Slot) -> None:
+        """Clean the slot and start its next warm process, then hand it back to the pool."""
+        try:
+            if not self._closed:
+                slot.spawn(self.config.limits)
+        except Exception:  # noqa: BLE001 - the next run retries the spawn and reports SANDBOX_ERROR
+            log.exception("sandbox slot %d failed to respawn", slot.uid)
+        finally:
+            self._free.put(slot)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Kill every slot process, remove the cgroups, stop the thread pools. Idempotent."""
+        self._closed = True
+        self._recycler.shutdown(wait=True)
+        self._async_pool.shutdown(wait=False)
+        for slot in self._slots:
+            slot.discard()
+            if slot.cgroup is not None:
+                slot.cgroup.remove()
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

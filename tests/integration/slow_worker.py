@@ -1,0 +1,36 @@
+"""Test-only rollout actors that are slow on purpose (passed by ``rollout.worker`` import path).
+
+Ray pickles these classes by value (the test registers this module), so their class attributes
+travel to the actor processes as they were at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from posttrain.rollout.actor import RolloutWorker
+
+STALL_FLAG = f"/tmp/posttrain_stall_{os.getpid()}"
+
+
+class ChunkDelayWorker(RolloutWorker):
+    """Every generate call takes 0.7 s longer: a batch's chunks then straddle a training step."""
+
+    def generate(self, prompts, sampling):
+        time.sleep(0.7)
+        return super().generate(prompts, sampling)
+
+
+class StallOnceWorker(RolloutWorker):
+    """The first worker to claim ``STALL_FLAG`` hangs 12 s on its first training request (n > 1)."""
+
+    def generate(self, prompts, sampling):
+        if sampling.n > 1 and not getattr(self, "_claimed", False):
+            self._claimed = True
+            try:
+                os.close(os.open(STALL_FLAG, os.O_CREAT | os.O_EXCL))
+                time.sleep(12.0)
+            except FileExistsError:
+                pass
+        return super().generate(prompts, sampling)

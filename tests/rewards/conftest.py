@@ -1,0 +1,34 @@
+"""Shared helpers for reward tests: building Groups of completions from plain strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from posttrain.types import Completion, Group, PromptRecord
+
+
+def make_group(prompt: str, completions: list[str], ordinal: int = 0, **fields: object) -> Group:
+    """A Group whose completions' token ids are one per character (as with the char tokenizer)."""
+    record = PromptRecord(
+        ordinal=ordinal, text=prompt, token_ids=[ord(c) for c in prompt], fields=dict(fields)
+    )
+    comps = [
+        Completion(
+            prompt=record,
+            sample_index=i,
+            token_ids=[ord(c) for c in text],
+            text=text,
+            logprobs=[0.0] * len(text),
+            versions=[0] * len(text),
+            finish_reason="stop",
+        )
+        for i, text in enumerate(completions)
+    ]
+    return Group(prompt=record, completions=comps)
+
+
+@pytest.fixture
+def group_of() -> Callable[..., Group]:
+    return make_group

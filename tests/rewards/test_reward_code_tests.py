@@ -1,0 +1,66 @@
+"""Sandboxed test-harness node: real sandbox runs, and SANDBOX_ERROR masked (never 0)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+from posttrain.rewards import RewardGraph, RewardNode
+from posttrain.rewards.code_tests import CodeTestsReward, extract_code
+from posttrain.sandboxes import Status, Verdict
+
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+
+
+def test_extract_code() -> None:
+    assert extract_code("here:\n```python\nx = 1\n```\n<|im_end|>") == "x = 1\n"
+    assert extract_code("<answer>print(1)</answer>") == "print(1)"
+    assert extract_code("print(2)<|im_end|>junk") == "print(2)"
+
+
+@pytest.fixture(scope="module")
+def code_node() -> Iterator[CodeTestsReward]:
+    if os.geteuid() != 0 or any(shutil.which(t) is None for t in ("bwrap", "prlimit", "setpriv")):
+        pytest.skip("posttrain.sandboxes needs root, bwrap, prlimit and setpriv (run sandboxes/setup.sh)")
+    node = CodeTestsReward(wall_s=1.5, slots=2)
+    yield node
+    node.close()
+
+
+def test_code_node_in_real_sandbox(code_node: CodeTestsReward, group_of) -> None:
+    graph = RewardGraph([RewardNode("tests", code_node, timeout_s=30)], max_failed_fraction=0.0)
+    completions = [
+        "```python\ndef add(a, b):\n    return a + b\n```",
+        "<answer>def add(a, b):\n    return a * b</answer>",  # passes add(2, 2) only
+        "def add(a, b):\n    while True:\n        pass",
+        "import os\nos._exit(0)",
+    ]
+    [scored], metrics = graph.score_groups_sync([group_of("write add", completions, tests=ADD_TESTS)])
+    assert scored.rewards == [1.0, 0.5, 0.0, 0.0]
+    assert metrics["reward/tests/pass"] == 1.0 and metrics["reward/tests/timeout"] == 1.0
+    [scored], _ = graph.score_groups_sync([group_of("no tests here", ["print(1)"])])
+    assert scored.rewards == [None] and scored.breakdown["tests"] == [None]  # not applicable
+
+
+class _BrokenSandbox:
+    """Stands in for a sandbox whose harness fails on every other run (unit test of the node's policy)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def arun(self, code: str, tests: list[str] | None = None, io_cases: object = None) -> Verdict:
+        self.calls += 1
+        if self.calls % 2:
+            return Verdict(Status.SANDBOX_ERROR, 0, 0, detail="slot failed to spawn")
+        return Verdict(Status.FAIL, 0, 2, detail="wrong")
+
+
+def test_sandbox_error_is_masked_not_zero(group_of) -> None:
+    node = CodeTestsReward(sandbox=_BrokenSandbox())
+    graph = RewardGraph([RewardNode("tests", node, max_concurrency=1)], max_failed_fraction=0.5)
+    [scored], metrics = graph.score_groups_sync([group_of("q", ["a", "b"], tests=ADD_TESTS)])
+    assert scored.rewards == [None, 0.0]
+    assert metrics["reward/tests/sandbox_error"] == 1.0 and metrics["reward/tests/errors"] == 1.0
+    assert metrics["reward/tests/masked"] == 1.0

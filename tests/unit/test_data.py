@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import pytest
+
+from posttrain.data.formatting import make_sft_example
+from posttrain.data.sampler import ResumableSampler
+from posttrain.data.tasks import ArithmeticTask, CountdownTask, eval_expression
+from posttrain.models.tokenizer import build_char_tokenizer
+
+
+def test_arithmetic_rows_are_correct_and_deterministic():
+    task = ArithmeticTask(digits=3, ops="+-*")
+    rows = task.generate(50, seed=3)
+    assert rows == task.generate(50, seed=3)
+    for r in rows:
+        a, op, b = r["prompt"][:3], r["prompt"][3], r["prompt"][4:7]
+        assert int(r["answer"]) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+        assert task.is_correct(r, r["answer"] + "<|im_end|>")
+        assert not task.is_correct(r, r["rejected"])
+
+
+def test_countdown_solutions_check_and_cheats_fail():
+    task = CountdownTask(num_numbers=3, max_number=9)
+    for r in task.generate(50, seed=0):
+        assert task.is_correct(r, r["response"])
+    assert eval_expression("3*5+7", [3, 5, 7]) == 22
+    assert eval_expression("3*3", [3, 5]) is None  # reuse
+    assert eval_expression("__import__('os')", [1]) is None
+    assert eval_expression("8+1", [3, 5]) is None  # number not given
+
+
+def test_sft_example_masks_the_prompt():
+    tok = build_char_tokenizer()
+    ex = make_sft_example(tok, {"prompt": "1+2=", "response": "3"}, max_length=64)
+    assert sum(ex.loss_mask) == 2  # "3" and the end-of-turn token
+    assert tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask, strict=False) if m]) == "3<|im_end|>"
+    assert make_sft_example(tok, {"prompt": "1+2=", "response": "3"}, max_length=10) == "over max_length"
+
+
+@pytest.mark.parametrize("split", [3, 7, 10, 13])
+def test_sampler_resume_equals_straight_run_across_epochs(split):
+    straight = ResumableSampler(5, seed=1)
+    ref = straight.take(20)
+    first = ResumableSampler(5, seed=1)
+    head = first.take(split)
+    resumed = ResumableSampler(5, seed=1)
+    resumed.load_state_dict(first.state_dict())
+    assert head + resumed.take(20 - split) == ref
+    assert sorted(ref[:5]) == list(range(5)) and ref[:5] != ref[5:10]  # each epoch a new permutation
