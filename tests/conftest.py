@@ -29,3 +29,15 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return _run
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_ray_across_modules():
+    """A test module that starts Ray (directly or through a reward node) must not hand its
+    instance to the next module: shut down whatever is still running when a module ends."""
+    yield
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

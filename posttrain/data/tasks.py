@@ -25,10 +25,23 @@ def first_line(completion: str) -> str:
 
 @dataclass
 class ArithmeticTask:
-    """``a op b =`` with ``digits``-digit operands; the answer is the integer result."""
+    """``a op b =`` with ``digits``-digit operands; the answer is the integer result.
+
+    ``answer_format: python`` makes it a code task: the response is a Python program that prints
+    the result (``print(95)``), each row carries ``io_cases`` ([stdin, expected stdout] pairs) for
+    the sandboxed test-harness reward node, and ``is_correct`` accepts only the canonical program.
+    """
 
     digits: int = 2
     ops: str = "+"
+    answer_format: str = "number"  # number | python
+
+    def __post_init__(self) -> None:
+        if self.answer_format not in ("number", "python"):
+            raise ValueError(f"ArithmeticTask answer_format={self.answer_format!r}; use 'number' or 'python'")
+
+    def _render(self, value: int) -> str:
+        return f"print({value})" if self.answer_format == "python" else str(value)
 
     def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
         rng = random.Random(seed)
@@ -36,9 +49,12 @@ class ArithmeticTask:
         rows = []
         for _ in range(n):
             a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(self.ops)
-            answer = str(_OPS[op](a, b))
-            wrong = str(int(answer) + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11]))
-            rows.append({"prompt": f"{a}{op}{b}=", "response": answer, "answer": answer, "chosen": answer, "rejected": wrong})
+            value = _OPS[op](a, b)
+            answer, wrong = self._render(value), self._render(value + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11]))
+            row = {"prompt": f"{a}{op}{b}=", "response": answer, "answer": answer, "chosen": answer, "rejected": wrong}
+            if self.answer_format == "python":
+                row["io_cases"] = [["", str(value)]]
+            rows.append(row)
         return rows
 
     def is_correct(self, row: dict[str, Any], completion: str) -> bool:

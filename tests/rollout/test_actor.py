@@ -15,6 +15,8 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
+    if ray.is_initialized():
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

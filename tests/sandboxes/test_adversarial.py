@@ -35,7 +35,8 @@ def _host_pids_of_slots(sandbox: Sandbox) -> dict[int, str]:
 def test_writes_to_host_paths_do_not_reach_the_host(sandbox: Sandbox, target: str) -> None:
     code = f"import os\nos.makedirs(os.path.dirname({target!r}), exist_ok=True)\nopen({target!r}, 'w').write('x')\n"
     v = sandbox.run(code)
-    assert v.status is Status.FAIL and ("Read-only" in v.stderr or "No such file" in v.stderr)
+    if not target.startswith("/tmp/"):  # a checkout under /tmp lands in the sandbox's private /tmp
+        assert v.status is Status.FAIL and ("Read-only" in v.stderr or "No such file" in v.stderr)
     assert not os.path.exists(target)
 
 
