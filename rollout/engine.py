@@ -7,14 +7,30 @@ format of ``posttrain.weight_sync``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
+
+import torch
 
 from posttrain.types import Group, PromptRecord
 from posttrain.weight_sync import WeightBucket
 
 from .sampling import SamplingConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_engine_config(dtype: str, model_path: str) -> None:
+    """What every engine config checks at construction: a known dtype and a local HF model dir."""
+    if dtype not in DTYPES:
+        raise ValueError(f"rollout.engine.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise FileNotFoundError(
+            f"rollout.engine.model_path={model_path!r} has no config.json: point it at a local "
+            "Hugging Face model directory (or build one with posttrain.models.factory.save_tiny_model)"
+        )
 
 
 @dataclass

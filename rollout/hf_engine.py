@@ -9,7 +9,6 @@ warpers (temperature, top_p): the same meaning as ``VLLMEngine``'s default
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,13 +18,12 @@ import torch
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
-from .engine import LoadReport
+from .engine import DTYPES, LoadReport, check_engine_config
 from .sampling import SamplingConfig
 from .weight_receiver import ParamManifest, WeightUpdateSession
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -45,13 +43,7 @@ class HFEngineConfig:
     max_model_len: int = 2048
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"rollout.engine.dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
-        if not os.path.isfile(os.path.join(self.model_path, "config.json")):
-            raise FileNotFoundError(
-                f"rollout.engine.model_path={self.model_path!r} has no config.json: point it at a local "
-                "Hugging Face model directory (or build one with posttrain.models.factory.save_tiny_model)"
-            )
+        check_engine_config(self.dtype, self.model_path)
 
 
 class HFEngine:
@@ -65,7 +57,7 @@ class HFEngine:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=_DTYPES[config.dtype])
+        self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=DTYPES[config.dtype])
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.manifest = ParamManifest.from_module(self.model)

@@ -32,18 +32,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
-from .engine import LoadReport
+from .engine import DTYPES, LoadReport, check_engine_config
 from .sampling import SamplingConfig
 from .weight_receiver import ParamManifest, WeightUpdateSession
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -84,13 +81,7 @@ class VLLMEngineConfig:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"rollout.engine.dtype={self.dtype!r}: use one of {sorted(_DTYPES)}")
-        if not os.path.isfile(os.path.join(self.model_path, "config.json")):
-            raise FileNotFoundError(
-                f"rollout.engine.model_path={self.model_path!r} has no config.json: point it at a local "
-                "Hugging Face model directory (or build one with posttrain.models.factory.save_tiny_model)"
-            )
+        check_engine_config(self.dtype, self.model_path)
         if self.logprobs_mode not in ("processed_logprobs", "raw_logprobs"):
             raise ValueError(
                 f"rollout.engine.logprobs_mode={self.logprobs_mode!r}: use processed_logprobs or raw_logprobs"
@@ -162,7 +153,7 @@ class VLLMEngine:
         self._tokenizer = self._llm.get_tokenizer()
         hf_config = self._llm.llm_engine.model_config.hf_config
         self.manifest = ParamManifest.from_checkpoint(
-            config.model_path, _DTYPES[config.dtype], bool(getattr(hf_config, "tie_word_embeddings", False))
+            config.model_path, DTYPES[config.dtype], bool(getattr(hf_config, "tie_word_embeddings", False))
         )
         self._version = 0
         self._unservable: str | None = None  # reason, set while weights are partial

@@ -47,7 +47,7 @@ def build_rl_batch(scored: list[ScoredGroup], pad_id: int, overlong_filter: bool
     rewards, smask = [], []
     for sg in scored:
         row_r, row_m = [], []
-        for c, r in zip(sg.group.completions, sg.rewards):
+        for c, r in zip(sg.group.completions, sg.rewards, strict=True):
             p = sg.group.prompt.token_ids
             seqs.append(p + c.token_ids)
             masks.append([0] * len(p) + [1] * len(c.token_ids))

@@ -119,7 +119,7 @@ class TrainerWorker:
         out = []
         for ids in token_ids:
             t = torch.tensor([ids], device=self.device)
-            lp = self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=t).logits, t))
+            lp = self.policy.forward(lambda m, t=t: _shifted_logprobs(m(input_ids=t).logits, t))
             out.append(lp[0, 1:].tolist())
         return out
 
