@@ -88,6 +88,10 @@ class OnlineRLConfig:
         0.0  # KL to the reference added to the reward (PPO style); loss.kl_coef for in-loss
     )
     use_reference: bool = False  # load a frozen reference model (needed when any KL coefficient > 0)
+    # auto: with one mini-batch (and no KL in the reward) the trainer's logprobs before the update
+    # are those of the loss's own forward, detached, so no separate forward pass is run for them;
+    # always: recompute them in a forward pass before training (e.g. for models with dropout).
+    recompute_old_logprobs: Literal["auto", "always"] = "auto"
     critic: CriticConfig | None = None  # set for PPO (GAE advantages)
     dynamic_sampling: bool = False  # drop groups whose rewards all agree (zero advantage)
     overlong_filter: bool = False  # mask samples cut at max_tokens
@@ -116,6 +120,12 @@ class OnlineRLConfig:
                 "staleness_policy",
                 f"{self.staleness_policy!r} is not allowed",
                 "use pace (default) or drop",
+            )
+        if self.recompute_old_logprobs not in ("auto", "always"):
+            return (
+                "recompute_old_logprobs",
+                f"{self.recompute_old_logprobs!r} is not allowed",
+                "use auto (default) or always",
             )
         if self.max_staleness > 0 and self.loss.tis_cap is None and not self.loss.decoupled:
             return (
@@ -155,6 +165,15 @@ class OnlineRLConfig:
             "staleness_contract": self.staleness_contract(cfg),
             "expected_overlap": self.expected_overlap(cfg),
         }
+
+    @property
+    def recompute_old(self) -> bool:
+        """Whether a forward pass before training recomputes the trainer's pre-update logprobs.
+
+        Not needed with one mini-batch: the update's own forward gives them (detached), the same
+        values in a model without dropout. KL in the reward needs them before the advantages.
+        """
+        return self.recompute_old_logprobs == "always" or self.mini_batches > 1 or self.kl_in_reward_coef > 0
 
     def staleness_contract(self, cfg) -> str:
         """The bound in words, as ``--dry-run`` prints it."""

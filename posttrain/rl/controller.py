@@ -165,8 +165,10 @@ class RLRun:
         ]
         return ray.get([getattr(t, verb).remote(p) for t, p in zip(self.trainers, parts, strict=True)])
 
-    def forward(self, batch: RLBatch) -> dict[str, torch.Tensor]:
-        parts = self._on_ranks("forward", batch.rows(list(range(batch.size))))
+    def forward(self, batch: RLBatch, old: bool = True) -> dict[str, torch.Tensor]:
+        """Forward-only pass on the trainer ranks: old (pre-update) logprobs when ``old``, reference
+        logprobs and critic values when those models exist."""
+        parts = self._on_ranks("forward", {**batch.rows(list(range(batch.size))), "with_old": old})
         out = {}
         for key in parts[0]:
             full = torch.zeros(batch.size, batch.input_ids_BT.shape[1])
@@ -299,15 +301,16 @@ def train_on_groups(run: RLRun, groups: list, generate_s: float) -> dict[str, fl
             f"{masked:.0%} of this step's samples are masked (reward errors, NaN, filters): limit algorithm.max_masked_fraction="
             f"{algo.max_masked_fraction}. Per-node errors: { ({k: v for k, v in reward_metrics.items() if k.endswith(('errors', 'timeouts'))}) }"
         )
-    fwd = run.forward(batch)
+    need_forward = algo.recompute_old or algo.use_reference or algo.critic is not None
+    fwd = run.forward(batch, old=algo.recompute_old) if need_forward else {}
     token_rewards = None
     if algo.kl_in_reward_coef > 0:
         token_rewards = (
             -algo.kl_in_reward_coef * (fwd["old_logprobs_BT"] - fwd["ref_logprobs_BT"]) * batch.loss_mask_BT
         )
     adv = algo.advantage.compute(advantage_inputs(batch, token_rewards, fwd.get("values_BT")))
-    extra = {"old_logprobs_BT": fwd["old_logprobs_BT"], "advantages_BT": adv.advantages_BT}
-    for key in ("ref_logprobs_BT", "values_BT"):
+    extra = {"advantages_BT": adv.advantages_BT}
+    for key in ("old_logprobs_BT", "ref_logprobs_BT", "values_BT"):
         if key in fwd:
             extra[key] = fwd[key]
     if adv.returns_BT is not None:
@@ -320,6 +323,10 @@ def train_on_groups(run: RLRun, groups: list, generate_s: float) -> dict[str, fl
     t5 = t()
     m.update({k: sum(d[k] for d in train_metrics) / len(train_metrics) for k in train_metrics[0]})
     valid = batch.loss_mask_BT > 0
+    if "old_logprobs_BT" in fwd and valid.any():  # else the loss reports behaviour_kl (mean)
+        m["logprob/behaviour_vs_trainer_max_abs"] = float(
+            (fwd["old_logprobs_BT"] - batch.behaviour_logprobs_BT)[valid].abs().max()
+        )
     lens = batch.response_lengths_B.float()
     rewards = batch.rewards_NG[batch.sample_mask_NG > 0]
     m.update(
@@ -335,11 +342,6 @@ def train_on_groups(run: RLRun, groups: list, generate_s: float) -> dict[str, fl
             "response/versions_per_sample_max": float(
                 max(len(set(c.versions)) for g in groups for c in g.completions)
             ),
-            "logprob/behaviour_vs_trainer_max_abs": float(
-                (fwd["old_logprobs_BT"] - batch.behaviour_logprobs_BT)[valid].abs().max()
-            )
-            if valid.any()
-            else 0.0,
             "time/generate_s": t1 - t0,
             "time/reward_s": t2 - t1,
             "time/prepare_s": t3 - t2,

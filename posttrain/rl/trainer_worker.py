@@ -58,9 +58,11 @@ class TrainerWorker:
 
     # -- forward-only ------------------------------------------------------------------------
     def forward(self, rows: Rows) -> dict[str, torch.Tensor]:
-        """old_logprobs_BT (current policy), ref_logprobs_BT, values_BT for this rank's rows."""
+        """old_logprobs_BT (current policy; unless ``rows['with_old']`` is False), ref_logprobs_BT, values_BT."""
         ids, attn = rows["input_ids_BT"].to(self.device), rows["attention_mask_BT"].to(self.device)
-        out = {"old_logprobs_BT": self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()}
+        out = {}
+        if rows.get("with_old", True):
+            out["old_logprobs_BT"] = self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
         if self.reference is not None:
             out["ref_logprobs_BT"] = self.reference.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
         if self.critic is not None:
@@ -77,8 +79,10 @@ class TrainerWorker:
         if ent is None:
             with torch.no_grad():
                 ent = F.pad(entropy_from_logits(logits[:, :-1].detach()), (1, 0))
+        # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
+        old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()
         return policy_loss(
-            lp, mb["old_logprobs_BT"], mb["behaviour_logprobs_BT"], mb["advantages_BT"], mb["loss_mask_BT"], self.algo.loss,
+            lp, old, mb["behaviour_logprobs_BT"], mb["advantages_BT"], mb["loss_mask_BT"], self.algo.loss,
             num_tokens=mb["num_tokens"], num_seqs=mb["num_seqs"], ref_logprobs_BT=mb.get("ref_logprobs_BT"), entropy_BT=ent,
         )
 
