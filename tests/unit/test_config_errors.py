@@ -98,5 +98,5 @@ def test_missing_data_file(run_cli, tmp_path):
 def test_dry_run_prints_counts_and_starts_nothing(run_cli, tmp_path):
     code, out, _ = run_cli("run", RECIPE, "--dry-run", f"run.output_dir={tmp_path}")
     assert code == 0
-    assert "samples_per_step: 64" in out and "optimizer_steps: 300" in out and "tokens_per_step" in out
+    assert "samples_per_step: 64" in out and "optimizer_steps: 250" in out and "tokens_per_step" in out
     assert not os.listdir(tmp_path)
