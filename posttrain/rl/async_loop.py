@@ -231,8 +231,16 @@ class RolloutLoop(threading.Thread):
             return
         ready, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0.05)
         for ref in ready:
-            _, job, _ = self.inflight.pop(ref)
-            self._absorb(job, ray.get(ref))
+            worker, job, _ = self.inflight.pop(ref)
+            try:
+                groups = ray.get(ref)
+            except ray.exceptions.RayActorError as err:  # the worker died: replace it, re-dispatch its request
+                self.run_.replace_worker(worker, err)
+                with self._lock:
+                    self.jobs.append(dataclasses.replace(job, id=next(self._ids), shard=-1))
+                    self.requeued += 1
+                continue
+            self._absorb(job, groups)
         now = time.perf_counter()
         for ref, (worker, job, start) in list(self.inflight.items()):
             if self.timeout is not None and now - start > self.timeout:

@@ -36,6 +36,10 @@ class RolloutSection:
     # its worker is set aside until it answers (then re-synced). None: wait forever.
     request_timeout_s: float | None = None
     worker: str = "posttrain.rollout.actor.RolloutWorker"  # import path of the rollout actor class
+    # A rollout worker whose process dies (SIGKILL, OOM, crash) is replaced in its placement bundle,
+    # loaded with the newest weights, and its requests re-dispatched; past this many replacements
+    # in a run, the run stops.
+    max_worker_restarts: int = 3
 
     def validate(self) -> tuple[str, str, str] | None:
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
@@ -50,6 +54,8 @@ class RolloutSection:
                 f"{self.request_timeout_s} must be > 0",
                 "set rollout.request_timeout_s=null or e.g. 120",
             )
+        if self.max_worker_restarts < 0:
+            return ("max_worker_restarts", f"{self.max_worker_restarts} must be >= 0", "set rollout.max_worker_restarts=3")
         return None
 
 

@@ -9,16 +9,19 @@ One synchronous step, as the data flow::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import os
 import tempfile
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from posttrain.config.errors import PosttrainError
 from posttrain.config.schema import RecipeConfig
 from posttrain.config.targets import build_target, import_object
 from posttrain.data.formatting import encode, prompt_text, rl_row_problem
@@ -35,6 +38,10 @@ from posttrain.weight_sync import check_probe, dtype_from_name
 
 if TYPE_CHECKING:
     from posttrain.rl.async_loop import WorkerPool
+
+
+class RolloutWorkerLost(PosttrainError):
+    """Rollout workers kept dying: more replacements than ``rollout.max_worker_restarts``."""
 
 
 def prompt_records(
@@ -101,15 +108,47 @@ class RLRun:
             )
             for r in range(world)
         ]
-        Worker = ray.remote(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
-        self.workers = [
-            Worker.options(**actor_options(self.pg, b, plan.rollout_resources)).remote(engine_cfg)
-            for b in plan.rollout_bundle
-        ]
+        self._worker_cls = ray.remote(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
+        self._engine_cfg, self._plan = engine_cfg, plan
+        self.workers = [self._start_worker(b) for b in plan.rollout_bundle]
+        self.latest_weights: tuple[list, int] | None = None  # bucket refs and version of the newest sync
+        self.workers_replaced = 0
+        self._weights_lock = threading.Lock()  # a replacement and a weight sync do not interleave
         ray.get([t.pid.remote() for t in self.trainers] + [w.health.remote() for w in self.workers])
         self.version = 0
         self.dtype = dtype_from_name(cfg.model.dtype)
         self.pool: WorkerPool | None = None  # set by the asynchronous loop
+
+    def _start_worker(self, bundle: int):
+        return self._worker_cls.options(**actor_options(self.pg, bundle, self._plan.rollout_resources)).remote(
+            self._engine_cfg
+        )
+
+    def replace_worker(self, index: int, err: Exception) -> None:
+        """Rollout worker ``index`` died: start another in its bundle, serving the newest weights.
+
+        The caller re-dispatches the dead worker's requests. Past ``rollout.max_worker_restarts``
+        replacements the run stops with the cause.
+        """
+        import ray
+
+        limit = self.cfg.rollout.max_worker_restarts
+        if self.workers_replaced >= limit:
+            raise RolloutWorkerLost(
+                f"rollout worker {index} died ({type(err).__name__}: {str(err).splitlines()[0][:200]}) after "
+                f"{self.workers_replaced} replacements already: limit rollout.max_worker_restarts={limit}.\n  fix: check the "
+                "workers' logs (out of memory? a crashing engine?), or raise rollout.max_worker_restarts"
+            ) from err
+        print(f"[posttrain] rollout worker {index} died ({type(err).__name__}); starting a replacement", flush=True)
+        with self._weights_lock:
+            with contextlib.suppress(Exception):  # already dead: nothing to stop
+                ray.kill(self.workers[index], no_restart=True)
+            worker = self._start_worker(self._plan.rollout_bundle[index])
+            ray.get(worker.health.remote())
+            if self.latest_weights is not None:
+                ray.get(worker.update_weights.remote(*self.latest_weights))
+            self.workers[index] = worker
+            self.workers_replaced += 1
 
     def _model_dir(self) -> str:
         """vLLM loads a directory: the recipe's checkpoint, or the factory model saved once."""
@@ -129,12 +168,29 @@ class RLRun:
         workers = [self.workers[i] for i in self.usable_workers()]
         if self.cfg.cluster.placement == "colocated":  # trainer is idle now: workers take the devices back
             ray.get([w.wake_up.remote() for w in workers])
-        shards = [prompts[i :: len(workers)] for i in range(len(workers))]
-        results = ray.get([w.generate.remote(s, sampling) for w, s in zip(workers, shards, strict=True) if s])
+        shards = {i: prompts[k :: len(workers)] for k, i in enumerate(self.usable_workers())}
+        results = self._generate_shards({i: s for i, s in shards.items() if s}, sampling)
         by_ordinal = {g.prompt.ordinal: g for groups in results for g in groups}
         if self.cfg.cluster.placement == "colocated":  # free device memory for the trainer's step
             ray.get([w.sleep.remote() for w in workers])
         return [by_ordinal[p.ordinal] for p in prompts]
+
+    def _generate_shards(self, shards: dict[int, list[PromptRecord]], sampling) -> list[list]:
+        """Each worker generates its shard; a worker that dies meanwhile is replaced and its shard
+        generated again by the replacement (no prompt lost, none trained twice)."""
+        import ray
+
+        refs = {i: self.workers[i].generate.remote(s, sampling) for i, s in shards.items()}
+        results = []
+        for i, ref in refs.items():
+            while True:
+                try:
+                    results.append(ray.get(ref))
+                    break
+                except ray.exceptions.RayActorError as err:
+                    self.replace_worker(i, err)
+                    ref = self.workers[i].generate.remote(shards[i], sampling)
+        return results
 
     def usable_workers(self) -> list[int]:
         """Indices of the workers that take requests and weights (all, unless a pool set some aside)."""
@@ -199,16 +255,18 @@ class RLRun:
         version = self.version + 1
         results = ray.get([t.push_weights.remote(version) for t in self.trainers])
         refs, stats = results[0]
-        targets = (
-            self.pool.publish(refs, version) if self.pool is not None else list(range(len(self.workers)))
-        )
-        if not self.algo.skip_weight_sync:
-            targets = list(
-                self._wait_workers(
-                    {i: self.workers[i].update_weights.remote(refs, version) for i in targets},
-                    "weight update",
-                )
+        with self._weights_lock:
+            self.latest_weights = (refs, version)
+            targets = (
+                self.pool.publish(refs, version) if self.pool is not None else list(range(len(self.workers)))
             )
+            if not self.algo.skip_weight_sync:
+                targets = list(
+                    self._wait_workers(
+                        {i: self.workers[i].update_weights.remote(refs, version) for i in targets},
+                        "weight update",
+                    )
+                )
         stats["sync/time_s"] = time.perf_counter() - t0
         self.version = version
         trainer_lp = ray.get([t.probe.remote(probe_ids) for t in self.trainers])[0]
@@ -320,6 +378,7 @@ def train_on_groups(run: RLRun, groups: list, generate_s: float) -> dict[str, fl
     t4 = t()
     probe = [scored[0].group.prompt.token_ids + scored[0].group.completions[0].token_ids]
     m.update(run.sync_weights(probe))
+    m["rollout/workers_replaced"] = float(run.workers_replaced)
     t5 = t()
     m.update({k: sum(d[k] for d in train_metrics) / len(train_metrics) for k in train_metrics[0]})
     valid = batch.loss_mask_BT > 0

@@ -7,6 +7,7 @@ travel to the actor processes as they were at import time.
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 from posttrain.rollout.actor import RolloutWorker
@@ -33,4 +34,23 @@ class StallOnceWorker(RolloutWorker):
                 time.sleep(12.0)
             except FileExistsError:
                 pass
+        return super().generate(prompts, sampling)
+
+
+KILL_FLAG = f"/tmp/posttrain_kill_{os.getpid()}"
+
+
+class KilledOnceWorker(RolloutWorker):
+    """The first worker to claim ``KILL_FLAG`` is SIGKILLed while serving its first training request
+    (n > 1): its process dies with the request in flight, as under an OOM kill."""
+
+    def generate(self, prompts, sampling):
+        if sampling.n > 1:
+            try:
+                os.close(os.open(KILL_FLAG, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGKILL)
         return super().generate(prompts, sampling)
