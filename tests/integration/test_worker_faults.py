@@ -8,21 +8,10 @@ import os
 from collections import Counter
 
 import pytest
-from test_async_staleness import _overrides, _run, _staleness
+from test_async_staleness import _overrides, _ray, _run, _staleness  # noqa: F401 (_ray: autouse fixture)
 
 pytestmark = pytest.mark.slow
 STEPS, PROMPTS, N = 3, 4, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _ray():
-    import ray
-    import slow_worker
-
-    ray.cloudpickle.register_pickle_by_value(slow_worker)  # actors cannot import the tests folder
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
 
 
 @pytest.mark.parametrize("k", [0, 2])
