@@ -165,14 +165,14 @@ class RLRun:
         """All prompts on the usable workers, sharded round-robin, blocking; groups in prompt order."""
         import ray
 
-        workers = [self.workers[i] for i in self.usable_workers()]
+        usable = self.usable_workers()
         if self.cfg.cluster.placement == "colocated":  # trainer is idle now: workers take the devices back
-            ray.get([w.wake_up.remote() for w in workers])
-        shards = {i: prompts[k :: len(workers)] for k, i in enumerate(self.usable_workers())}
+            ray.get([self.workers[i].wake_up.remote() for i in usable])
+        shards = {i: prompts[k :: len(usable)] for k, i in enumerate(usable)}
         results = self._generate_shards({i: s for i, s in shards.items() if s}, sampling)
         by_ordinal = {g.prompt.ordinal: g for groups in results for g in groups}
         if self.cfg.cluster.placement == "colocated":  # free device memory for the trainer's step
-            ray.get([w.sleep.remote() for w in workers])
+            ray.get([self.workers[i].sleep.remote() for i in usable])  # self.workers: replacements included
         return [by_ordinal[p.ordinal] for p in prompts]
 
     def _generate_shards(self, shards: dict[int, list[PromptRecord]], sampling) -> list[list]:
