@@ -25,7 +25,6 @@ from .weight_receiver import ParamManifest, WeightUpdateSession
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class HFEngineConfig:
     """How to start the transformers engine.

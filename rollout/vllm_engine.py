@@ -42,7 +42,6 @@ from .weight_receiver import ParamManifest, WeightUpdateSession
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class VLLMEngineConfig:
     """How to start a vLLM engine (the recipe's ``rollout.engine`` section for vLLM).
