@@ -12,6 +12,7 @@ See rewards/README.md for a complete custom pipeline.
 from posttrain.rewards.aggregate import AGGREGATORS, minimum, product, weighted_sum
 from posttrain.rewards.config import RewardGraphConfig, RewardNodeConfig, build_reward_graph
 from posttrain.rewards.errors import (
+    RewardActorError,
     RewardConfigError,
     RewardError,
     RewardFailureError,
@@ -25,6 +26,7 @@ from posttrain.rewards.report import StepReport
 
 __all__ = [
     "AGGREGATORS",
+    "RewardActorError",
     "RewardConfigError",
     "RewardError",
     "RewardFailureError",

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from posttrain.rewards.errors import SampleFailure
+
 Status = Literal["ok", "na", "gated", "upstream", "error", "timeout"]
 FAILED: frozenset[str] = frozenset({"error", "timeout"})
 
@@ -43,6 +45,8 @@ def check_value(raw: Any, token_level: bool, n_tokens: int | None) -> Cell:
         if value - value == 0.0:  # finite (nan - nan and inf - inf are nan)
             return Cell("ok", value)
         return Cell("error", error=f"returned {value} (nan/inf is an error, not a score)")
+    if isinstance(raw, SampleFailure):  # a batch function failed this one sample
+        return Cell("error", error=str(raw))
     if token_level:
         if not isinstance(raw, list | tuple) or not all(_is_number(v) for v in raw):
             return Cell(

@@ -26,3 +26,13 @@ class RewardFailureError(RewardError):
 
 class VerdictParseError(RewardError):
     """A judge's reply held no verdict the node could parse (the sample is masked, not scored 0)."""
+
+
+class RewardActorError(RewardError):
+    """A reward node's Ray actor could not be kept alive: it failed to start, or it died more often
+    than the node's ``max_actor_restarts`` allows."""
+
+
+class SampleFailure(RewardError):
+    """Returned (not raised) by a batch or group function in place of one sample's value: that
+    sample is recorded as an error with this message, the other samples keep their values."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.rewards.errors import RewardConfigError
+from posttrain.rewards.remote import check_replacement
 
 from posttrain.types import RewardSample
 
@@ -70,7 +71,9 @@ class RewardModelReward:
     """Batch-mode reward node backed by a Ray actor holding a RewardModelScorer.
 
     The actor starts on first use (``ray.init`` is called for a local instance when Ray is not
-    running yet). A node timeout cancels the pending actor call.
+    running yet). A node timeout cancels the pending actor call. An actor that dies (killed, out
+    of memory) is replaced and the batch scored again, at most ``max_actor_restarts`` times over
+    the node's lifetime (``actors_replaced`` counts them); past it the call raises RewardActorError.
     """
 
     reward_mode = "batch"
@@ -83,6 +86,7 @@ class RewardModelReward:
         batch_size: int = 16,
         num_cpus: float = 1,
         num_gpus: float = 0,
+        max_actor_restarts: int = 3,
     ) -> None:
         check_model_dir(model_path)
         self.model_path, self.template = model_path, template
@@ -92,6 +96,8 @@ class RewardModelReward:
             "device": "cuda" if num_gpus else "cpu",
         }
         self._resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        self.max_actor_restarts = max_actor_restarts
+        self.actors_replaced = 0
         self._actor: Any = None
 
     def _get_actor(self) -> Any:
@@ -106,14 +112,25 @@ class RewardModelReward:
 
     async def __call__(self, samples: list[RewardSample]) -> list[float]:
         import ray
+        from ray.exceptions import RayActorError, RayTaskError
 
         texts = [self.template.format(prompt=s.prompt, completion=s.completion) for s in samples]
-        ref = self._get_actor().score.remote(texts)
-        try:
-            return await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)
-            raise
+        while True:
+            actor = self._get_actor()
+            ref = actor.score.remote(texts)
+            try:
+                return await ref
+            except asyncio.CancelledError:
+                ray.cancel(ref)
+                raise
+            except RayTaskError:  # the scorer raised: the batch's error (checked before actor death)
+                raise
+            except RayActorError as exc:
+                if self._actor is actor:  # else close() or a concurrent call already replaced it
+                    what = f"reward-model actor ({self.model_path})"
+                    check_replacement(what, exc, self.actors_replaced, self.max_actor_restarts, len(texts))
+                    self.actors_replaced += 1
+                    self._actor = None
 
     def close(self) -> None:
         """Stop the actor (a new one starts on the next call)."""

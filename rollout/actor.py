@@ -20,6 +20,7 @@ from typing import Any
 
 import ray
 
+from posttrain.diagnose import where_now
 from posttrain.types import Group, PromptRecord
 from posttrain.weight_sync import WeightBucket
 
@@ -61,9 +62,12 @@ class RolloutWorker:
             raise RuntimeError("rollout worker is asleep: call wake_up() before generate()")
         return self.engine.generate(prompts, sampling)
 
-    def update_weights(self, buckets: Sequence[WeightBucket | ray.ObjectRef], version: int) -> LoadReport:
-        """Load a full version from buckets (or object refs to buckets), in order."""
-        return self.engine.load_weights(_resolve(buckets), version)
+    def update_weights(
+        self, buckets: Sequence[WeightBucket | ray.ObjectRef], version: int, restore: bool = False
+    ) -> LoadReport:
+        """Load a full version from buckets (or object refs to buckets), in order; ``restore``
+        allows going back to an older version (the trainer resumed from a checkpoint)."""
+        return self.engine.load_weights(_resolve(buckets), version, restore)
 
     def version(self) -> int:
         return self.engine.version
@@ -88,6 +92,12 @@ class RolloutWorker:
             "asleep": self.asleep,
             "pid": os.getpid(),
         }
+
+    @ray.method(concurrency_group="diag")
+    def where(self) -> dict[str, Any]:
+        """Where this worker is now; answers while a verb is blocked when the actor was created with
+        ``concurrency_groups=posttrain.diagnose.DIAG_GROUPS`` (see posttrain.diagnose)."""
+        return where_now()
 
     def close(self) -> None:
         self.engine.close()

@@ -58,8 +58,11 @@ class RolloutEngine(Protocol):
         """One Group per prompt (same order), ``sampling.n`` completions each."""
         ...
 
-    def load_weights(self, buckets: Iterable[WeightBucket], version: int) -> LoadReport:
+    def load_weights(self, buckets: Iterable[WeightBucket], version: int, restore: bool = False) -> LoadReport:
         """Replace ALL weights with those in ``buckets`` and serve ``version`` from now on.
+
+        ``version`` must be above the served one, unless ``restore`` (the trainer went back to a
+        checkpoint and the engine follows it).
 
         Raises WeightSyncError (and serves nothing until a complete update) if the buckets break
         an invariant of ``posttrain.weight_sync``.

@@ -101,6 +101,8 @@ class HFEngine:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + prompts[0].ordinal)
+            elif sampling.batch_seed is not None:
+                torch.manual_seed(sampling.batch_seed)
             out = self.model.generate(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
@@ -180,10 +182,10 @@ class HFEngine:
         return scores
 
     @torch.no_grad()
-    def load_weights(self, buckets: Iterable[WeightBucket], version: int) -> LoadReport:
+    def load_weights(self, buckets: Iterable[WeightBucket], version: int, restore: bool = False) -> LoadReport:
         """Copy a full new version into the model; see ``RolloutEngine.load_weights``."""
         start = time.perf_counter()
-        session = WeightUpdateSession(self.manifest, self._version, version)
+        session = WeightUpdateSession(self.manifest, self._version, version, restore)
         self._unservable = f"the update to version {version} did not complete"
         count = 0
         for bucket in buckets:

@@ -16,6 +16,10 @@ class SamplingConfig:
         max_tokens: new tokens per completion at most (finish_reason "length" when reached).
         stop: strings that end a completion (finish_reason "stop"; the stop string is not returned).
         seed: base seed; with a seed the same prompts give the same completions on the same engine.
+        batch_seed: the engine reseeds its sampler with this before the batch (no per-request
+            seeds): the same batch of prompts on the same weights gives the same completions, on
+            any engine instance. The RL controller derives it from the run seed and the request's
+            content, so a resumed run or a re-dispatched request samples what the first one did.
     """
 
     n: int = 1
@@ -24,6 +28,7 @@ class SamplingConfig:
     max_tokens: int = 256
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    batch_seed: int | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:

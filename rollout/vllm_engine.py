@@ -172,6 +172,8 @@ class VLLMEngine:
         self._check_servable()
         from vllm import SamplingParams
 
+        if sampling.batch_seed is not None:
+            self.reseed(sampling.batch_seed)
         requests = []
         params = []
         for prompt in prompts:
@@ -211,6 +213,17 @@ class VLLMEngine:
             groups.append(Group(prompt=prompt, completions=completions))
         return groups
 
+    def reseed(self, seed: int) -> None:
+        """Reseed the sampler's generator in every vLLM worker and drop the prefix cache.
+
+        Without per-request seeds vLLM samples from the device's default generator, so the same
+        batch after ``reseed(s)`` gives the same tokens (checked across engine instances). The
+        prefix cache goes too: cached KV blocks from earlier batches would change the shapes of
+        the prefill matmuls and so the rounding of the logits.
+        """
+        self._llm.collective_rpc("posttrain_reseed", args=(seed,))
+        self._llm.reset_prefix_cache()
+
     def score_tokens(self, token_ids_list: list[list[int]]) -> list[list[float]]:
         """Logprob of each token given its prefix (vLLM ``prompt_logprobs``); L-1 values per sequence."""
         self._check_servable()
@@ -226,7 +239,7 @@ class VLLMEngine:
         return scores
 
     # -- weights ----------------------------------------------------------------------------
-    def load_weights(self, buckets: Iterable[WeightBucket], version: int) -> LoadReport:
+    def load_weights(self, buckets: Iterable[WeightBucket], version: int, restore: bool = False) -> LoadReport:
         """Load a full new version bucket by bucket; see ``RolloutEngine.load_weights``."""
         from .vllm_transfer import BACKEND_NAME
 
@@ -236,7 +249,7 @@ class VLLMEngine:
                 f"uses {self.transfer_backend!r}: drive it with native_transfer_client() from the trainer instead"
             )
         start = time.perf_counter()
-        session = WeightUpdateSession(self.manifest, self._version, version)
+        session = WeightUpdateSession(self.manifest, self._version, version, restore)
         # From here until finish() succeeds the model may hold a mix of versions.
         self._unservable = f"the update to version {version} did not complete"
         self._llm.collective_rpc("start_weight_update")

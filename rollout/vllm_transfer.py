@@ -17,6 +17,7 @@ registered wherever the worker runs, before the worker builds its transfer engin
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,3 +109,8 @@ class PosttrainWorkerExtension:
     def posttrain_transfer_backend(self) -> str:
         """The registered backend name, as seen from inside the worker (a liveness check)."""
         return BACKEND_NAME
+
+    def posttrain_reseed(self, seed: int) -> None:
+        """Seed the generators the sampler draws from when requests carry no seed of their own."""
+        random.seed(seed)
+        torch.manual_seed(seed)  # CPU and every CUDA device

@@ -90,11 +90,14 @@ class WeightUpdateSession:
     wrong), load ``bucket.tensors()``; then ``session.finish()`` (raises if the version is incomplete).
     """
 
-    def __init__(self, manifest: ParamManifest, serving_version: int, version: int) -> None:
-        if version <= serving_version:
+    def __init__(
+        self, manifest: ParamManifest, serving_version: int, version: int, restore: bool = False
+    ) -> None:
+        # restore: the trainer was restored from a checkpoint and the engine goes back to its version
+        if version <= serving_version and not restore:
             raise WeightSyncError(
                 f"weight version {version} is not above the version being served ({serving_version}); "
-                "versions must strictly increase"
+                "versions must strictly increase (except when restoring a checkpoint: restore=True)"
             )
         self.manifest = manifest
         self.version = version

@@ -171,6 +171,12 @@ def decide(
     )
     if raw.oom_killed or memory_errors:
         return verdict(Status.OOM, "memory limit reached", unit=units[0] if units else None)
+    if units is None and raw.killed_by:
+        return verdict(
+            Status.SANDBOX_ERROR,
+            f"the slot's process was killed by signal {raw.killed_by} from outside the sandbox (host OOM "
+            "killer, an operator); the program cannot signal its runner",
+        )
     if units is None:
         why = "result channel overflowed" if raw.result_overflow else "no valid result from the runner"
         return verdict(Status.FAIL, f"{why} (the program killed or starved it?)")

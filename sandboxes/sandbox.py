@@ -41,6 +41,7 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.counts: Counter[Status] = Counter()
         self.weaknesses: tuple[str, ...] = ()
+        self.slots_replaced = 0  # slots killed from outside mid-run and re-run (see run())
         self._closed = False
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
@@ -183,7 +184,10 @@ class Sandbox:
         tests: assert statements / test code run after the program (see judge.py for the rules);
         io_cases: (stdin, expected stdout) pairs, one fresh process each; neither: plain execution,
         PASS iff the program exits with status 0. limits: override the config's limits for this run
-        (the slot then starts a fresh process instead of its warm one).
+        (the slot then starts a fresh process instead of its warm one). A slot whose process is
+        killed from outside during the run (host OOM killer, an operator; never the program, which
+        cannot signal its runner) is restarted and the job run once more; if that run is killed too,
+        the verdict is SANDBOX_ERROR.
         """
         if self._closed:
             raise SandboxClosedError("Sandbox.run called after close(): create a new Sandbox")
@@ -200,11 +204,22 @@ class Sandbox:
         result_cap = 8 * n_units * (2 * lim.output_bytes + max(1 << 20, 4 * lim.output_bytes)) + (1 << 20)
         slot = self._free.get()
         try:
-            if slot.limits != lim or not slot.alive():
-                slot.spawn(lim)
-            nonce = secrets.token_hex(16)
-            raw = slot.execute(job.encode(), nonce, lim.wall_s, result_cap)
-            verdict = decide(raw, nonce, specs, io_cases)
+            for attempt in range(2):  # a slot killed from outside mid-run: once more on a fresh process
+                if slot.limits != lim or not slot.alive():
+                    slot.spawn(lim)
+                nonce = secrets.token_hex(16)
+                raw = slot.execute(job.encode(), nonce, lim.wall_s, result_cap)
+                verdict = decide(raw, nonce, specs, io_cases)
+                if attempt or verdict.status is not Status.SANDBOX_ERROR or not raw.killed_by:
+                    break
+                log.warning(
+                    "sandbox slot %d was killed from outside (signal %d) while running a job; starting a "
+                    "replacement and re-running the job",
+                    slot.uid,
+                    raw.killed_by,
+                )
+                with self._lock:
+                    self.slots_replaced += 1
         except Exception as exc:  # a harness bug must not score the completion
             log.exception("sandbox harness error")
             verdict = decide(

@@ -24,6 +24,10 @@ class RawOutcome:
 
     harness_error is set only for failures before the job reached the sandbox (never caused by the
     program). result is the bytes of the runner's result channel (None if it never closed it).
+    killed_by is the signal that ended the slot's process (bwrap or the runner) during the run, None
+    when it exited normally or the parent killed it (wall clock). The program cannot cause it: the
+    runner is pid 1 of the sandbox's pid namespace, which its descendants cannot signal, so a
+    killed_by with no result means the slot was killed from outside (host OOM killer, an operator).
     """
 
     harness_error: str | None
@@ -33,6 +37,7 @@ class RawOutcome:
     result_overflow: bool
     runner_stderr: str
     wall_s: float
+    killed_by: int | None = None
 
 
 def kill_uid(uid: int) -> int:
@@ -48,6 +53,16 @@ def kill_uid(uid: int) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             pass
     return n
+
+
+def _death_signal(returncode: int | None) -> int | None:
+    """The signal that ended the slot's process: bwrap itself (negative return code) or the runner,
+    whose death by signal N bwrap reports as exit status 128 + N. None for a normal exit or a live one."""
+    if returncode is None:
+        return None
+    if returncode < 0:
+        return -returncode
+    return returncode - 128 if returncode > 128 else None
 
 
 class Slot:
@@ -185,6 +200,7 @@ class Slot:
                 proc.wait(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 pass
+        killed_by = None if timed_out else _death_signal(proc.poll())  # before our own kill below
         self.kill()
         oom = bool(self.cgroup) and self.cgroup.oom_kills() > oom_before
         complete = not timed_out and not overflow
@@ -196,6 +212,7 @@ class Slot:
             result_overflow=overflow,
             runner_stderr=stderr[:4096].decode(errors="replace"),
             wall_s=time.monotonic() - t0,
+            killed_by=killed_by,
         )
 
     def kill(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -26,8 +27,11 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_rank(rank: int, world_size: int, store_path: str, backend: str = "auto") -> None:
-    """Join the trainer process group as ``rank`` (idempotent)."""
+def init_rank(
+    rank: int, world_size: int, store_path: str, backend: str = "auto", timeout_s: float | None = None
+) -> None:
+    """Join the trainer process group as ``rank`` (idempotent). ``timeout_s`` bounds every
+    collective (torch's default: 10 min for NCCL, 30 min for gloo)."""
     if dist.is_initialized():
         return
     backend = default_backend() if backend == "auto" else backend
@@ -37,7 +41,8 @@ def init_rank(rank: int, world_size: int, store_path: str, backend: str = "auto"
         # Ranks share the cores: oversubscribing threads makes every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     store = dist.FileStore(store_path, world_size)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
 
 
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, backend: str, args: tuple) -> None:

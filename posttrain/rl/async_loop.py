@@ -114,7 +114,7 @@ class RolloutLoop(threading.Thread):
     """The rollout loop: consumes prompts, waits for the version gate and idle workers, fills the buffer."""
 
     def __init__(
-        self, run: RLRun, next_prompts: Callable[[], list[PromptRecord]], buffer: RolloutBuffer
+        self, run: RLRun, next_prompts: Callable[[], list[PromptRecord]], buffer: RolloutBuffer, start_step: int = 0
     ) -> None:
         super().__init__(name="posttrain-rollout-loop", daemon=True)
         self.run_, self.next_prompts, self.buffer = run, next_prompts, buffer
@@ -124,7 +124,7 @@ class RolloutLoop(threading.Thread):
         self.gate = StalenessBound(algo.max_staleness + (1 if algo.staleness_policy == "drop" else 0))
         self.chunk, self.timeout = rollout.chunk_tokens, rollout.request_timeout_s
         self.pool = run.pool
-        self.version, self.launched = 0, 0
+        self.version, self.launched = run.version, start_step  # a resumed run starts past step 0
         self.steps: dict[int, _StepState] = {}
         self.jobs: list[_Job] = []  # waiting for a worker
         self.inflight: dict[Any, tuple[int, _Job, float]] = {}  # ref -> (worker, job, start)
@@ -218,7 +218,7 @@ class RolloutLoop(threading.Thread):
             if not idle:
                 return
             worker = job.shard if job.shard in idle else idle[0]
-            ref = self.pool.workers[worker].generate.remote(job.prompts, job.sampling)
+            ref = self.pool.workers[worker].generate.remote(job.prompts, self.run_.seeded(job.sampling, job.prompts))
             self.inflight[ref] = (worker, job, time.perf_counter())
             self.jobs.remove(job)
             busy.add(worker)
@@ -342,15 +342,20 @@ def run_async(
     next_prompts: Callable[[], list[PromptRecord]],
     log: MetricsLogger,
     evaluate_after: Callable[[int], dict],
+    start_step: int = 0,
+    after_step: Callable[[int, dict], None] | None = None,
 ) -> None:
-    """The trainer loop: consumes step t's groups, trains, syncs, and announces version t."""
+    """The trainer loop: consumes step t's groups, trains, syncs, and announces version t.
+
+    Starts after ``start_step`` (a resumed run); ``after_step(step, metrics)`` runs once a step is
+    logged (checkpoints). Rollouts generated ahead of a failed step are dropped with the loop."""
     run.pool = WorkerPool(run.workers)
     buffer = RolloutBuffer()
-    loop = RolloutLoop(run, next_prompts, buffer)
+    loop = RolloutLoop(run, next_prompts, buffer, start_step)
     loop.start()
     last = time.perf_counter()
     try:
-        for step in range(1, run.cfg.trainer.max_steps + 1):
+        for step in range(start_step + 1, run.cfg.trainer.max_steps + 1):
             groups, admit_m = _admit(run, loop, buffer, step)
             m = {**train_on_groups(run, groups, generate_s=admit_m["async/trainer_wait_s"]), **admit_m}
             m.update(evaluate_after(step))
@@ -371,6 +376,8 @@ def run_async(
                 }
             )
             log.log(step, m)
+            if after_step is not None:
+                after_step(step, m)
     finally:
         loop.stop()
         loop.join(timeout=30)

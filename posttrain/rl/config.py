@@ -68,6 +68,21 @@ class ClusterConfig:
     placement: Literal["disaggregated", "colocated"] = "disaggregated"
     cpus_per_trainer_rank: float = 1.0
     gpus_per_trainer_rank: float = 0.0
+    # Every remote call to an actor (trainer verbs, weight updates, probes, synchronous generation
+    # without rollout.request_timeout_s) and every trainer collective gives up after this many
+    # seconds, naming the actor it waits on and where that actor is. null: wait forever.
+    call_timeout_s: float | None = 1800.0
+    # A trainer rank that dies (or a trainer call that times out) ends the step; the trainers are
+    # restarted from the newest checkpoint that verifies and the rollout workers reloaded to its
+    # version. After this many restarts in one run the run stops with the cause.
+    max_trainer_restarts: int = 2
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if self.call_timeout_s is not None and self.call_timeout_s <= 0:
+            return ("call_timeout_s", f"{self.call_timeout_s} must be > 0", "set cluster.call_timeout_s=1800 or null")
+        if self.max_trainer_restarts < 0:
+            return ("max_trainer_restarts", f"{self.max_trainer_restarts} must be >= 0", "set cluster.max_trainer_restarts=2")
+        return None
 
 
 @dataclass

@@ -10,6 +10,7 @@ One synchronous step, as the data flow::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -27,12 +28,14 @@ from posttrain.config.targets import build_target, import_object
 from posttrain.data.formatting import encode, prompt_text, rl_row_problem
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import build_examples, load_rows
+from posttrain.diagnose import DIAG_GROUPS, ActorLost, CallTimeout, wait_calls
 from posttrain.metrics import MetricsLogger
 from posttrain.models.factory import save_tiny_model
 from posttrain.models.loading import ModelConfig, load_tokenizer
 from posttrain.offline.runner import make_checker
 from posttrain.rl.batch import RLBatch, advantage_inputs, apply_dynamic_sampling, build_rl_batch
 from posttrain.rl.placement import actor_options, check_resources, placement_group, plan_placement, start_ray
+from posttrain.rl.trainer_worker import TrainerWorker
 from posttrain.types import PromptRecord
 from posttrain.weight_sync import check_probe, dtype_from_name
 
@@ -42,6 +45,22 @@ if TYPE_CHECKING:
 
 class RolloutWorkerLost(PosttrainError):
     """Rollout workers kept dying: more replacements than ``rollout.max_worker_restarts``."""
+
+
+STARTUP_TIMEOUT_S = 600.0
+
+
+class TrainerFailed(PosttrainError):
+    """A trainer rank died or did not answer in time: the step ended without an update.
+    ``run_rl`` restarts the trainers from the newest checkpoint (``cluster.max_trainer_restarts``)."""
+
+
+def batch_seed(run_seed: int, prompts: list[PromptRecord]) -> int:
+    """The sampler seed of one generate request: a function of the run seed and the request's
+    content (ordinals and token ids, tokens so far included), so the request samples the same
+    tokens whenever and wherever it runs: re-dispatched after a worker died, or in a resumed run."""
+    key = json.dumps([run_seed, [(p.ordinal, list(p.token_ids)) for p in prompts]])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
 def prompt_records(
@@ -66,11 +85,12 @@ def prompt_records(
 class RLRun:
     """Owns the actors of one run and the verbs of a step; ``run_rl`` drives it."""
 
+    trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
+
     def __init__(self, cfg: RecipeConfig, run_dir: str) -> None:
         import ray
 
         from posttrain.rewards.config import build_reward_graph
-        from posttrain.rl.trainer_worker import TrainerWorker
         from posttrain.rollout.sampling import SamplingConfig
 
         self.cfg, self.algo, self.run_dir = cfg, cfg.algorithm, run_dir
@@ -99,25 +119,68 @@ class RLRun:
         plan = plan_placement(cfg.cluster, cfg.rollout, world)
         check_resources(plan)
         self.pg = placement_group(plan)
-        store = os.path.join(tempfile.mkdtemp(prefix="posttrain_rl_"), "store")
-        Trainer = ray.remote(TrainerWorker)
-        model_cfg = ModelConfig(path=model_path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels)
-        self.trainers = [
-            Trainer.options(**actor_options(self.pg, plan.trainer_bundle[r], plan.trainer_resources)).remote(
-                r, world, store, model_cfg, cfg.trainer, self.algo, plan.trainer_resources["CPU"]
-            )
-            for r in range(world)
-        ]
-        self._worker_cls = ray.remote(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
+        self._store_root = tempfile.mkdtemp(prefix="posttrain_rl_")
+        self._model_cfg = ModelConfig(path=model_path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels)
         self._engine_cfg, self._plan = engine_cfg, plan
+        self.trainer_restarts = 0
+        self.trainers = self._start_trainers()
+        self._worker_cls = ray.remote(concurrency_groups=DIAG_GROUPS)(
+            import_object(cfg.rollout.worker, "rollout.worker", "recipe")
+        )
         self.workers = [self._start_worker(b) for b in plan.rollout_bundle]
         self.latest_weights: tuple[list, int] | None = None  # bucket refs and version of the newest sync
         self.workers_replaced = 0
         self._weights_lock = threading.Lock()  # a replacement and a weight sync do not interleave
-        ray.get([t.pid.remote() for t in self.trainers] + [w.health.remote() for w in self.workers])
+        self.call_trainers("pid", startup=True)
+        health = {f"rollout worker {i}": (w, w.health.remote()) for i, w in enumerate(self.workers)}
+        wait_calls(health, "start", self._startup_timeout())
         self.version = 0
         self.dtype = dtype_from_name(cfg.model.dtype)
         self.pool: WorkerPool | None = None  # set by the asynchronous loop
+
+    def _start_trainers(self) -> list:
+        """One actor per rank, in a fresh process group (its own rendezvous store)."""
+        import ray
+
+        plan, world = self._plan, self.cfg.trainer.world_size
+        store = os.path.join(self._store_root, f"store{self.trainer_restarts}")
+        trainer = ray.remote(concurrency_groups=DIAG_GROUPS)(self.trainer_class)
+        return [
+            trainer.options(**actor_options(self.pg, plan.trainer_bundle[r], plan.trainer_resources)).remote(
+                r, world, store, self._model_cfg, self.cfg.trainer, self.algo, plan.trainer_resources["CPU"],
+                self.cfg.cluster.call_timeout_s,
+            )
+            for r in range(world)
+        ]
+
+    def _startup_timeout(self) -> float | None:
+        """Starting an actor (loading a model, compiling, a rendezvous) may take longer than a step's call."""
+        t = self.cfg.cluster.call_timeout_s
+        return None if t is None else max(t, STARTUP_TIMEOUT_S)
+
+    def call_trainers(
+        self, verb: str, *args: Any, per_rank: list[tuple] | None = None, startup: bool = False
+    ) -> list:
+        """``verb`` on every rank at once (the verbs are collectives); the ranks' results in order.
+
+        A rank that dies, or a call unfinished after ``cluster.call_timeout_s`` (the error names the
+        rank it waits on and where each silent rank is), raises :class:`TrainerFailed`."""
+        calls = {
+            f"trainer rank {r}": (t, getattr(t, verb).remote(*(per_rank[r] if per_rank else args)))
+            for r, t in enumerate(self.trainers)
+        }
+        try:
+            timeout = self._startup_timeout() if startup else self.cfg.cluster.call_timeout_s
+            out = wait_calls(calls, f"trainer.{verb}", timeout)
+        except (ActorLost, CallTimeout) as err:
+            raise TrainerFailed(str(err)) from err
+        return [out[name] for name in calls]
+
+    def seeded(self, sampling, prompts: list[PromptRecord]):
+        """``sampling`` with the request's ``batch_seed`` (unless per-request seeds are set)."""
+        if sampling.seed is not None:
+            return sampling
+        return dataclasses.replace(sampling, batch_seed=batch_seed(self.cfg.run.seed, prompts))
 
     def _start_worker(self, bundle: int):
         return self._worker_cls.options(**actor_options(self.pg, bundle, self._plan.rollout_resources)).remote(
@@ -144,9 +207,12 @@ class RLRun:
             with contextlib.suppress(Exception):  # already dead: nothing to stop
                 ray.kill(self.workers[index], no_restart=True)
             worker = self._start_worker(self._plan.rollout_bundle[index])
-            ray.get(worker.health.remote())
-            if self.latest_weights is not None:
-                ray.get(worker.update_weights.remote(*self.latest_weights))
+            timeout = self.cfg.cluster.call_timeout_s
+            name = f"rollout worker {index} (replacement)"
+            wait_calls({name: (worker, worker.health.remote())}, "start", self._startup_timeout())
+            if self.latest_weights is not None:  # restore=True: the newest may be a restored older version
+                ref = worker.update_weights.remote(*self.latest_weights, True)
+                wait_calls({name: (worker, ref)}, "weight update", timeout)
             self.workers[index] = worker
             self.workers_replaced += 1
 
@@ -176,20 +242,22 @@ class RLRun:
         return [by_ordinal[p.ordinal] for p in prompts]
 
     def _generate_shards(self, shards: dict[int, list[PromptRecord]], sampling) -> list[list]:
-        """Each worker generates its shard; a worker that dies meanwhile is replaced and its shard
-        generated again by the replacement (no prompt lost, none trained twice)."""
-        import ray
-
-        refs = {i: self.workers[i].generate.remote(s, sampling) for i, s in shards.items()}
+        """Each worker generates its shard; a worker that dies meanwhile, or does not answer within
+        ``rollout.request_timeout_s`` (else ``cluster.call_timeout_s``), is replaced and its shard
+        generated again by the replacement with the same seed (no prompt lost, none trained twice)."""
+        timeout = self.cfg.rollout.request_timeout_s or self.cfg.cluster.call_timeout_s
+        params = {i: self.seeded(sampling, s) for i, s in shards.items()}
+        refs = {i: self.workers[i].generate.remote(s, params[i]) for i, s in shards.items()}
         results = []
         for i, ref in refs.items():
             while True:
                 try:
-                    results.append(ray.get(ref))
+                    name = f"rollout worker {i}"
+                    results.append(wait_calls({name: (self.workers[i], ref)}, "generate", timeout)[name])
                     break
-                except ray.exceptions.RayActorError as err:
+                except (ActorLost, CallTimeout) as err:
                     self.replace_worker(i, err)
-                    ref = self.workers[i].generate.remote(shards[i], sampling)
+                    ref = self.workers[i].generate.remote(shards[i], params[i])
         return results
 
     def usable_workers(self) -> list[int]:
@@ -203,7 +271,9 @@ class RLRun:
 
         timeout = self.cfg.rollout.request_timeout_s
         if self.pool is None or timeout is None:
-            return dict(zip(calls, ray.get(list(calls.values())), strict=True))
+            named = {f"rollout worker {i}": (self.workers[i], ref) for i, ref in calls.items()}
+            out = wait_calls(named, what, self.cfg.cluster.call_timeout_s)
+            return {i: out[f"rollout worker {i}"] for i in calls}
         ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=timeout)
         done = {i: ray.get(ref) for i, ref in calls.items() if ref in ready}
         for i, ref in calls.items():
@@ -212,14 +282,12 @@ class RLRun:
         return done
 
     def _on_ranks(self, verb: str, rows: dict[str, Any], shard: bool = True) -> list:
-        import ray
-
         world = len(self.trainers)
         parts = [
-            {k: (v[r::world] if shard and isinstance(v, torch.Tensor) else v) for k, v in rows.items()}
+            ({k: (v[r::world] if shard and isinstance(v, torch.Tensor) else v) for k, v in rows.items()},)
             for r in range(world)
         ]
-        return ray.get([getattr(t, verb).remote(p) for t, p in zip(self.trainers, parts, strict=True)])
+        return self.call_trainers(verb, per_rank=parts)
 
     def forward(self, batch: RLBatch, old: bool = True) -> dict[str, torch.Tensor]:
         """Forward-only pass on the trainer ranks: old (pre-update) logprobs when ``old``, reference
@@ -253,8 +321,7 @@ class RLRun:
         if self.cfg.cluster.placement == "colocated":  # weights load into awake engines
             ray.get([w.wake_up.remote() for w in self.workers])
         version = self.version + 1
-        results = ray.get([t.push_weights.remote(version) for t in self.trainers])
-        refs, stats = results[0]
+        refs, stats = self.call_trainers("push_weights", version)[0]
         with self._weights_lock:
             self.latest_weights = (refs, version)
             targets = (
@@ -269,7 +336,7 @@ class RLRun:
                 )
         stats["sync/time_s"] = time.perf_counter() - t0
         self.version = version
-        trainer_lp = ray.get([t.probe.remote(probe_ids) for t in self.trainers])[0]
+        trainer_lp = self.call_trainers("probe", probe_ids)[0]
         engine_lps = self._wait_workers(
             {i: self.workers[i].score_tokens.remote(probe_ids) for i in targets}, "probe"
         )
@@ -292,6 +359,59 @@ class RLRun:
         groups = self.generate(self.eval_prompts, greedy)
         correct = sum(bool(self.checker(g.prompt.fields, g.completions[0].text)) for g in groups)
         return {"eval/accuracy": correct / len(groups)}
+
+    # -- checkpoints and recovery ----------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> str:
+        return os.path.join(self.run_dir, "checkpoints")
+
+    def save(self, step: int, state: dict[str, Any]) -> str:
+        """Checkpoint after ``step``: the trainers' weights, optimizers, schedulers and RNG, plus
+        the controller's ``state`` (prompt frontier, policy version, ...), atomically."""
+        state = {**state, "step": step, "version": self.version}
+        return self.call_trainers("save", self.checkpoint_root, step, {"rl": state}, self.cfg.checkpoint.keep_last)[0]
+
+    def restore(self, path: str | None) -> dict[str, Any]:
+        """Trainers back to checkpoint ``path`` (None: the initial model, step 0), rollout workers
+        reloaded to its version; the controller state saved with it."""
+        state: dict[str, Any] = {"step": 0, "version": 0}
+        if path is not None:
+            state = self.call_trainers("load", path)[0]["rl"]
+        self.version = state["version"]
+        refs, _ = self.call_trainers("push_weights", self.version)[0]
+        with self._weights_lock:
+            self.latest_weights = (refs, self.version)
+            # restore=True: the workers may serve a newer version than the checkpoint's
+            self._wait_workers(
+                {i: w.update_weights.remote(refs, self.version, True) for i, w in enumerate(self.workers)},
+                "weight update (restore)",
+            )
+        return state
+
+    def recover(self, err: TrainerFailed) -> dict[str, Any]:
+        """A trainer rank died or hung: stop every rank, start new ones, restore the newest
+        checkpoint that verifies (or the initial model) and reload the rollout workers to it."""
+        import ray
+
+        limit = self.cfg.cluster.max_trainer_restarts
+        if self.trainer_restarts >= limit:
+            raise TrainerFailed(
+                f"{err}\n  the trainers were restarted {self.trainer_restarts} times already: limit "
+                f"cluster.max_trainer_restarts={limit}.\n  fix: see the cause above; the run resumes from its newest "
+                "checkpoint with checkpoint.resume=auto"
+            ) from err
+        first = str(err).splitlines()[0]
+        print(f"[posttrain] {first}\n[posttrain] restarting the trainers from the newest checkpoint", flush=True)
+        for t in self.trainers:  # the live ranks may be stuck in a collective with the dead one
+            with contextlib.suppress(Exception):
+                ray.kill(t, no_restart=True)
+        self.trainer_restarts += 1
+        self.trainers = self._start_trainers()
+        self.call_trainers("pid", startup=True)
+        path = self.call_trainers("find", "auto", self.checkpoint_root)[0]
+        state = self.restore(path)
+        print(f"[posttrain] resumed from {path or 'the initial model (no checkpoint yet)'} at step {state['step']}", flush=True)
+        return state
 
     def close(self) -> None:
         import ray
@@ -431,36 +551,88 @@ def is_asynchronous(cfg: RecipeConfig) -> bool:
     return cfg.cluster.placement != "colocated"
 
 
+def roll_back_records(run_dir: str, step: int) -> None:
+    """Resuming at ``step``: records of later steps (``samples.jsonl``, ``metrics.jsonl``) belong to
+    work that was lost with the trainer; they move to ``*.rolledback.jsonl`` (kept for inspection),
+    so the run's records read as if it had never been interrupted."""
+    for name in (LEDGER, "metrics.jsonl"):
+        path = os.path.join(run_dir, name)
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(keep) == len(lines):
+            continue
+        with open(path.replace(".jsonl", ".rolledback.jsonl"), "a") as f:
+            f.writelines(line for line in lines if json.loads(line)["step"] > step)
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+
 def run_rl(
     cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str, synchronous: bool | None = None
 ) -> dict[str, Any]:
     """Train online RL. ``synchronous=None`` picks the loop from the recipe (see ``is_asynchronous``);
-    ``True`` forces the reference synchronous loop (``rl_step``), which k=0 must reproduce exactly."""
+    ``True`` forces the reference synchronous loop (``rl_step``), which k=0 must reproduce exactly.
+
+    Checkpoints (``checkpoint.every_steps``) hold the trainers' state and the prompt frontier: step
+    ``s`` trained exactly the stream ordinals ``[0, s * prompts_per_step)``; rollouts generated ahead
+    are not saved but generated again after a resume, with the same seeds (``batch_seed``). A
+    trainer rank that dies restarts the trainers from the newest checkpoint (``RLRun.recover``)."""
+    from posttrain.offline.runner import should_save
     from posttrain.rl.async_loop import run_async
 
     run = RLRun(cfg, run_dir)
     log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, resolved)
-    summary: dict[str, Any] = {"before": run.evaluate()}
-    log.log(0, summary["before"])
     sampler = ResumableSampler(len(run.train_prompts), cfg.run.seed, cfg.data.shuffle)
-    every = run.algo.eval_every_steps
+    every, per_step = run.algo.eval_every_steps, run.algo.prompts_per_step
+    asynchronous = not synchronous and (synchronous is not None or is_asynchronous(cfg))
+    summary: dict[str, Any] = {}
 
     def evaluate_after(step: int) -> dict[str, float]:
         return run.evaluate() if every and step % every == 0 and step < cfg.trainer.max_steps else {}
 
+    def after_step(step: int, metrics: dict[str, Any]) -> None:
+        if should_save(step, metrics, cfg.checkpoint.every_steps, cfg.trainer.max_steps):
+            frontier = {**sampler.state_dict(), "consumed": step * per_step}  # async: the sampler ran ahead
+            run.save(step, {"sampler": frontier, "before": summary["before"], "restarts": run.trainer_restarts})
+
+    def resume_at(state: dict[str, Any]) -> int:
+        step = state["step"]
+        sampler.load_state_dict(state.get("sampler", {**sampler.state_dict(), "consumed": 0}))
+        roll_back_records(run_dir, step)
+        return step
+
     try:
-        if synchronous or (synchronous is None and not is_asynchronous(cfg)):
-            for step in range(1, cfg.trainer.max_steps + 1):
-                metrics = rl_step(run, step_prompts(run, sampler))
-                log.log(step, {**metrics, **evaluate_after(step)})
+        path = run.call_trainers("find", cfg.checkpoint.resume, run.checkpoint_root)[0] if cfg.checkpoint.resume else None
+        if path:
+            state = run.restore(path)
+            summary.update(before=state["before"], resumed_from=path)
+            start = resume_at(state)
         else:
-            run_async(run, lambda: step_prompts(run, sampler), log, evaluate_after)
+            summary["before"] = run.evaluate()
+            roll_back_records(run_dir, -1)  # a fresh start: no records of an earlier attempt
+            log.log(0, summary["before"])
+            start = 0
+        while True:
+            try:
+                if asynchronous:
+                    run_async(run, lambda: step_prompts(run, sampler), log, evaluate_after, start, after_step)
+                else:
+                    for step in range(start + 1, cfg.trainer.max_steps + 1):
+                        metrics = {**rl_step(run, step_prompts(run, sampler)), **evaluate_after(step)}
+                        log.log(step, metrics)
+                        after_step(step, metrics)
+                break
+            except TrainerFailed as err:
+                start = resume_at(run.recover(err))
+                summary["trainer_restarts"] = run.trainer_restarts
         summary["after"] = run.evaluate()
         log.log(cfg.trainer.max_steps, summary["after"])
         if cfg.checkpoint.export_hf:
-            import ray
-
-            ray.get([t.export.remote(os.path.join(run_dir, "hf")) for t in run.trainers])
+            run.call_trainers("export", os.path.join(run_dir, "hf"))
     finally:
         log.close()
         run.close()

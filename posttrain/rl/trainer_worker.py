@@ -12,12 +12,14 @@ import os
 import time
 from typing import Any
 
+import ray
 import torch
 import torch.nn.functional as F
 
 from posttrain.algorithms.logprobs import entropy_from_logits, token_logprobs
 from posttrain.algorithms.policy_loss import policy_loss, value_loss
-from posttrain.engine.checkpoint import export_hf
+from posttrain.diagnose import where_now
+from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, load_causal_lm, load_tokenizer
@@ -30,10 +32,44 @@ def _shifted_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.T
     return F.pad(token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:]), (1, 0))
 
 
+class _Schedulers:
+    def __init__(self, engines: dict[str, TrainEngine]) -> None:
+        self.engines = engines
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: {"scheduler": e.scheduler.state_dict(), "step": e.step} for name, e in self.engines.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, e in self.engines.items():
+            e.scheduler.load_state_dict(state[name]["scheduler"])
+            e.step = state[name]["step"]
+
+
+class _TrainState:
+    """The trainable engines of a rank (policy, critic) as the one engine the checkpoint code saves.
+
+    ``step`` is the RL step (the engines' own optimizer-step counters travel with the schedulers)."""
+
+    def __init__(self, policy: TrainEngine, critic: TrainEngine | None) -> None:
+        self.engines = {"policy": policy, **({"critic": critic} if critic is not None else {})}
+        self.scheduler = _Schedulers(self.engines)
+        self.step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: e.state_dict() for name, e in self.engines.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, e in self.engines.items():
+            e.load_state_dict(state[name])
+
+
 class TrainerWorker:
-    def __init__(self, rank: int, world: int, store_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, algo, cpus: float) -> None:
+    def __init__(
+        self, rank: int, world: int, store_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, algo, cpus: float,
+        collective_timeout_s: float | None = None,
+    ) -> None:
         torch.set_num_threads(max(1, int(cpus)))
-        init_rank(rank, world, store_path, trainer_cfg.backend)
+        init_rank(rank, world, store_path, trainer_cfg.backend, collective_timeout_s)
         self.rank, self.world, self.algo, self.trainer_cfg = rank, world, algo, trainer_cfg
         self.model_cfg = model_cfg
         self.device = device_for_rank(rank)
@@ -130,6 +166,30 @@ class TrainerWorker:
     def export(self, out_dir: str) -> str:
         export_hf(out_dir, self.policy, self.model_config, load_tokenizer(self.model_cfg), self.model_class)
         return out_dir
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _state(self) -> _TrainState:
+        return _TrainState(self.policy, self.critic)
+
+    def save(self, root: str, step: int, extra: dict[str, Any], keep_last: int) -> str:
+        """Collective: policy (and critic) weights, optimizers, schedulers, RNG, plus ``extra``
+        (the controller's state), atomically under ``root/step_N``."""
+        return save_checkpoint(root, step, self._state(), extra, keep_last)
+
+    def load(self, path: str) -> dict[str, Any]:
+        """Collective: restore what ``save`` wrote (``path`` verified by ``find_checkpoint``); the
+        ``extra`` given to ``save`` (this rank's RNG and scheduler state stay here)."""
+        state = load_checkpoint(path, self._state())
+        return {k: v for k, v in state.items() if k not in ("rng", "scheduler")}
+
+    def find(self, resume: str, root: str) -> str | None:
+        """Collective: the checkpoint to resume from (see ``find_checkpoint``); the ranks share the hashing."""
+        return find_checkpoint(resume, root)
+
+    @ray.method(concurrency_group="diag")
+    def where(self) -> dict[str, Any]:
+        """Where this rank is now (answers while a verb is blocked; see posttrain.diagnose)."""
+        return where_now()
 
     def param_dtype(self) -> torch.dtype:
         return dtype_from_name(self.model_cfg.dtype)

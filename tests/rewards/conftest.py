@@ -32,3 +32,21 @@ def make_group(prompt: str, completions: list[str], ordinal: int = 0, **fields: 
 @pytest.fixture
 def group_of() -> Callable[..., Group]:
     return make_group
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny sequence-classification checkpoint (one label) with the char tokenizer: a reward model."""
+    from transformers import AutoModelForSequenceClassification
+
+    from posttrain.models.factory import TinyModelSpec, build_config
+    from posttrain.models.tokenizer import build_char_tokenizer
+
+    path = tmp_path_factory.mktemp("rm")
+    spec = TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    config = build_config(spec)
+    config.num_labels = 1
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(path)
+    build_char_tokenizer().save_pretrained(path)
+    return str(path)

@@ -10,23 +10,6 @@ from posttrain.rewards.builtins import format_reward
 from posttrain.rewards.reward_model import RewardModelReward, RewardModelScorer
 
 
-@pytest.fixture(scope="module")
-def rm_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from transformers import AutoModelForSequenceClassification
-
-    from posttrain.models.factory import TinyModelSpec, build_config
-    from posttrain.models.tokenizer import build_char_tokenizer
-
-    path = tmp_path_factory.mktemp("rm")
-    spec = TinyModelSpec(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
-    config = build_config(spec)
-    config.num_labels = 1
-    model = AutoModelForSequenceClassification.from_config(config)
-    model.save_pretrained(path)
-    build_char_tokenizer().save_pretrained(path)
-    return str(path)
-
-
 def test_missing_model_path_is_named(tmp_path: Path) -> None:
     with pytest.raises(RewardConfigError, match="no config.json"):
         RewardModelReward(str(tmp_path / "nope"))
