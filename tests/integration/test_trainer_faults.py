@@ -135,3 +135,18 @@ def test_collective_that_never_completes_names_the_rank(tmp_path, repo_root, mon
     assert "max_trainer_restarts=0" in message
     # within the configured time (+ the status queries and the shutdown of the step)
     assert raised - hang_began < timeout + 10
+
+
+def test_new_job_resumes_exactly_from_the_checkpoint(tmp_path, repo_root, reference):
+    """``checkpoint.resume=auto`` in a new job (fresh Ray, engines, trainer) continues the run as if
+    it had never stopped: same samples, same curve, bitwise."""
+    import ray
+
+    first = ["trainer.max_steps=2", "checkpoint.every_steps=2"]
+    _run(repo_root, _overrides(tmp_path, "job", first))
+    ray.shutdown()
+    steps, ledger = _run(
+        repo_root, _overrides(tmp_path, "job", [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.resume=auto"])
+    )
+    assert curve_mismatches(reference[0], steps) == []
+    assert _ledger_key(ledger) == _ledger_key(reference[1])
