@@ -28,6 +28,14 @@ from posttrain.config.errors import PosttrainError
 DIAG_GROUPS = {"diag": 1}
 
 
+def remote_class(cls: type) -> Any:
+    """``cls`` as a Ray actor class with the ``diag`` group its ``where`` verb runs in (Ray refuses
+    to create an actor whose methods name a group the class was not declared with)."""
+    import ray
+
+    return ray.remote(concurrency_groups=DIAG_GROUPS)(cls)
+
+
 class ActorLost(PosttrainError):
     """An actor's process died during a call."""
 

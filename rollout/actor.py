@@ -20,7 +20,7 @@ from typing import Any
 
 import ray
 
-from posttrain.diagnose import where_now
+from posttrain.diagnose import remote_class, where_now
 from posttrain.types import Group, PromptRecord
 from posttrain.weight_sync import WeightBucket
 
@@ -110,4 +110,4 @@ def start_rollout_actor(
     options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     if name is not None:
         options["name"] = name
-    return ray.remote(RolloutWorker).options(**options).remote(config)
+    return remote_class(RolloutWorker).options(**options).remote(config)

@@ -28,7 +28,7 @@ from posttrain.config.targets import build_target, import_object
 from posttrain.data.formatting import encode, prompt_text, rl_row_problem
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import build_examples, load_rows
-from posttrain.diagnose import DIAG_GROUPS, ActorLost, CallTimeout, wait_calls
+from posttrain.diagnose import ActorLost, CallTimeout, remote_class, wait_calls
 from posttrain.metrics import MetricsLogger
 from posttrain.models.factory import save_tiny_model
 from posttrain.models.loading import ModelConfig, load_tokenizer
@@ -88,7 +88,6 @@ class RLRun:
     trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
 
     def __init__(self, cfg: RecipeConfig, run_dir: str) -> None:
-        import ray
 
         from posttrain.rewards.config import build_reward_graph
         from posttrain.rollout.sampling import SamplingConfig
@@ -124,9 +123,7 @@ class RLRun:
         self._engine_cfg, self._plan = engine_cfg, plan
         self.trainer_restarts = 0
         self.trainers = self._start_trainers()
-        self._worker_cls = ray.remote(concurrency_groups=DIAG_GROUPS)(
-            import_object(cfg.rollout.worker, "rollout.worker", "recipe")
-        )
+        self._worker_cls = remote_class(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
         self.workers = [self._start_worker(b) for b in plan.rollout_bundle]
         self.latest_weights: tuple[list, int] | None = None  # bucket refs and version of the newest sync
         self.workers_replaced = 0
@@ -140,11 +137,10 @@ class RLRun:
 
     def _start_trainers(self) -> list:
         """One actor per rank, in a fresh process group (its own rendezvous store)."""
-        import ray
 
         plan, world = self._plan, self.cfg.trainer.world_size
         store = os.path.join(self._store_root, f"store{self.trainer_restarts}")
-        trainer = ray.remote(concurrency_groups=DIAG_GROUPS)(self.trainer_class)
+        trainer = remote_class(self.trainer_class)
         return [
             trainer.options(**actor_options(self.pg, plan.trainer_bundle[r], plan.trainer_resources)).remote(
                 r, world, store, self._model_cfg, self.cfg.trainer, self.algo, plan.trainer_resources["CPU"],

@@ -65,6 +65,7 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
     """Generate, score, keep; returns (path of the SFT jsonl, stats)."""
     import ray
 
+    from posttrain.diagnose import remote_class
     from posttrain.models.loading import load_tokenizer
     from posttrain.rewards.config import build_reward_graph
     from posttrain.rl.placement import (
@@ -88,7 +89,7 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
     check_resources(plan)
     pg = placement_group(plan)
     engine_cfg = build_target({**cfg.rollout.engine, "model_path": cfg.model.path}, "rollout.engine", "recipe")
-    workers = [ray.remote(RolloutWorker).options(**actor_options(pg, b, plan.rollout_resources)).remote(engine_cfg) for b in plan.rollout_bundle]
+    workers = [remote_class(RolloutWorker).options(**actor_options(pg, b, plan.rollout_resources)).remote(engine_cfg) for b in plan.rollout_bundle]
     try:
         sampling = SamplingConfig(**cfg.rollout.sampling)
         shards = ray.get([w.generate.remote(prompts[i :: len(workers)], sampling) for i, w in enumerate(workers)])

@@ -118,7 +118,7 @@ def test_collective_that_never_completes_names_the_rank(tmp_path, repo_root, mon
 
     _fresh(faulty_trainer.HANG_FLAG)
     monkeypatch.setattr(RLRun, "trainer_class", faulty_trainer.HangsInTrainTrainer)
-    timeout = 15
+    timeout = 10
     extra = [
         "trainer.max_steps=2", "trainer.world_size=2", "cluster.num_cpus=3", f"cluster.call_timeout_s={timeout}",
         "cluster.max_trainer_restarts=0",
