@@ -74,8 +74,9 @@ class WorkerPool:
                 if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
                     continue
                 worker = self.workers[index]
-                if self._latest is not None and ray.get(worker.version.remote()) < self._latest[1]:
-                    ray.get(worker.update_weights.remote(*self._latest))
+                # != and restore=True: after a trainer restart the newest version may be an older one
+                if self._latest is not None and ray.get(worker.version.remote()) != self._latest[1]:
+                    ray.get(worker.update_weights.remote(*self._latest, True))
                 del self._aside[index]
 
 
@@ -122,7 +123,9 @@ class RolloutLoop(threading.Thread):
         self.max_steps = run.cfg.trainer.max_steps
         # drop: one batch further ahead than the bound allows; what is too stale is dropped later
         self.gate = StalenessBound(algo.max_staleness + (1 if algo.staleness_policy == "drop" else 0))
-        self.chunk, self.timeout = rollout.chunk_tokens, rollout.request_timeout_s
+        self.chunk = rollout.chunk_tokens
+        # every request has a deadline: rollout.request_timeout_s, else cluster.call_timeout_s
+        self.timeout = rollout.request_timeout_s if rollout.request_timeout_s is not None else run.cfg.cluster.call_timeout_s
         self.pool = run.pool
         self.version, self.launched = run.version, start_step  # a resumed run starts past step 0
         self.steps: dict[int, _StepState] = {}
@@ -186,7 +189,8 @@ class RolloutLoop(threading.Thread):
         self._starved_since = self._starved_since or time.perf_counter()
         if time.perf_counter() - self._starved_since > 5 * (self.timeout or 0):
             raise RuntimeError(
-                f"every rollout worker has been unresponsive for over {5 * self.timeout:.0f} s (5 x rollout.request_timeout_s); "
+                f"every rollout worker has been unresponsive for over {5 * self.timeout:.0f} s (5 x the request deadline: "
+                "rollout.request_timeout_s, else cluster.call_timeout_s); "
                 "fix: check the workers' logs (a hung engine, out of memory), raise rollout.request_timeout_s, or add "
                 "rollout.num_workers so one slow worker can be routed around"
             )
@@ -245,7 +249,7 @@ class RolloutLoop(threading.Thread):
         for ref, (worker, job, start) in list(self.inflight.items()):
             if self.timeout is not None and now - start > self.timeout:
                 self.pool.set_aside(
-                    worker, ref, f"a rollout request ran over rollout.request_timeout_s={self.timeout}"
+                    worker, ref, f"a rollout request ran over its deadline of {self.timeout:g} s (rollout.request_timeout_s, else cluster.call_timeout_s)"
                 )
                 del self.inflight[ref]
                 with self._lock:

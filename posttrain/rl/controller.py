@@ -225,16 +225,15 @@ class RLRun:
     # -- verbs of a step ---------------------------------------------------------------------
     def generate(self, prompts: list[PromptRecord], sampling) -> list:
         """All prompts on the usable workers, sharded round-robin, blocking; groups in prompt order."""
-        import ray
-
         usable = self.usable_workers()
         if self.cfg.cluster.placement == "colocated":  # trainer is idle now: workers take the devices back
-            ray.get([self.workers[i].wake_up.remote() for i in usable])
+            self._wait_workers({i: self.workers[i].wake_up.remote() for i in usable}, "wake up")
         shards = {i: prompts[k :: len(usable)] for k, i in enumerate(usable)}
         results = self._generate_shards({i: s for i, s in shards.items() if s}, sampling)
         by_ordinal = {g.prompt.ordinal: g for groups in results for g in groups}
         if self.cfg.cluster.placement == "colocated":  # free device memory for the trainer's step
-            ray.get([self.workers[i].sleep.remote() for i in usable])  # self.workers: replacements included
+            # self.workers: replacements included
+            self._wait_workers({i: self.workers[i].sleep.remote() for i in usable}, "sleep")
         return [by_ordinal[p.ordinal] for p in prompts]
 
     def _generate_shards(self, shards: dict[int, list[PromptRecord]], sampling) -> list[list]:
@@ -311,11 +310,9 @@ class RLRun:
 
     def sync_weights(self, probe_ids: list[list[int]]) -> dict[str, float]:
         """Trainer -> every usable worker, version v+1, in buckets; then the logprob probe."""
-        import ray
-
         t0 = time.perf_counter()
         if self.cfg.cluster.placement == "colocated":  # weights load into awake engines
-            ray.get([w.wake_up.remote() for w in self.workers])
+            self._wait_workers({i: w.wake_up.remote() for i, w in enumerate(self.workers)}, "wake up")
         version = self.version + 1
         refs, stats = self.call_trainers("push_weights", version)[0]
         with self._weights_lock:
@@ -371,6 +368,7 @@ class RLRun:
         """Trainers back to checkpoint ``path`` (None: the initial model, step 0), rollout workers
         reloaded to its version; the controller state saved with it."""
         state: dict[str, Any] = {"step": 0, "version": 0}
+        self.pool = None  # every worker is reloaded, set aside or not; the loop that resumes makes a new pool
         if path is not None:
             state = self.call_trainers("load", path)[0]["rl"]
         self.version = state["version"]
