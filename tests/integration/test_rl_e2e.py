@@ -72,8 +72,16 @@ def test_probe_fails_when_sync_is_skipped(tmp_path, repo_root):
                                                                "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]"]))
 
 
+# The reward-failure tests are about the controller's masking, not the engines: one rank and the
+# transformers rollout engine (no vLLM start-up) keep them short.
+LIGHT = [
+    "trainer.world_size=1",
+    "rollout.engine={_target_: posttrain.rollout.hf_engine.HFEngineConfig, dtype: float32, max_model_len: 128}",
+]
+
+
 def test_failing_rewards_are_masked_and_counted(tmp_path, repo_root):
-    extra = ["trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9"]
+    extra = [*LIGHT, "trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9"]
     _, steps = _run(repo_root, _overrides(tmp_path, "flaky", extra))
     m = steps[0]
     assert m["reward/flaky/errors"] + m.get("reward/flaky/nan", 0) > 0 or m["samples/masked_fraction"] > 0
@@ -83,7 +91,7 @@ def test_failing_rewards_are_masked_and_counted(tmp_path, repo_root):
 def test_too_many_failed_rewards_stop_the_run(tmp_path, repo_root):
     from posttrain.rewards.errors import RewardFailureError
 
-    extra = ["trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9",
+    extra = [*LIGHT, "trainer.max_steps=1", "reward.nodes=[{name: flaky, fn: rl_rewards.flaky_reward}]", "reward.max_failed_fraction=0.9",
              "algorithm.max_masked_fraction=0.0", "data.train.seed=5"]
     with pytest.raises(RewardFailureError, match="masked"):
         _run(repo_root, _overrides(tmp_path, "flaky_fail", extra))

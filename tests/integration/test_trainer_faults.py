@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -60,7 +61,8 @@ def reference(tmp_path_factory):
     """The uninterrupted run (checkpoints every 2 steps, like the faulted runs)."""
     tmp = tmp_path_factory.mktemp("reference")
     repo_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return _run(repo_root, _overrides(tmp, "ref", [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=2"]))
+    steps, ledger = _run(repo_root, _overrides(tmp, "ref", [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=2"]))
+    return steps, ledger, str(tmp)
 
 
 def _faulted(tmp_path, repo_root, monkeypatch, trainer_class, name):
@@ -82,7 +84,7 @@ def test_killed_trainer_resumes_and_matches_the_uninterrupted_run(tmp_path, repo
 
     steps, ledger, summary, run_dir, _ = _faulted(tmp_path, repo_root, monkeypatch, faulty_trainer.DiesOnceTrainer, "killed")
     assert summary["trainer_restarts"] == 1
-    ref_steps, ref_ledger = reference
+    ref_steps, ref_ledger, _ = reference
     # the loss curve (and every other per-step figure of the update) equals the uninterrupted run's, bitwise
     assert curve_mismatches(ref_steps, steps) == []
     # the same samples (token digests and per-token versions) entered the same steps: every ordinal once
@@ -112,16 +114,16 @@ def test_broken_restore_is_caught(tmp_path, repo_root, monkeypatch, reference):
 
 def test_collective_that_never_completes_names_the_rank(tmp_path, repo_root, monkeypatch):
     import faulty_trainer
-    import ray
-
-    ray.shutdown()  # two trainer ranks need a local Ray with 3 CPUs, not the 2 of the runs above
 
     _fresh(faulty_trainer.HANG_FLAG)
     monkeypatch.setattr(RLRun, "trainer_class", faulty_trainer.HangsInTrainTrainer)
     timeout = 10
+    # two ranks of half a CPU fit the 2-CPU Ray of this module; the rollout engine plays no part in
+    # the hang, so the transformers engine (no vLLM start-up) serves here
     extra = [
-        "trainer.max_steps=2", "trainer.world_size=2", "cluster.num_cpus=3", f"cluster.call_timeout_s={timeout}",
+        "trainer.max_steps=2", "trainer.world_size=2", "cluster.cpus_per_trainer_rank=0.5", f"cluster.call_timeout_s={timeout}",
         "cluster.max_trainer_restarts=0",
+        "rollout.engine={_target_: posttrain.rollout.hf_engine.HFEngineConfig, dtype: float32, max_model_len: 128}",
     ]  # fmt: skip
     with pytest.raises(TrainerFailed) as info:
         _run(repo_root, _overrides(tmp_path, "hang", extra))
@@ -139,14 +141,21 @@ def test_collective_that_never_completes_names_the_rank(tmp_path, repo_root, mon
 
 def test_new_job_resumes_exactly_from_the_checkpoint(tmp_path, repo_root, reference):
     """``checkpoint.resume=auto`` in a new job (fresh Ray, engines, trainer) continues the run as if
-    it had never stopped: same samples, same curve, bitwise."""
+    it had never stopped: the reference run, cut back to its step-4 checkpoint, redoes step 5 with
+    the same samples and the same curve, bitwise."""
     import ray
 
-    first = ["trainer.max_steps=2", "checkpoint.every_steps=2"]
-    _run(repo_root, _overrides(tmp_path, "job", first))
+    ref_dir = os.path.join(reference[2], "ref")
+    job = os.path.join(tmp_path, "job")
+    shutil.copytree(ref_dir, job)
+    shutil.rmtree(os.path.join(job, "checkpoints", f"step_{STEPS:06d}"))  # as if the job died in step 5
+    with open(os.path.join(job, "checkpoints", "latest"), "w") as f:
+        f.write(f"step_{STEPS - 1:06d}")
     ray.shutdown()
     steps, ledger = _run(
         repo_root, _overrides(tmp_path, "job", [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=2", "checkpoint.resume=auto"])
     )
     assert curve_mismatches(reference[0], steps) == []
     assert _ledger_key(ledger) == _ledger_key(reference[1])
+    with open(os.path.join(job, "samples.rolledback.jsonl")) as f:
+        assert {json.loads(line)["step"] for line in f} == {STEPS}  # step 5 was redone, not appended twice
