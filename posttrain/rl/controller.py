@@ -88,7 +88,6 @@ class RLRun:
     trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
 
     def __init__(self, cfg: RecipeConfig, run_dir: str) -> None:
-
         from posttrain.rewards.config import build_reward_graph
         from posttrain.rollout.sampling import SamplingConfig
 
@@ -137,7 +136,6 @@ class RLRun:
 
     def _start_trainers(self) -> list:
         """One actor per rank, in a fresh process group (its own rendezvous store)."""
-
         plan, world = self._plan, self.cfg.trainer.world_size
         store = os.path.join(self._store_root, f"store{self.trainer_restarts}")
         trainer = remote_class(self.trainer_class)
@@ -584,7 +582,7 @@ def run_rl(
     log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, resolved)
     sampler = ResumableSampler(len(run.train_prompts), cfg.run.seed, cfg.data.shuffle)
     every, per_step = run.algo.eval_every_steps, run.algo.prompts_per_step
-    asynchronous = not synchronous and (synchronous is not None or is_asynchronous(cfg))
+    asynchronous = is_asynchronous(cfg) if synchronous is None else not synchronous
     summary: dict[str, Any] = {}
 
     def evaluate_after(step: int) -> dict[str, float]:

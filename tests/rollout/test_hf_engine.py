@@ -33,6 +33,15 @@ def test_generate_contract_and_seed_determinism(engine, prompts):
     ]
 
 
+def test_batch_seed_reproduces_a_batch(engine, prompts):
+    sampling = SamplingConfig(n=3, temperature=1.0, max_tokens=12, batch_seed=7)
+    tokens = [c.token_ids for g in engine.generate(prompts, sampling) for c in g.completions]
+    engine.generate(prompts, SamplingConfig(n=3, temperature=1.0, max_tokens=12))
+    assert tokens == [c.token_ids for g in engine.generate(prompts, sampling) for c in g.completions]
+    other = SamplingConfig(n=3, temperature=1.0, max_tokens=12, batch_seed=8)
+    assert tokens != [c.token_ids for g in engine.generate(prompts, other) for c in g.completions]
+
+
 def test_behaviour_logprobs_match_a_forward_pass(engine, prompts):
     """At temperature 1 the behaviour logprobs are the model's own: re-score unpadded and compare."""
     # prompts of different lengths: the batch is left-padded, which must not change the logprobs

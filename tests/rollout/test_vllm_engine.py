@@ -45,6 +45,17 @@ def test_generate_contract_and_seed_determinism(engine, prompts):
     assert tokens != [c.token_ids for g in engine.generate(prompts, other) for c in g.completions]
 
 
+def test_batch_seed_reproduces_a_batch_without_per_request_seeds(engine, prompts):
+    """batch_seed reseeds the engine's sampler: the same batch samples the same tokens after other
+    sampling consumed the generator; another batch_seed samples others (resumed RL runs rely on it)."""
+    sampling = SamplingConfig(n=4, temperature=1.0, max_tokens=12, batch_seed=7)
+    tokens = [c.token_ids for g in engine.generate(prompts, sampling) for c in g.completions]
+    engine.generate(prompts, SamplingConfig(n=4, temperature=1.0, max_tokens=12))  # draws from the generator
+    assert tokens == [c.token_ids for g in engine.generate(prompts, sampling) for c in g.completions]
+    other = SamplingConfig(n=4, temperature=1.0, max_tokens=12, batch_seed=8)
+    assert tokens != [c.token_ids for g in engine.generate(prompts, other) for c in g.completions]
+
+
 def test_behaviour_logprobs_match_scoring(engine, prompts):
     """At temperature 1 / top_p 1, sampled-token logprobs equal the model's prompt logprobs."""
     groups = engine.generate(prompts[:2], SamplingConfig(n=2, temperature=1.0, max_tokens=8, seed=0))
@@ -94,6 +105,9 @@ def test_partial_update_is_never_served(engine, model_b, prompts):
         engine.load_weights(WeightSender().buckets(model_b.state_dict(), v), v)
     engine.load_weights(WeightSender().buckets(model_b.state_dict(), v + 2), v + 2)
     assert engine.version == v + 2 and engine.generate(prompts[:1], SamplingConfig(max_tokens=4))
+    # a trainer restored from a checkpoint takes the engine back to an older version, explicitly
+    engine.load_weights(WeightSender().buckets(model_b.state_dict(), v + 1), v + 1, restore=True)
+    assert engine.version == v + 1
 
 
 def test_weight_sync_qwen2_with_qkv_biases(tmp_path, probe_ids, tokenizer):
