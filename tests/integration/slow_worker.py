@@ -54,3 +54,30 @@ class KilledOnceWorker(RolloutWorker):
                 time.sleep(0.3)
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().generate(prompts, sampling)
+
+
+CALLS_LOG = f"/tmp/posttrain_calls_{os.getpid()}"
+
+
+class CountingWorker(RolloutWorker):
+    """Appends the name of each sleep / wake_up / generate / update_weights call to ``CALLS_LOG``."""
+
+    def _note(self, verb):
+        with open(CALLS_LOG, "a") as f:
+            f.write(f"{verb} {int(self.asleep)}\n")  # the verb, and whether the worker was asleep then
+
+    def generate(self, prompts, sampling):
+        self._note("generate")
+        return super().generate(prompts, sampling)
+
+    def sleep(self, level=1):
+        self._note("sleep")
+        return super().sleep(level)
+
+    def wake_up(self):
+        self._note("wake_up")
+        return super().wake_up()
+
+    def update_weights(self, buckets, version, restore=False):
+        self._note("update_weights")
+        return super().update_weights(buckets, version, restore)

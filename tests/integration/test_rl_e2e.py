@@ -97,6 +97,27 @@ def test_too_many_failed_rewards_stop_the_run(tmp_path, repo_root):
         _run(repo_root, _overrides(tmp_path, "flaky_fail", extra))
 
 
+def test_colocated_workers_sleep_while_the_trainer_trains(tmp_path, repo_root):
+    """Colocated placement: the worker is woken for every generate and weight update and put to
+    sleep after every generate, in that order (the worker refuses to generate asleep)."""
+    import ray
+    import slow_worker
+
+    ray.cloudpickle.register_pickle_by_value(slow_worker)
+    if os.path.exists(slow_worker.CALLS_LOG):
+        os.remove(slow_worker.CALLS_LOG)
+    extra = [*LIGHT, "trainer.max_steps=2", "cluster.placement=colocated", "rollout.worker=slow_worker.CountingWorker"]
+    _, steps = _run(repo_root, _overrides(tmp_path, "colocated", extra))
+    assert [m["step"] for m in steps] == [1, 2]
+    assert all(m["sync/probe_gap"] <= 1e-3 and m["sync/worker_version"] == m["step"] for m in steps)
+    with open(slow_worker.CALLS_LOG) as f:
+        calls = [line.split() for line in f]
+    assert all(asleep == "0" for verb, asleep in calls if verb in ("generate", "update_weights"))
+    generates = [i for i, (verb, _) in enumerate(calls) if verb == "generate"]
+    assert len(generates) == 4  # eval before, 2 training steps, eval after
+    assert all(calls[i + 1][0] == "sleep" for i in generates)  # devices go back to the trainer
+
+
 def test_more_gpus_than_exist_fails_before_starting(run_cli, tmp_path, repo_root):
     code, _, err = run_cli("run", os.path.join(repo_root, "recipes/grpo_tiny_arith.yaml"), *_overrides(tmp_path, "gpu", ["rollout.gpus_per_worker=4"]))
     assert code == 2
