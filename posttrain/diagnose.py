@@ -42,15 +42,10 @@ class ActorLost(PosttrainError):
     def __init__(self, name: str, what: str, cause: BaseException) -> None:
         first = str(cause).strip().splitlines()[0][:300] if str(cause).strip() else type(cause).__name__
         super().__init__(f"{name} died during {what}: {first}")
-        self.actor_name = name
 
 
 class CallTimeout(PosttrainError):
     """Some actors did not answer a call within the configured time."""
-
-    def __init__(self, message: str, silent: list[str]) -> None:
-        super().__init__(message)
-        self.silent = silent
 
 
 def where_now() -> dict[str, Any]:
@@ -99,9 +94,7 @@ def _describe(name: str, actor: Any, started: float) -> str:
     return "\n".join(lines)
 
 
-def wait_calls(
-    calls: dict[str, tuple[Any, Any]], what: str, timeout_s: float | None, fix: str = ""
-) -> dict[str, Any]:
+def wait_calls(calls: dict[str, tuple[Any, Any]], what: str, timeout_s: float | None) -> dict[str, Any]:
     """Results of remote calls ``{name: (actor handle, object ref)}``, by name.
 
     Raises :class:`ActorLost` for an actor whose process died, the actor's own exception for a
@@ -135,7 +128,6 @@ def wait_calls(
     )
     raise CallTimeout(
         f"{what}: no answer within cluster.call_timeout_s={timeout_s:g} s from {', '.join(silent)}.\n{report}{errors}\n"
-        f"  fix: {fix or 'look at the frames above (a collective waiting on a dead or frozen peer? a hung engine?)'}; "
-        "raise cluster.call_timeout_s if the work is just slow",
-        silent,
+        "  fix: look at the frames above (a collective waiting on a dead or frozen peer? a hung engine?); "
+        "raise cluster.call_timeout_s if the work is just slow"
     )

@@ -124,8 +124,7 @@ class RolloutLoop(threading.Thread):
         # drop: one batch further ahead than the bound allows; what is too stale is dropped later
         self.gate = StalenessBound(algo.max_staleness + (1 if algo.staleness_policy == "drop" else 0))
         self.chunk = rollout.chunk_tokens
-        # every request has a deadline: rollout.request_timeout_s, else cluster.call_timeout_s
-        self.timeout = rollout.request_timeout_s if rollout.request_timeout_s is not None else run.cfg.cluster.call_timeout_s
+        self.timeout = run.request_deadline_s  # every request has a deadline
         self.pool = run.pool
         self.version, self.launched = run.version, start_step  # a resumed run starts past step 0
         self.steps: dict[int, _StepState] = {}

@@ -170,6 +170,12 @@ class RLRun:
             raise TrainerFailed(str(err)) from err
         return [out[name] for name in calls]
 
+    @property
+    def request_deadline_s(self) -> float | None:
+        """How long one generate request may run: rollout.request_timeout_s, else cluster.call_timeout_s."""
+        request = self.cfg.rollout.request_timeout_s
+        return request if request is not None else self.cfg.cluster.call_timeout_s
+
     def seeded(self, sampling, prompts: list[PromptRecord]):
         """``sampling`` with the request's ``batch_seed`` (unless per-request seeds are set)."""
         if sampling.seed is not None:
@@ -201,12 +207,11 @@ class RLRun:
             with contextlib.suppress(Exception):  # already dead: nothing to stop
                 ray.kill(self.workers[index], no_restart=True)
             worker = self._start_worker(self._plan.rollout_bundle[index])
-            timeout = self.cfg.cluster.call_timeout_s
             name = f"rollout worker {index} (replacement)"
             wait_calls({name: (worker, worker.health.remote())}, "start", self._startup_timeout())
             if self.latest_weights is not None:  # restore=True: the newest may be a restored older version
                 ref = worker.update_weights.remote(*self.latest_weights, True)
-                wait_calls({name: (worker, ref)}, "weight update", timeout)
+                wait_calls({name: (worker, ref)}, "weight update", self.cfg.cluster.call_timeout_s)
             self.workers[index] = worker
             self.workers_replaced += 1
 
@@ -238,7 +243,7 @@ class RLRun:
         """Each worker generates its shard; a worker that dies meanwhile, or does not answer within
         ``rollout.request_timeout_s`` (else ``cluster.call_timeout_s``), is replaced and its shard
         generated again by the replacement with the same seed (no prompt lost, none trained twice)."""
-        timeout = self.cfg.rollout.request_timeout_s or self.cfg.cluster.call_timeout_s
+        timeout = self.request_deadline_s
         params = {i: self.seeded(sampling, s) for i, s in shards.items()}
         refs = {i: self.workers[i].generate.remote(s, params[i]) for i, s in shards.items()}
         results = []
