@@ -1,18 +1,23 @@
-"""Index shuffling: top-k + bincount + stable sort-by-expert in one Triton kernel, no host sync.
+"""Index shuffling: top-k + bincount + stable sort-by-expert in two Triton launches, no host sync.
 
 Design (after MetaShuffling's cooperative kernel, without its grid-wide spin barrier, which would
-deadlock when programs do not all run at once, e.g. under the interpreter):
+deadlock when programs do not all run at once, e.g. under the interpreter): histogram, scan,
+then placement by every program.
 
 1. Each program takes BLOCK_T tokens. It picks their top-k experts (k rounds of argmax over the
    scores) or reads a given ``top_k_index``, computes each pair's rank among the block's pairs of
    the same expert (a cumulative sum of one-hot rows, so the order is stable), and writes the
    block's per-expert histogram.
 2. Programs then bump an atomic counter; the one that arrives last sees every histogram. It turns
-   them into per-block exclusive prefixes and per-expert start offsets, writes ``token_counts``,
-   and places every pair: position = start[e] + prefix[block, e] + rank.
+   them into per-block exclusive prefixes and per-expert start offsets and writes
+   ``token_counts`` (E x blocks integers: a few loads per program-width of work).
+3. A second launch (stream order is the barrier) with one program per block places the block's
+   pairs in parallel: position = start[e] + prefix[block, e] + rank.
 
 The result is identical to a stable ``argsort`` of the flat (t * k + j) expert ids: deterministic,
-so the backward's weight-gradient reductions run in the same order every step.
+so the backward's weight-gradient reductions run in the same order every step. Top-k ties are
+broken towards the lower expert index (``tl.argmax`` picks the first maximum), as a stable
+descending sort does; see ``reference.index_shuffling``.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ from posttrain.kernels.reference import ShuffledIndices
 
 # Element budget of the [BLOCK_T * K_PAD, BLOCK_E] one-hot tile each program holds.
 _ONE_HOT_BUDGET = 8192
-# Pairs placed per iteration of the final pass.
-_PLACE_BLOCK = 2048
 
 
 def _index_shuffling_kernel(
@@ -38,9 +41,6 @@ def _index_shuffling_kernel(
     starts_ptr,  # [E] int32 scratch: first shuffled row of each expert
     done_ptr,  # [1] int32, zero on entry: programs that finished phase 1
     counts_ptr,  # [E] int32 out
-    expert_out_ptr,  # [T * TOP_K] int32 out
-    token_out_ptr,  # [T * TOP_K] int32 out
-    slot_out_ptr,  # [T * TOP_K] int32 out
     num_tokens,
     num_experts,
     stride_st,
@@ -50,7 +50,6 @@ def _index_shuffling_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_NB: tl.constexpr,
-    PLACE_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_blocks = tl.num_programs(0)
@@ -64,7 +63,7 @@ def _index_shuffling_kernel(
     if FROM_SCORES:
         s_mask = (offs_t[:, None] < num_tokens) & (offs_e[None, :] < num_experts)
         s = tl.load(
-            scores_ptr + offs_t[:, None] * stride_st + offs_e[None, :], mask=s_mask, other=float("-inf")
+            scores_ptr + offs_t[:, None].to(tl.int64) * stride_st + offs_e[None, :], mask=s_mask, other=float("-inf")
         ).to(tl.float32)
         sel = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
         for j in tl.static_range(TOP_K):
@@ -85,8 +84,9 @@ def _index_shuffling_kernel(
     tl.store(rank_ptr + flat_pair, rank, mask=flat_valid)
     tl.store(hist_ptr + pid * num_experts + offs_e, tl.sum(one_hot, axis=0), mask=offs_e < num_experts)
 
-    # Phase 2 runs in the last program to finish phase 1; the barrier orders this program's
-    # stores before its release, the acquire makes every other program's stores visible.
+    # Phase 2 (scan) runs in the last program to finish phase 1: the barrier orders this
+    # program's stores before its release, the acquire makes every other program's stores visible.
+    # It only turns histograms into prefixes; every program places its own pairs in phase 3.
     tl.debug_barrier()
     finished_before = tl.atomic_add(done_ptr, 1, sem="acq_rel")
     if finished_before == num_blocks - 1:
@@ -102,23 +102,39 @@ def _index_shuffling_kernel(
             totals += tl.sum(h, axis=0)
         tl.store(counts_ptr + offs_e, totals, mask=e_mask)
         tl.store(starts_ptr + offs_e, tl.cumsum(totals, axis=0) - totals, mask=e_mask)
-        tl.debug_barrier()
-        num_pairs = num_tokens * TOP_K
-        for p0 in range(0, num_pairs, PLACE_BLOCK):
-            p = p0 + tl.arange(0, PLACE_BLOCK)
-            p_mask = p < num_pairs
-            e = tl.load(topk_ptr + p, mask=p_mask, other=0, cache_modifier=".cg").to(tl.int32)
-            r = tl.load(rank_ptr + p, mask=p_mask, other=0, cache_modifier=".cg")
-            block = (p // TOP_K) // BLOCK_T
-            before = tl.load(hist_ptr + block * num_experts + e, mask=p_mask, other=0, cache_modifier=".cg")
-            start = tl.load(starts_ptr + e, mask=p_mask, other=0, cache_modifier=".cg")
-            pos = start + before + r
-            tl.store(expert_out_ptr + pos, e, mask=p_mask)
-            tl.store(token_out_ptr + pos, (p // TOP_K).to(tl.int32), mask=p_mask)
-            tl.store(slot_out_ptr + p, pos, mask=p_mask)
+
+
+def _place_kernel(
+    topk_ptr,  # [T, TOP_K] int: expert of each pair
+    rank_ptr,  # [T * TOP_K] int32: rank inside its block and expert (phase 1)
+    hist_ptr,  # [NUM_BLOCKS, E] int32: pairs of earlier blocks per expert (phase 2)
+    starts_ptr,  # [E] int32: first shuffled row of each expert (phase 2)
+    expert_out_ptr,  # [T * TOP_K] int32 out
+    token_out_ptr,  # [T * TOP_K] int32 out
+    slot_out_ptr,  # [T * TOP_K] int32 out
+    num_tokens,
+    num_experts,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    """Phase 3, one program per phase-1 block: position = start[e] + prefix[block, e] + rank."""
+    block = tl.program_id(0)
+    offs_t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_j = tl.arange(0, K_PAD)
+    pair = offs_t[:, None] * TOP_K + offs_j[None, :]
+    valid = (offs_t[:, None] < num_tokens) & (offs_j[None, :] < TOP_K)
+    e = tl.load(topk_ptr + pair, mask=valid, other=0).to(tl.int32)
+    r = tl.load(rank_ptr + pair, mask=valid, other=0)
+    before = tl.load(hist_ptr + block.to(tl.int64) * num_experts + e, mask=valid, other=0)
+    pos = tl.load(starts_ptr + e, mask=valid, other=0) + before + r
+    tl.store(expert_out_ptr + pos, e, mask=valid)
+    tl.store(token_out_ptr + pos, offs_t[:, None] + tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32), mask=valid)
+    tl.store(slot_out_ptr + pair, pos, mask=valid)
 
 
 _KERNEL = LazyKernel(_index_shuffling_kernel)
+_PLACE = LazyKernel(_place_kernel)
 
 
 def _launch(
@@ -145,17 +161,17 @@ def _launch(
     topk = torch.empty(num_tokens, top_k, **i32) if from_scores else top_k_index.contiguous()
     scores_arg = scores.contiguous() if from_scores else topk
     extra = {} if interpreter_enabled() else {"num_warps": 8}
+    rank = torch.empty(num_pairs, **i32)
+    hist = torch.empty(num_blocks, num_experts, **i32)
+    starts = torch.empty(num_experts, **i32)
     _KERNEL[(num_blocks,)](
         scores_arg,
         topk,
-        torch.empty(num_pairs, **i32),
-        torch.empty(num_blocks, num_experts, **i32),
-        torch.empty(num_experts, **i32),
+        rank,
+        hist,
+        starts,
         torch.zeros(1, **i32),
         counts,
-        expert_out,
-        token_out,
-        slot_out,
         num_tokens,
         num_experts,
         scores_arg.stride(0),
@@ -165,8 +181,11 @@ def _launch(
         BLOCK_T=block_t,
         BLOCK_E=block_e,
         BLOCK_NB=max(1, min(next_pow2(num_blocks), _ONE_HOT_BUDGET // block_e)),
-        PLACE_BLOCK=min(_PLACE_BLOCK, next_pow2(num_pairs)),
         **extra,
+    )
+    _PLACE[(num_blocks,)](
+        topk, rank, hist, starts, expert_out, token_out, slot_out, num_tokens, num_experts,
+        TOP_K=top_k, K_PAD=k_pad, BLOCK_T=block_t,
     )
     return ShuffledIndices(counts, expert_out, token_out, slot_out.view(num_tokens, top_k))
 

@@ -140,10 +140,12 @@ class LazyKernel:
         fn: Callable[..., None],
         autotune_configs: Callable[[], Sequence[Any]] | None = None,
         autotune_key: Sequence[str] = (),
+        early_config_prune: Callable[..., list[Any]] | None = None,
     ) -> None:
         self.fn = fn
         self._autotune_configs = autotune_configs
         self._autotune_key = list(autotune_key)
+        self._prune = early_config_prune
         self._built: dict[bool, Any] = {}
 
     def _build(self, interpret: bool) -> Any:
@@ -151,7 +153,10 @@ class LazyKernel:
 
         kernel = triton.jit(self.fn)
         if self._autotune_configs is not None and not interpret:
-            kernel = triton.autotune(configs=list(self._autotune_configs()), key=self._autotune_key)(kernel)
+            prune = {"early_config_prune": self._prune} if self._prune is not None else None
+            kernel = triton.autotune(
+                configs=list(self._autotune_configs()), key=self._autotune_key, prune_configs_by=prune
+            )(kernel)
         return kernel
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:

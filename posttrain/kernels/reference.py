@@ -80,8 +80,13 @@ def sort_by_expert(top_k_index: torch.Tensor, num_experts: int) -> ShuffledIndic
 
 
 def index_shuffling(scores: torch.Tensor, top_k: int) -> ShuffledIndices:
-    """Top-k over ``scores`` [T, E] (largest first), then :func:`sort_by_expert`."""
-    top_k_index = torch.topk(scores.float(), top_k, dim=-1).indices
+    """Top-k over ``scores`` [T, E] (largest first), then :func:`sort_by_expert`.
+
+    Equal scores are taken lower expert index first (a stable descending sort). ``torch.topk``
+    picks the same experts with the same values, but its order among ties is unspecified (on CPU
+    it is not index order); without ties the two are identical.
+    """
+    top_k_index = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :top_k]
     return sort_by_expert(top_k_index, scores.shape[1])
 
 
