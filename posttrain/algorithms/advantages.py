@@ -6,8 +6,17 @@ sample (reward errored / timed out / NaN) gets advantage 0 and is left out of th
 statistics; a group with fewer than 2 valid samples gets all zeros (no baseline to compare to).
 GAE works on per-token rewards and critic values of right-padded responses.
 
+Token-level rewards (``AdvantageInputs.token_rewards_BT``: the KL-in-reward penalty from
+``posttrain.algorithms.kl.kl_reward_penalty``, process rewards placed with
+``place_token_rewards``, any shaping) reach every estimator, as in verl:
+- group estimators (GRPO, Dr.GRPO, RLOO) score a sample with its sequence reward plus the sum of
+  its token rewards over its valid tokens;
+- GAE, REINFORCE++ and REINFORCE++-baseline use them per token (the sequence reward sits on the
+  last valid token).
+
 A recipe picks an estimator by ``_target_`` (``posttrain.algorithms.advantages.GRPOAdvantage``,
-``RLOOAdvantage`` or ``GAEAdvantage``); all satisfy ``AdvantageEstimator``. Dr.GRPO is
+``RLOOAdvantage``, ``GAEAdvantage``, ``ReinforcePlusPlusAdvantage`` or
+``ReinforcePlusPlusBaselineAdvantage``); all satisfy ``AdvantageEstimator``. Dr.GRPO is
 ``GRPOAdvantage(scale_by_std=False)``.
 """
 
@@ -20,7 +29,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from posttrain.algorithms.config_check import raise_if_invalid
-from posttrain.algorithms.logprobs import masked_whiten, zero_masked
+from posttrain.algorithms.logprobs import masked_sum, masked_whiten, zero_masked
 
 
 def _valid_mask(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -101,6 +110,47 @@ def gae(
     return adv, returns
 
 
+def discounted_returns(rewards_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Reward-to-go ``G_t = r_t + gamma G_{t+1}`` over each row's valid tokens (0 past the last).
+
+    Same layout rules as ``gae`` (valid tokens contiguous). Returns ``returns_BT``, 0 where masked.
+    """
+    valid = mask_BT.to(torch.bool)
+    r = zero_masked(rewards_BT.float(), valid)
+    out = torch.zeros_like(r)
+    next_B = torch.zeros_like(r[:, 0])
+    for t in reversed(range(r.shape[1])):
+        next_B = torch.where(valid[:, t], r[:, t] + gamma * next_B, 0.0)
+        out[:, t] = next_B
+    return out
+
+
+def place_token_rewards(
+    per_sample: Sequence[Sequence[float] | None], loss_mask_BT: torch.Tensor
+) -> torch.Tensor:
+    """Per-sample token reward lists (e.g. ``ScoredGroup.token_rewards``, flattened group-major)
+    laid on each row's valid tokens in order. Returns ``token_rewards_BT`` (fp32, 0 elsewhere).
+
+    ``None`` (no token rewards for that sample) and rows with no valid token (masked samples) give
+    zeros; otherwise a list must have one value per valid token of its row.
+    """
+    valid = loss_mask_BT.to(torch.bool)
+    if len(per_sample) != valid.shape[0]:
+        raise ValueError(f"place_token_rewards: {len(per_sample)} samples for {valid.shape[0]} rows")
+    out = torch.zeros(valid.shape, dtype=torch.float32)
+    for b, values in enumerate(per_sample):
+        positions = torch.nonzero(valid[b]).squeeze(-1)
+        if values is None or positions.numel() == 0:
+            continue
+        if len(values) != positions.numel():
+            raise ValueError(
+                f"place_token_rewards: sample {b} has {len(values)} token rewards for {positions.numel()} "
+                "response tokens; a token-level reward node must return one value per completion token"
+            )
+        out[b, positions] = torch.tensor(list(values), dtype=torch.float32)
+    return out
+
+
 def whiten(advantages_BT: torch.Tensor, mask_BT: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """Batch-whiten advantages over valid tokens (PPO); see ``masked_whiten``."""
     return masked_whiten(advantages_BT, mask_BT, shift_mean=shift_mean)
@@ -132,8 +182,8 @@ class AdvantageInputs:
 
     rewards_NG: sequence rewards (NaN where masked); sample_mask_NG: False for masked samples;
     loss_mask_BT: valid response tokens; token_rewards_BT: per-token rewards (KL-in-reward
-    penalties, process rewards), added to the sequence reward on the last token by GAE;
-    values_BT: critic values (GAE only).
+    penalties plus process rewards, already summed), summed into the sequence score by the group
+    estimators and used per token by GAE / REINFORCE++; values_BT: critic values (GAE only).
     """
 
     rewards_NG: torch.Tensor
@@ -163,6 +213,23 @@ def _sample_token_mask(inputs: AdvantageInputs) -> torch.Tensor:
     return inputs.loss_mask_BT.to(torch.bool) & valid_B.unsqueeze(-1)
 
 
+def sequence_scores(inputs: AdvantageInputs) -> torch.Tensor:
+    """What group estimators normalise: the sequence reward plus the sample's summed token rewards
+    over its valid tokens (NaN stays NaN: a masked sample stays masked). Returns ``scores_NG``."""
+    if inputs.token_rewards_BT is None:
+        return inputs.rewards_NG
+    token_sum_B = masked_sum(inputs.token_rewards_BT.float(), inputs.loss_mask_BT, dim=-1)
+    return inputs.rewards_NG + token_sum_B.view_as(inputs.rewards_NG)
+
+
+def _token_rewards_with_outcome(inputs: AdvantageInputs, rewards_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """Sequence rewards on the last valid token plus the token rewards (per-token estimators)."""
+    rewards_BT = place_at_last_token(torch.nan_to_num(rewards_B.float(), nan=0.0), mask_BT)
+    if inputs.token_rewards_BT is not None:
+        rewards_BT = rewards_BT + zero_masked(inputs.token_rewards_BT.float(), mask_BT)
+    return rewards_BT
+
+
 @dataclass(frozen=True)
 class GRPOAdvantage:
     """GRPO group normalisation; ``scale_by_std=False`` is Dr.GRPO (mean-centred only)."""
@@ -177,7 +244,7 @@ class GRPOAdvantage:
 
     def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
         raise_if_invalid(self)
-        adv_NG = grpo_advantages(inputs.rewards_NG, inputs.sample_mask_NG, self.eps, self.scale_by_std)
+        adv_NG = grpo_advantages(sequence_scores(inputs), inputs.sample_mask_NG, self.eps, self.scale_by_std)
         return AdvantageResult(broadcast_to_tokens(adv_NG.reshape(-1), _sample_token_mask(inputs)))
 
 
@@ -186,7 +253,7 @@ class RLOOAdvantage:
     """REINFORCE leave-one-out baseline within each group."""
 
     def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
-        adv_NG = rloo_advantages(inputs.rewards_NG, inputs.sample_mask_NG)
+        adv_NG = rloo_advantages(sequence_scores(inputs), inputs.sample_mask_NG)
         return AdvantageResult(broadcast_to_tokens(adv_NG.reshape(-1), _sample_token_mask(inputs)))
 
 
@@ -215,14 +282,50 @@ class GAEAdvantage:
                 "GAEAdvantage needs values_BT from the critic; use GRPOAdvantage/RLOOAdvantage without one"
             )
         mask_BT = _sample_token_mask(inputs)
-        rewards_B = torch.nan_to_num(inputs.rewards_NG.reshape(-1).float(), nan=0.0)
-        rewards_BT = place_at_last_token(rewards_B, mask_BT)
-        if inputs.token_rewards_BT is not None:
-            rewards_BT = rewards_BT + zero_masked(inputs.token_rewards_BT.float(), mask_BT)
+        rewards_BT = _token_rewards_with_outcome(inputs, inputs.rewards_NG.reshape(-1), mask_BT)
         adv_BT, returns_BT = gae(rewards_BT, inputs.values_BT, mask_BT, self.gamma, self.lam)
         if self.whiten:
             adv_BT = whiten(adv_BT, mask_BT)
         return AdvantageResult(adv_BT, returns_BT)
+
+
+@dataclass(frozen=True)
+class ReinforcePlusPlusAdvantage:
+    """REINFORCE++ (Hu 2025, as in OpenRLHF): no critic, no group baseline.
+
+    Per-token rewards (sequence reward on the last valid token plus ``token_rewards_BT``, e.g. the
+    KL penalty) are turned into reward-to-go ``G_t = r_t + gamma G_{t+1}``, then whitened over all
+    valid tokens of the batch (``whiten=True``, the global batch normalisation).
+    """
+
+    gamma: float = 1.0
+    whiten: bool = True
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if not 0.0 <= self.gamma <= 1.0:
+            return ("gamma", f"{self.gamma} must be in [0, 1]", "e.g. gamma: 1.0")
+        return None
+
+    def _outcome_B(self, inputs: AdvantageInputs) -> torch.Tensor:
+        return inputs.rewards_NG.reshape(-1)
+
+    def compute(self, inputs: AdvantageInputs) -> AdvantageResult:
+        raise_if_invalid(self)
+        mask_BT = _sample_token_mask(inputs)
+        rewards_BT = _token_rewards_with_outcome(inputs, self._outcome_B(inputs), mask_BT)
+        adv_BT = discounted_returns(rewards_BT, mask_BT, self.gamma)
+        if self.whiten:
+            adv_BT = whiten(adv_BT, mask_BT)
+        return AdvantageResult(adv_BT)
+
+
+@dataclass(frozen=True)
+class ReinforcePlusPlusBaselineAdvantage(ReinforcePlusPlusAdvantage):
+    """REINFORCE++-baseline: the sequence reward minus its group's mean (over valid samples) goes on
+    the last token; token rewards stay per token; then reward-to-go and batch whitening."""
+
+    def _outcome_B(self, inputs: AdvantageInputs) -> torch.Tensor:
+        return grpo_advantages(inputs.rewards_NG, inputs.sample_mask_NG, scale_by_std=False).reshape(-1)
 
 
 def dynamic_sampling_keep(rewards_NG: torch.Tensor, mask_NG: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,11 @@ the end), not copies of the loss. Per valid token t of sequence i:
                                                                 every token of the sequence)
     pg_t      = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - clip_low, 1 + clip_high))
     pg_t      = min(pg_t, -A_t dual_clip)   where A_t < 0     (dual clip, optional)
-    loss_t    = w_t pg_t + kl_coef KL_t(pi || ref) - entropy_coef H_t
+    loss_t    = w_t pg_t + kl_coef KL_t - entropy_coef H_t
+
+``KL_t`` is a per-token estimator from ``posttrain.algorithms.kl`` (clamped as in verl). Its
+gradient in the loss is that of KL(pi || ref) for k2 and of KL(ref || pi) for k3; k1 has zero
+expected gradient, so ``kl_estimator: k1`` with ``kl_coef > 0`` is rejected.
 
 ``w_t`` is the behaviour importance weight ``exp(old_logprobs - behaviour_logprobs)``
 (detached) between the trainer's old/proximal logprobs and the rollout engine's logprobs:
@@ -32,43 +36,13 @@ from typing import Literal
 import torch
 
 from posttrain.algorithms.config_check import raise_if_invalid
+from posttrain.algorithms.kl import KL_ESTIMATORS, KLEstimator, k3_unclamped, kl_penalty
 from posttrain.algorithms.logprobs import masked_mean, masked_sum, zero_masked
 
 Metrics = dict[str, torch.Tensor]
 MAX_LOG_RATIO = 20.0
-KLEstimator = Literal["k1", "k2", "k3"]
 RatioLevel = Literal["token", "sequence"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
-
-
-# ---------------------------------------------------------------- KL estimators (Schulman 2020)
-def _k1(log_ratio: torch.Tensor) -> torch.Tensor:
-    return log_ratio
-
-
-def _k2(log_ratio: torch.Tensor) -> torch.Tensor:
-    return 0.5 * log_ratio**2
-
-
-def _k3(log_ratio: torch.Tensor) -> torch.Tensor:
-    # exp(-x) - 1 + x with x = log(pi/ref): unbiased for KL(pi || ref) under samples from pi, >= 0.
-    return torch.expm1(-log_ratio) + log_ratio
-
-
-_KL_ESTIMATORS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"k1": _k1, "k2": _k2, "k3": _k3}
-
-
-def kl_penalty(
-    logprobs_BT: torch.Tensor, ref_logprobs_BT: torch.Tensor, estimator: KLEstimator = "k3"
-) -> torch.Tensor:
-    """Per-token estimate of KL(pi || ref) from sampled-token logprobs. Returns ``kl_BT`` (nats).
-
-    k1 = log(pi/ref) (unbiased, can be negative), k2 = 0.5 log(pi/ref)^2, k3 = ref/pi - 1 -
-    log(ref/pi) (unbiased, >= 0). Use in the reward (PPO: ``r_t -= beta * kl_t``) or in the loss.
-    """
-    if estimator not in _KL_ESTIMATORS:
-        raise ValueError(f"kl estimator {estimator!r}: expected one of {sorted(_KL_ESTIMATORS)}")
-    return _KL_ESTIMATORS[estimator](logprobs_BT - ref_logprobs_BT)
 
 
 # ---------------------------------------------------------------- config
@@ -84,7 +58,8 @@ class PolicyLossConfig:
       then sum / num_seqs).
     norm_length: the constant of seq_mean_token_sum_norm (the generation budget in tokens);
       required by that aggregation and forbidden otherwise.
-    kl_coef / kl_estimator: KL(pi || ref) in the loss (needs ref logprobs when kl_coef > 0).
+    kl_coef / kl_estimator: KL to the reference in the loss (needs ref logprobs when kl_coef > 0);
+      k2 (gradient of KL(pi || ref)) or k3 (gradient of KL(ref || pi)); k1 is refused there.
     entropy_coef: entropy bonus (needs entropy_BT when > 0).
     tis_cap / decoupled: behaviour importance weighting, see the module docstring.
     dual_clip: lower bound c > 1 on the ratio term for negative advantages (Ye et al. 2020).
@@ -104,7 +79,7 @@ class PolicyLossConfig:
 
     def validate(self) -> tuple[str, str, str] | None:
         """(key, problem, fix) for the recipe loader's ConfigError, or None when consistent."""
-        choices = {"ratio_level": _RATIOS, "aggregation": _AGGREGATIONS, "kl_estimator": _KL_ESTIMATORS}
+        choices = {"ratio_level": _RATIOS, "aggregation": _AGGREGATIONS, "kl_estimator": KL_ESTIMATORS}
         for key, table in choices.items():
             if getattr(self, key) not in table:
                 return (key, f"{getattr(self, key)!r} is not allowed", f"use one of {sorted(table)}")
@@ -128,6 +103,13 @@ class PolicyLossConfig:
         for key in ("kl_coef", "entropy_coef"):
             if getattr(self, key) < 0.0:
                 return (key, f"{getattr(self, key)} must be >= 0", f"set {key}: 0 to disable")
+        if self.kl_coef > 0 and self.kl_estimator == "k1":
+            return (
+                "kl_estimator",
+                "k1 in the loss has zero expected gradient (E_pi[grad log pi] = 0): kl_coef would do nothing",
+                "use kl_estimator: k3 (low variance, gradient of KL(ref||pi)) or k2 (gradient of KL(pi||ref)); "
+                "k1 belongs in the reward (kl_in_reward_coef)",
+            )
         if self.tis_cap is not None and self.tis_cap <= 0.0:
             return ("tis_cap", f"{self.tis_cap} must be > 0", "e.g. tis_cap: 2.0, or null to disable")
         if self.dual_clip is not None and self.dual_clip <= 1.0:
@@ -275,8 +257,8 @@ def policy_loss(
             "dual_clip_frac": masked_mean(dual_clipped.float(), mask),
             "ratio_mean": masked_mean(r, mask),
             "ratio_max": zero_masked(r, mask).amax(),  # ratios are > 0: 0 only when nothing is valid
-            "approx_kl": masked_mean(_k3(old - lp.detach()), mask),  # KL(old || pi), k3
-            "behaviour_kl": masked_mean(_k3(behaviour - old), mask),  # KL(behaviour || old), k3
+            "approx_kl": masked_mean(k3_unclamped(old - lp.detach()), mask),  # KL(old || pi), k3
+            "behaviour_kl": masked_mean(k3_unclamped(behaviour - old), mask),  # KL(behaviour || old), k3
             "is_weight_mean": masked_mean(weight, mask),
             "is_weight_max": zero_masked(weight, mask).amax(),
             "is_frac_over_cap": masked_mean(over_cap.float(), mask),

@@ -15,14 +15,19 @@ from posttrain.algorithms.advantages import (
     AdvantageInputs,
     GAEAdvantage,
     GRPOAdvantage,
+    ReinforcePlusPlusAdvantage,
+    ReinforcePlusPlusBaselineAdvantage,
     RLOOAdvantage,
+    discounted_returns,
     dynamic_sampling_keep,
     gae,
     grpo_advantages,
     overlong_filter_mask,
     overlong_penalty,
     place_at_last_token,
+    place_token_rewards,
     rloo_advantages,
+    sequence_scores,
 )
 
 NAN = float("nan")
@@ -215,3 +220,87 @@ def test_overlong_penalty_dapo():
     torch.testing.assert_close(out, torch.tensor([0.0, 0.0, -0.25, -0.5, -0.5]))
     with pytest.raises(ValueError, match="buffer_len"):
         overlong_penalty(lengths, max_len=16, buffer_len=0)
+
+
+# ------------------------------------------------------------------ token-level rewards
+# One group of 3 samples, 2 response tokens each after one prompt position.
+TOK_MASK = torch.tensor([[0, 1, 1], [0, 1, 1], [0, 1, 1]])
+TOK_REWARDS = torch.tensor([[9.0, -0.25, -0.25], [9.0, 0.0, 0.0], [9.0, 0.25, 0.25]])  # 9 = prompt: ignored
+
+
+def test_group_estimators_sum_token_rewards_into_the_score():
+    inputs = _inputs(torch.tensor([[1.0, 0.0, 0.0]]), torch.ones(1, 3, dtype=torch.bool), TOK_MASK,
+                     token_rewards_BT=TOK_REWARDS)
+    # scores = reward + token sum = [0.5, 0.0, 0.5]
+    torch.testing.assert_close(sequence_scores(inputs), torch.tensor([[0.5, 0.0, 0.5]]))
+    # GRPO: mean 1/3, deviations [1/6, -1/3, 1/6], unbiased var (1/36 + 4/36 + 1/36) / 2 = 1/12
+    s = math.sqrt(1 / 12)
+    grpo = GRPOAdvantage().compute(inputs).advantages_BT
+    want = [(1 / 6) / (s + EPS), (-1 / 3) / (s + EPS), (1 / 6) / (s + EPS)]  # 0.57735, -1.1547, 0.57735
+    torch.testing.assert_close(grpo, torch.tensor([[0.0, w, w] for w in want]))
+    # Dr.GRPO: deviations only
+    drgrpo = GRPOAdvantage(scale_by_std=False).compute(inputs).advantages_BT
+    torch.testing.assert_close(drgrpo[:, 1], torch.tensor([1 / 6, -1 / 3, 1 / 6]))
+    # RLOO: s_i - mean of the others = [0.5 - 0.25, 0 - 0.5, 0.5 - 0.25]
+    rloo = RLOOAdvantage().compute(inputs).advantages_BT
+    torch.testing.assert_close(rloo[:, 2], torch.tensor([0.25, -0.5, 0.25]))
+
+
+def test_group_scores_leave_masked_samples_masked():
+    inputs = _inputs(torch.tensor([[1.0, NAN, 0.0]]), torch.tensor([[True, False, True]]), TOK_MASK,
+                     token_rewards_BT=TOK_REWARDS)
+    scores = sequence_scores(inputs)
+    assert torch.isnan(scores[0, 1]) and scores[0, 0].item() == pytest.approx(0.5)
+    # valid scores 0.5 and 0.5: no spread -> zeros; the masked sample is 0
+    assert GRPOAdvantage().compute(inputs).advantages_BT.abs().max().item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_discounted_returns_by_hand():
+    r = torch.tensor([[7.0, -0.1, -0.2, 1.0, 5.0]])
+    m = torch.tensor([[0, 1, 1, 1, 0]])
+    # gamma 1: [0.7, 0.8, 1.0]; gamma 0.5: G3 = 1, G2 = -0.2 + 0.5 = 0.3, G1 = -0.1 + 0.15 = 0.05
+    torch.testing.assert_close(discounted_returns(r, m, 1.0), torch.tensor([[0.0, 0.7, 0.8, 1.0, 0.0]]))
+    torch.testing.assert_close(discounted_returns(r, m, 0.5), torch.tensor([[0.0, 0.05, 0.3, 1.0, 0.0]]))
+
+
+def test_reinforce_pp_uses_token_rewards_per_token():
+    mask = torch.tensor([[0, 1, 1, 1]])
+    tok = torch.tensor([[0.0, -0.1, -0.2, 0.0]])  # e.g. a KL penalty
+    inputs = _inputs(torch.tensor([[1.0]]), torch.tensor([[True]]), mask, token_rewards_BT=tok)
+    adv = ReinforcePlusPlusAdvantage(gamma=0.5, whiten=False).compute(inputs)
+    # per-token rewards [-0.1, -0.2, 1.0] -> reward-to-go at gamma 0.5: [0.05, 0.3, 1.0]
+    torch.testing.assert_close(adv.advantages_BT, torch.tensor([[0.0, 0.05, 0.3, 1.0]]))
+    assert adv.returns_BT is None
+
+
+def test_reinforce_pp_whitens_over_the_batch():
+    mask = torch.tensor([[1, 1], [1, 1]])
+    inputs = _inputs(torch.tensor([[1.0, 0.0]]), torch.ones(1, 2, dtype=torch.bool), mask)
+    adv = ReinforcePlusPlusAdvantage().compute(inputs).advantages_BT
+    # returns [1, 1, 0, 0]: mean 0.5, unbiased var 4 * 0.25 / 3 = 1/3 -> +-0.5 / sqrt(1/3) = +-0.8660
+    torch.testing.assert_close(adv, torch.tensor([[0.8660254, 0.8660254], [-0.8660254, -0.8660254]]))
+
+
+def test_reinforce_pp_baseline_subtracts_the_group_mean_then_adds_token_rewards():
+    mask = torch.tensor([[1, 1], [1, 1], [1, 1], [1, 1]])
+    tok = torch.tensor([[-0.1, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    rewards = torch.tensor([[1.0, 0.0], [3.0, 1.0]])  # two groups: means 0.5 and 2
+    inputs = _inputs(rewards, torch.ones(2, 2, dtype=torch.bool), mask, token_rewards_BT=tok)
+    adv = ReinforcePlusPlusBaselineAdvantage(whiten=False).compute(inputs).advantages_BT
+    # outcomes [0.5, -0.5, 1, -1] on the last token; row 0 first token adds -0.1: [0.4, 0.5]
+    torch.testing.assert_close(adv, torch.tensor([[0.4, 0.5], [-0.5, -0.5], [1.0, 1.0], [-1.0, -1.0]]))
+
+
+def test_place_token_rewards_on_valid_positions():
+    mask = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    out = place_token_rewards([[0.5, -1.0], [3.0], None], mask)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.5, -1.0, 0.0], [0.0] * 4, [0.0] * 4]))
+    with pytest.raises(ValueError, match="one value per completion token"):
+        place_token_rewards([[0.5], None, None], mask)
+
+
+@pytest.mark.parametrize("est", [ReinforcePlusPlusAdvantage(), ReinforcePlusPlusBaselineAdvantage()])
+def test_reinforce_pp_estimators_are_advantage_estimators(est):
+    assert isinstance(est, AdvantageEstimator)
+    with pytest.raises(Exception, match="gamma"):
+        type(est)(gamma=1.5).compute(_inputs(torch.tensor([[1.0]]), torch.tensor([[True]]), torch.ones(1, 2)))
