@@ -3,7 +3,10 @@
 ``RewardModelScorer`` is the plain class (load a local checkpoint, score texts); the node
 ``RewardModelReward`` runs one scorer in a Ray actor and sends it each step's batch. The model is
 what the reward-model recipe saves (``AutoModelForSequenceClassification`` with one label): the
-score of a sample is the logit of ``template.format(prompt=..., completion=...)``.
+score of a sample is the logit of ``template.format(prompt=..., completion=...)`` at its last
+non-padding token, found from the attention mask (``sequence_scores``), never from
+``config.pad_token_id``: a checkpoint without a pad id, or with one that differs from the
+tokenizer's, scores the right position.
 """
 
 from __future__ import annotations
@@ -16,6 +19,55 @@ from posttrain.rewards.errors import RewardConfigError
 from posttrain.rewards.remote import check_replacement
 
 from posttrain.types import RewardSample
+
+
+def last_token_index(attention_mask_BT: Any) -> Any:
+    """Position of each row's last attended token (left or right padding). Returns ``index_B``.
+
+    Raises ValueError for a row with no attended token (nothing to score).
+    """
+    import torch
+
+    attended = attention_mask_BT.to(torch.bool)
+    positions_T = torch.arange(attended.shape[1], device=attended.device)
+    last_B = torch.where(attended, positions_T, -1).amax(-1)
+    if bool((last_B < 0).any()):
+        raise ValueError(f"rows {torch.nonzero(last_B < 0).flatten().tolist()} have no attended token to score")
+    return last_B
+
+
+def sequence_scores(model: Any, input_ids_BT: Any, attention_mask_BT: Any) -> Any:
+    """Scalar score per sequence of a one-label sequence-classification model. Returns ``scores_B``
+    (fp32, differentiable: the reward-model trainer uses it too).
+
+    The model runs its own ``forward`` (so FSDP hooks and the like apply); the per-token logits are
+    taken from its ``score`` head with a forward hook and read at ``last_token_index``. The
+    model's pad-id pooling is ignored; with no pad id in its config, a temporary -1 (an id no token
+    has) keeps transformers from refusing batches > 1 during the call.
+    """
+    import torch
+
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise RewardConfigError(
+            f"reward model class {type(model).__name__} has no `score` head: posttrain reads per-token scores from "
+            "it; save the reward model as AutoModelForSequenceClassification of a causal LM (Llama, Qwen2, ...)"
+        )
+    captured: list[Any] = []
+    handle = head.register_forward_hook(lambda _mod, _inp, out: captured.append(out))
+    text_config = model.config.get_text_config()
+    restore_pad = text_config.pad_token_id is None
+    if restore_pad:
+        text_config.pad_token_id = -1
+    try:
+        model(input_ids=input_ids_BT, attention_mask=attention_mask_BT)
+    finally:
+        handle.remove()
+        if restore_pad:
+            text_config.pad_token_id = None
+    logits_BT = captured[-1][..., 0].float()
+    rows_B = torch.arange(logits_BT.shape[0], device=logits_BT.device)
+    return logits_BT[rows_B, last_token_index(attention_mask_BT).to(logits_BT.device)]
 
 
 class RewardModelScorer:
@@ -52,8 +104,8 @@ class RewardModelScorer:
                 chunk, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
             ).to(self.device)
             with torch.inference_mode():
-                logits_B1 = self.model(**enc).logits
-            out.extend(logits_B1[:, 0].float().tolist())
+                scores_B = sequence_scores(self.model, enc["input_ids"], enc["attention_mask"])
+            out.extend(scores_B.tolist())
         return out
 
 

@@ -10,6 +10,7 @@ from posttrain.algorithms.offline_losses import bradley_terry_loss
 from posttrain.models.loading import load_sequence_classifier
 from posttrain.offline.common import Batch
 from posttrain.offline.dpo import PreferencePairs
+from posttrain.rewards.reward_model import sequence_scores
 
 
 @dataclass
@@ -23,8 +24,8 @@ class RewardModelConfig:
 
 
 def scores(model, batch: Batch) -> torch.Tensor:
-    """Scalar score per sequence, [2B] (chosen first)."""
-    return model(input_ids=batch["input_ids_BT"], attention_mask=batch["attention_mask_BT"]).logits[:, 0].float()
+    """Scalar score per sequence at its last attended token, [2B] (chosen first)."""
+    return sequence_scores(model, batch["input_ids_BT"], batch["attention_mask_BT"])
 
 
 class RewardModelTraining(PreferencePairs):
