@@ -20,9 +20,13 @@ from posttrain.config.errors import PosttrainError
 
 
 def _make_run_dir(output_dir: str, name: str, resuming: bool) -> str:
-    """``<output_dir>/<name>``; an existing run is never overwritten (a suffix is added)."""
+    """``<output_dir>/<name>``; an existing run is never overwritten (a suffix is added). A directory
+    that a failed start left (only ``config.yaml``, no metrics or checkpoints) is reused, so the next
+    attempt and its ``checkpoint.resume=auto`` keep the name."""
+    from posttrain.engine.checkpoint import run_has_started
+
     base = os.path.join(output_dir, name)
-    if resuming or not os.path.exists(base):
+    if resuming or not os.path.exists(base) or not run_has_started(base):
         os.makedirs(base, exist_ok=True)
         return base
     i = 1
@@ -30,6 +34,40 @@ def _make_run_dir(output_dir: str, name: str, resuming: bool) -> str:
         i += 1
     os.makedirs(f"{base}-{i}")
     return f"{base}-{i}"
+
+
+def _resume_line(cfg, recipe: str, overrides: list[str]) -> str:
+    """What the run will resume from, in one line; an error when ``resume=auto`` would silently
+    start over while a suffixed sibling (``<name>-N``) holds the checkpoints."""
+    from posttrain.config.errors import ConfigError
+    from posttrain.config.preflight import key_source
+    from posttrain.engine.checkpoint import resume_point
+
+    base = os.path.join(cfg.run.output_dir, cfg.run.name)
+    point = resume_point(cfg.checkpoint.resume, os.path.join(base, "checkpoints"))
+    if point is not None:
+        path, step = point
+        return f"resuming from step {step} (checkpoint {path})" if step >= 0 else f"resuming from checkpoint {path}"
+    parent = cfg.run.output_dir if os.path.isdir(cfg.run.output_dir) else None
+    siblings = sorted(
+        (d for d in os.listdir(parent) if d.startswith(cfg.run.name + "-") and d[len(cfg.run.name) + 1 :].isdigit()),
+        key=lambda d: int(d.rsplit("-", 1)[1]),
+    ) if parent else []
+    held = [d for d in siblings if resume_point("auto", os.path.join(parent, d, "checkpoints"))]
+    if held:
+        newest = held[-1]
+        raise ConfigError(
+            "checkpoint.resume", key_source("checkpoint.resume", recipe, overrides),
+            f"'auto' finds no checkpoint in {base}, but {os.path.join(parent, newest)} has some "
+            "(an earlier start of this run was given a -N suffix)",
+            f"add run.name={newest} to resume that run, or set checkpoint.resume=null to start over in {base}",
+        )
+    return f"checkpoint.resume=auto: no checkpoint in {base}/checkpoints yet, starting from step 0"
+
+
+def _resume_command(recipe: str, overrides: list[str], run_dir: str) -> str:
+    keep = [o for o in overrides if not o.startswith(("checkpoint.resume=", "run.name="))]
+    return " ".join(["posttrain run", recipe, *keep, f"run.name={os.path.basename(run_dir)}", "checkpoint.resume=auto"])
 
 
 def derived_counts(cfg) -> dict[str, Any]:
@@ -59,25 +97,74 @@ def derived_counts(cfg) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from posttrain.config.errors import ConfigError
     from posttrain.config.loader import load_recipe
-    from posttrain.metrics import redact
+    from posttrain.config.preflight import check_before_start, key_source
+    from posttrain.metrics import quiet_library_logs, redact
 
     cfg, resolved = load_recipe(args.recipe, args.overrides)
+    quiet_library_logs(cfg.logging.verbose)
+    check_before_start(cfg, args.recipe, args.overrides)
     if args.dry_run:
         print(yaml.safe_dump(redact(resolved), sort_keys=False))
         print("# derived counts")
         print(yaml.safe_dump(derived_counts(cfg), sort_keys=False))
         return 0
-    run_dir = _make_run_dir(cfg.run.output_dir, cfg.run.name, bool(cfg.checkpoint.resume))
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(redact(resolved), f, sort_keys=False)
-    print(f"run directory: {run_dir}")
+    resume_line = _resume_line(cfg, args.recipe, args.overrides) if cfg.checkpoint.resume else None
+    try:
+        run_dir = _make_run_dir(cfg.run.output_dir, cfg.run.name, bool(cfg.checkpoint.resume))
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(redact(resolved), f, sort_keys=False)
+    except OSError as exc:
+        raise ConfigError(
+            "run.output_dir", key_source("run.output_dir", args.recipe, args.overrides),
+            f"cannot create the run directory: {exc.strerror or exc} ({exc.filename})",
+            "set run.output_dir to a directory you can write, e.g. run.output_dir=runs",
+        ) from None
+    print(f"run directory: {run_dir}", flush=True)
+    if resume_line:
+        print(resume_line, flush=True)
     runner = getattr(cfg.algorithm, "runner", None)
     if runner is None:
         from posttrain.offline.runner import run_offline as runner
-    summary = runner(cfg, resolved, run_dir)
+    with _interrupts_stop_cleanly():
+        try:
+            summary = runner(cfg, resolved, run_dir)
+        except KeyboardInterrupt:
+            print(
+                f"posttrain: interrupted; checkpoints so far are in {run_dir}/checkpoints.\n"
+                f"  resume: {_resume_command(args.recipe, args.overrides, run_dir)}",
+                file=sys.stderr, flush=True,
+            )
+            return 130
     _print_summary(summary)
     return 0
+
+
+class _interrupts_stop_cleanly:
+    """The first Ctrl-C raises KeyboardInterrupt (the run stops, cleanup runs); another one while
+    it cleans up only says so, and a third exits at once, so no traceback comes from cleanup code."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._signal, self._presses, self._old = signal, 0, None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._presses += 1
+        if self._presses == 1:
+            raise KeyboardInterrupt
+        if self._presses == 2:
+            print("posttrain: stopping (cleaning up workers); press Ctrl-C again to exit at once", file=sys.stderr, flush=True)
+            return
+        os._exit(130)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            self._signal.signal(self._signal.SIGINT, self._old)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -145,19 +232,44 @@ def cmd_rewards_try(args: argparse.Namespace) -> int:
     graph_cfg = _recipe_reward_graph(args.recipe, args.overrides)
     if not os.path.isfile(args.input):
         raise DataError(f"--input '{args.input}' does not exist.\n  fix: give a .jsonl file of {{prompt, completion, ...fields}} rows")
+    rows = []
     with open(args.input) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    bad = [i for i, r in enumerate(rows) if not {"prompt", "completion"} <= set(r)]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"--input {args.input} line {number} is not valid JSON ({exc.msg}, column {exc.colno}).\n"
+                                "  fix: write one JSON object per line: {\"prompt\": ..., \"completion\": ..., ...fields}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"--input {args.input} line {number} is a JSON {type(row).__name__}, not an object.\n"
+                                "  fix: write one JSON object per line: {\"prompt\": ..., \"completion\": ..., ...fields}")
+            rows.append((number, row))
+    if not rows:
+        raise DataError(f"--input {args.input} holds no rows.\n  fix: write one JSON object per line: {{prompt, completion, ...fields}}")
+    bad = [n for n, r in rows if not {"prompt", "completion"} <= set(r)]
     if bad:
-        raise DataError(f"--input rows {bad[:5]} lack 'prompt' or 'completion'.\n  fix: every row needs both, plus the fields the reward nodes read")
-    for result in try_graph(graph_cfg, rows):
-        nodes = "  ".join(f"{k}={v['value']!r}({v['status']})" for k, v in result["nodes"].items())
-        print(f"reward={result['reward']!r} masked={result['masked']}  {nodes}  | {result['completion'][:40]!r}")
+        raise DataError(f"--input lines {bad[:5]} lack 'prompt' or 'completion'.\n  fix: every row needs both, plus the fields the reward nodes read")
+    for result in try_graph(graph_cfg, [r for _, r in rows]):
+        print(_try_line(result))
     return 0
+
+
+def _try_line(result: dict[str, Any]) -> str:
+    """One scored row: the reward, then each node's value and status, and why a node errored."""
+    parts = []
+    for name, cell in result["nodes"].items():
+        text = f"{name}={cell['value']!r}({cell['status']})"
+        if cell.get("error"):
+            text += f" [{cell['error']}]"
+        parts.append(text)
+    return f"reward={result['reward']!r} masked={result['masked']}  {'  '.join(parts)}  | {result['completion'][:40]!r}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, DPO, reward models, PPO, GRPO")
+    p.add_argument("--version", action="version", version=f"posttrain {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run a recipe: posttrain run recipes/X.yaml key=value ...")
     r.add_argument("recipe")
@@ -193,6 +305,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("posttrain")
+    except PackageNotFoundError:
+        from posttrain import __version__
+
+        return __version__
+
+
+def user_error(exc: BaseException) -> tuple[str, int] | None:
+    """(message, exit code) when ``exc`` is, wraps or was caused by an error the user can fix (a
+    PosttrainError, or a reward error, also when it comes back from a Ray actor); None otherwise."""
+    from posttrain.rewards.errors import RewardConfigError, RewardError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # Ray's RayTaskError: the actor's own exception
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if isinstance(exc, PosttrainError):
+            return str(exc), exc.exit_code
+        if isinstance(exc, RewardError):
+            return str(exc).strip(), 2 if isinstance(exc, RewardConfigError) else 1
+        exc = exc.__cause__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
@@ -201,11 +344,18 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]  # overrides may come after --dry-run
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if os.getcwd() not in sys.path:  # reward modules and tasks in the current directory import
+        sys.path.insert(0, os.getcwd())
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
     try:
         return args.fn(args)
-    except PosttrainError as err:
-        print(f"posttrain: error: {err}", file=sys.stderr)
-        return err.exit_code
+    except Exception as err:
+        known = user_error(err)
+        if known is None:
+            raise
+        message, code = known
+        print(f"posttrain: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> tuple[RecipeCo
             raise ConfigError(o.key_or_group, f"command-line override '{text}'", "'+' and '~' overrides are not supported", "write key=value for a key in the schema")
         _set_path(tree, o.key_or_group, o.value(), f"command-line override '{text}'")
         ovr_sources[o.key_or_group] = text
+    _command_line_model_wins(tree, ovr_sources)
     try:
         cfg = _validate(tree)
     except ConfigError as err:
@@ -101,6 +102,21 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> tuple[RecipeCo
         raise ConfigError(err.key, source, err.problem, err.fix) from None
     resolved = to_plain(cfg, RecipeConfig)
     return cfg, resolved
+
+
+def _command_line_model_wins(tree: dict[str, Any], ovr_sources: dict[str, str]) -> None:
+    """``model.path`` and ``model.factory`` are alternatives: the one set on the command line
+    replaces the recipe's other one (``posttrain run dpo.yaml model.path=runs/sft/hf`` trains the
+    exported model instead of the recipe's factory model). Both on the command line stays an error."""
+    model = tree.get("model")
+    if not isinstance(model, dict):
+        return
+    given = {k for k in ("path", "factory") if any(o == f"model.{k}" or o.startswith(f"model.{k}.") for o in ovr_sources)}
+    if len(given) == 1:
+        (mine,) = given
+        other = "factory" if mine == "path" else "path"
+        if model.get(mine) is not None:
+            model[other] = None
 
 
 def _validate(tree: dict[str, Any]) -> RecipeConfig:
@@ -113,7 +129,7 @@ def _validate(tree: dict[str, Any]) -> RecipeConfig:
         raise ConfigError("algorithm._target_", "", f"{type(cfg.algorithm).__name__} has no build() method", "point _target_ at an algorithm config")
     _instantiate_synthetic(cfg)
     extra = cfg.algorithm.sections() if hasattr(cfg.algorithm, "sections") else {}
-    for name in ("rollout", "reward", "cluster"):
+    for name in ("rollout", "reward", "cluster", "sync"):
         if name in extra:
             setattr(cfg, name, build_dataclass(extra[name], tree.get(name) or {}, name, ""))
         elif tree.get(name) is not None:

@@ -13,6 +13,7 @@ import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
+from posttrain.config.bounds import check_bounds
 from posttrain.config.errors import ConfigError
 
 
@@ -46,11 +47,11 @@ def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{key}.{missing[0]}" if key else missing[0], source, "required key is missing", f"set {missing[0]} in the recipe")
     obj = cls(**kwargs)
     check = getattr(obj, "validate", None)
-    if callable(check):
-        problem = check()
-        if problem:
-            bad_key, message, fix = problem
-            raise ConfigError(f"{key}.{bad_key}" if key else bad_key, source, message, fix)
+    # Ranges first: a section's own validate() may divide by them.
+    problem = check_bounds(obj, key) or (check() if callable(check) else None)
+    if problem:
+        bad_key, message, fix = problem
+        raise ConfigError(f"{key}.{bad_key}" if key else bad_key, source, message, fix)
     return obj
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import socket
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 from posttrain.config.errors import DataError
 
@@ -36,6 +40,27 @@ class DatasetSource:
 _FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+# A JSONL line that does not parse becomes a row holding only this key (the reason); build_examples
+# skips and counts it like any other bad row, so one broken line does not stop a run.
+BAD_LINE = "__posttrain_bad_line__"
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file; a malformed line becomes ``{BAD_LINE: reason}`` (blank lines are skipped)."""
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                rows.append({BAD_LINE: "malformed JSON line"})
+                continue
+            rows.append(row if isinstance(row, dict) else {BAD_LINE: "line is not a JSON object"})
+    return rows
+
+
 def load_rows(src: DatasetSource, key: str) -> list[dict[str, Any]]:
     """All rows of ``src`` as dicts (synthetic rows are generated deterministically from seed)."""
     if src.synthetic is not None:
@@ -48,20 +73,79 @@ def load_rows(src: DatasetSource, key: str) -> list[dict[str, Any]]:
         ext = os.path.splitext(files[0])[1]
         if ext not in _FORMATS:
             raise DataError(f"{key}.path '{path}': unsupported file type '{ext}'.\n  fix: use .jsonl, .json, .parquet or .csv")
-        import datasets
-
-        ds = datasets.load_dataset(_FORMATS[ext], data_files=files, split="train")
+        if all(os.path.getsize(f) == 0 for f in files):
+            raise DataError(f"{key}.path '{path}' is empty: no rows.\n  fix: point it at a file with one JSON object per line")
+        if ext == ".jsonl":
+            rows = [r for f in files for r in read_jsonl(f)]
+        else:
+            rows = _load_with_datasets(_FORMATS[ext], files, path, key)
+        if not rows:
+            raise DataError(f"{key}.path '{path}' holds no rows.\n  fix: point it at a file with one JSON object per line")
     elif path.startswith(("/", "./", "../", "~")) or path.endswith(tuple(_FORMATS)):
         raise DataError(f"{key}.path: file '{path}' does not exist.\n  fix: check the path (relative paths are from the working directory)")
     else:
-        import datasets
-
-        try:
-            ds = datasets.load_dataset(path, split=src.split)
-        except Exception as exc:  # datasets raises many types; the message is what matters
-            raise DataError(f"{key}.path: cannot load dataset '{path}' split '{src.split}': {exc}\n  fix: use a local file or a dataset available offline") from None
-    rows = [dict(r) for r in ds]
+        rows = _load_hub_name(path, src.split, key)
     return rows[: src.num_examples] if src.num_examples else rows
+
+
+def _load_with_datasets(kind: str, files: list[str], path: str, key: str) -> list[dict[str, Any]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(kind, data_files=files, split="train")
+    except Exception as exc:  # datasets wraps parser errors in several types; the first line says what
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{key}.path '{path}': cannot read it as {kind}: {reason}\n  fix: repair the file, or save it as .jsonl (malformed lines are then skipped and counted)") from None
+    return [dict(r) for r in ds]
+
+
+def hub_reachable(timeout_s: float = 2.0) -> bool:
+    """Whether the Hugging Face Hub (``HF_ENDPOINT``) answers a TCP connect within ``timeout_s``;
+    False at once when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline(offline: bool):
+    """datasets / huggingface_hub read their offline switch at import; set it on the modules."""
+    import datasets.config
+    import huggingface_hub.constants as hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE
+    if offline:
+        datasets.config.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub.HF_HUB_OFFLINE = saved
+
+
+def _load_hub_name(name: str, split: str, key: str) -> list[dict[str, Any]]:
+    """A bare name: a dataset in the local `datasets` cache, or on the Hub when it is reachable.
+    Offline, only the cache is tried (no minute of retries before the message)."""
+    import datasets
+
+    online = hub_reachable()
+    try:
+        with _hub_offline(not online):
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # datasets raises many types; the message is what matters
+        where = "the Hub or the local cache" if online else "the local `datasets` cache (the Hugging Face Hub is not reachable from here)"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(
+            f"{key}.path: '{name}' is not a local file or folder, and dataset '{name}' split '{split}' is not in {where}"
+            f"{': ' + first if online else ''}\n"
+            "  fix: give the path of a local .jsonl/.json/.parquet/.csv file or folder (a bare name is looked up as a "
+            "Hugging Face dataset), or download the dataset on a machine with network and copy it here"
+        ) from None
+    return [dict(r) for r in ds]
 
 
 def build_examples(
@@ -75,7 +159,7 @@ def build_examples(
     """
     examples, good, reasons = [], [], Counter()
     for row in rows:
-        out = make(row)
+        out = row[BAD_LINE] if BAD_LINE in row else make(row)
         if isinstance(out, str):
             reasons[out] += 1
         else:

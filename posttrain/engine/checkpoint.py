@@ -238,3 +238,35 @@ def export_hf(out_dir: str, engine, model_config, tokenizer, model_class) -> Non
         ):  # the in-code tokenizer must survive the round trip
             check_tokenizer_roundtrip(out_dir)
     _barrier()
+
+
+def run_has_started(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds anything of a run that trained (metrics, a checkpoint, a summary).
+    A directory with only ``config.yaml`` (and wandb's files) is what a failed start leaves."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    return (
+        bool(_step_dirs(os.path.join(run_dir, "checkpoints")))
+        or (os.path.isfile(metrics) and os.path.getsize(metrics) > 0)
+        or os.path.exists(os.path.join(run_dir, "summary.json"))
+    )
+
+
+def resume_point(resume: str, root: str) -> tuple[str, int] | None:
+    """The checkpoint ``checkpoint.resume`` names and its step, read from names only (the run
+    verifies it when it loads, falling back to an older one with a warning); None when ``auto``
+    finds none. For the start-up line "resuming from step N (checkpoint ...)"."""
+    if resume == "auto":
+        names = _step_dirs(root)
+        latest = os.path.join(root, "latest")
+        if os.path.isfile(latest):
+            with open(latest) as f:
+                pointed = f.read().strip()
+            names = [n for n in names if n <= pointed] or names
+        if not names:
+            return None
+        path = os.path.join(root, names[-1])
+    else:
+        path = resume
+    name = os.path.basename(os.path.normpath(path))
+    step = int(name[len("step_"):]) if name.startswith("step_") and name[len("step_"):].isdigit() else -1
+    return path, step

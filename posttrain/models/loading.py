@@ -49,6 +49,12 @@ def _check_path(path: str) -> None:
         raise ModelLoadError(f"model path '{path}' has no config.json.\n  fix: export the checkpoint with save_pretrained, or point at its directory")
     if not os.access(os.path.join(path, "config.json"), os.R_OK):
         raise ModelLoadError(f"model path '{path}' is not readable.\n  fix: check file permissions")
+    if not any(f.endswith(".safetensors") or f == "model.safetensors.index.json" for f in os.listdir(path)):
+        raise ModelLoadError(
+            f"model path '{path}' has config.json but no *.safetensors weights.\n"
+            "  fix: save the model with save_pretrained(..., safe_serialization=True) into that directory, "
+            "or point model.path at the directory that holds the weights"
+        )
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -78,7 +84,7 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a causal LM from '{cfg.path}': {exc}\n  fix: check the checkpoint (safetensors weights)") from None
-    _apply_moe_kernels(model, cfg.moe_kernels)
+    apply_moe_kernels(model, cfg.moe_kernels)
     return model
 
 
@@ -90,19 +96,28 @@ def load_sequence_classifier(cfg: ModelConfig) -> PreTrainedModel:
         config.num_labels = 1
         with torch.random.fork_rng():
             torch.manual_seed(cfg.factory.seed)
-            return AutoModelForSequenceClassification.from_config(config, dtype=dtype)
-    _check_path(cfg.path)
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            cfg.path, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True, use_safetensors=True
-        )
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot load a reward model from '{cfg.path}': {exc}\n  fix: check the checkpoint") from None
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype)
+    else:
+        _check_path(cfg.path)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                cfg.path, num_labels=1, dtype=dtype, trust_remote_code=cfg.trust_remote_code, local_files_only=True, use_safetensors=True
+            )
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"cannot load a reward model from '{cfg.path}': {exc}\n  fix: check the checkpoint") from None
+    apply_moe_kernels(model, cfg.moe_kernels)
+    return model
 
 
-def _apply_moe_kernels(model: PreTrainedModel, kind: str) -> None:
-    if kind == "eager" or not getattr(model.config, "num_experts", None):
-        return
-    from posttrain.models.moe_experts import set_moe_kernels  # only MoE models need the kernels
+def apply_moe_kernels(model: PreTrainedModel, kind: str) -> None:
+    """Set ``model.moe_kernels`` on any model (policy, reference, reward, value) that has routed experts.
 
-    set_moe_kernels(model, kind)
+    MoE is detected by module structure (3-D expert weights), not by a config field, so
+    DeepSeek-V3 (``n_routed_experts``), Mixtral (``num_local_experts``), Qwen3-MoE and OLMoE are
+    all covered. Every kind is applied, "eager" included: transformers' own default is not the
+    per-expert loop. Dense models are left alone.
+    """
+    from posttrain.models.moe_experts import experts_modules, set_moe_kernels  # imports the kernels package
+
+    if experts_modules(model):
+        set_moe_kernels(model, kind)
