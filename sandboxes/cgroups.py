@@ -1,4 +1,4 @@
-"""Per-slot cgroups (v1 memory+pids hierarchies, or a v2 unified one): limits, OOM count, kill-all."""
+"""Per-slot cgroups (v1 memory+pids+cpu hierarchies, or a v2 unified one): limits, OOM count, kill-all."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from .errors import SandboxUnavailableError
 
 _ROOT = Path("/sys/fs/cgroup")
+CPU_PERIOD_US = 100_000
 
 
 def _write(path: Path, value: str) -> None:
@@ -38,9 +39,11 @@ class SlotCgroup:
     events_file: Path
     memory_files: tuple[Path, ...]  # written in order with the memory limit in bytes
     pids_file: Path
+    cpu_file: Path  # v1 cpu.cfs_quota_us (period written at creation) or v2 cpu.max
+    cpu_stat_file: Path
 
-    def set_limits(self, memory_bytes: int, pids_max: int) -> None:
-        """(Re)write the memory and pids limits."""
+    def set_limits(self, memory_bytes: int, pids_max: int, cpu_cores: float) -> None:
+        """(Re)write the memory, pids and CPU-bandwidth limits."""
         for f in self.memory_files:
             try:
                 _write(f, str(memory_bytes))
@@ -48,6 +51,19 @@ class SlotCgroup:
                 if f.name == self.memory_files[0].name:
                     raise
         _write(self.pids_file, str(pids_max))
+        quota = max(1000, int(cpu_cores * CPU_PERIOD_US))
+        _write(self.cpu_file, f"{quota} {CPU_PERIOD_US}" if self.cpu_file.name == "cpu.max" else str(quota))
+
+    def cpu_throttled(self) -> int:
+        """How many CPU periods the slot was throttled in (its quota was used up) so far."""
+        try:
+            for line in self.cpu_stat_file.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "nr_throttled":
+                    return int(value)
+        except OSError:
+            pass
+        return 0
 
     def oom_kills(self) -> int:
         """Number of processes the OOM killer has killed in this cgroup so far."""
@@ -89,66 +105,80 @@ class SlotCgroup:
                 pass
 
 
-def create_slot_cgroup(group: str, slot: str, memory_bytes: int, pids_max: int) -> SlotCgroup:
-    """Create (or reuse) the slot's cgroup with memory and pids limits; v2 if mounted there, else v1.
+def create_slot_cgroup(
+    group: str, slot: str, memory_bytes: int, pids_max: int, cpu_cores: float
+) -> SlotCgroup:
+    """Create the slot's cgroup with memory, pids and CPU limits; v2 if mounted there, else v1.
 
-    Raises SandboxUnavailableError naming what is missing when neither works.
+    Raises SandboxUnavailableError naming what is missing when neither works, or when the cgroup
+    already holds processes (another Sandbox uses the same name: they would kill each other's jobs).
     """
     try:
         if (_ROOT / "cgroup.controllers").is_file():
-            return _create_v2(group, slot, memory_bytes, pids_max)
-        if (_ROOT / "memory" / "cgroup.procs").is_file() and (_ROOT / "pids" / "cgroup.procs").is_file():
-            return _create_v1(group, slot, memory_bytes, pids_max)
+            cg = _create_v2(group, slot)
+        elif all((_ROOT / c / "cgroup.procs").is_file() for c in ("memory", "pids", "cpu")):
+            cg = _create_v1(group, slot)
+        else:
+            raise SandboxUnavailableError(
+                "cgroup layer: neither a cgroup v2 hierarchy nor v1 memory+pids+cpu hierarchies are mounted "
+                "under /sys/fs/cgroup; mount them, or pass allow_weaker=True to run without the cgroup layer"
+            )
+        busy = cg.pids()
+        if busy:
+            raise SandboxUnavailableError(
+                f"cgroup layer: cgroup {group}/{slot} already holds processes {sorted(busy)[:5]}: another "
+                "Sandbox on this host uses it; give each Sandbox its own uid range (leave uid_base unset)"
+            )
+        cg.set_limits(memory_bytes, pids_max, cpu_cores)
+        return cg
     except OSError as exc:
         raise SandboxUnavailableError(
-            f"cgroup layer: cannot set up {group}/{slot}: {exc}; run as root with cgroup memory and pids "
+            f"cgroup layer: cannot set up {group}/{slot}: {exc}; run as root with cgroup memory, pids and cpu "
             "controllers mounted, or pass allow_weaker=True to run without the cgroup layer"
         ) from None
-    raise SandboxUnavailableError(
-        "cgroup layer: neither a cgroup v2 hierarchy nor v1 memory+pids hierarchies are mounted under "
-        "/sys/fs/cgroup; mount them, or pass allow_weaker=True to run without the cgroup layer"
-    )
 
 
-def _create_v1(group: str, slot: str, memory_bytes: int, pids_max: int) -> SlotCgroup:
+def _create_v1(group: str, slot: str) -> SlotCgroup:
     mem = _ROOT / "memory" / group / slot
     pids = _ROOT / "pids" / group / slot
-    mem.mkdir(parents=True, exist_ok=True)
-    pids.mkdir(parents=True, exist_ok=True)
+    cpu = _ROOT / "cpu" / group / slot
+    for d in (mem, pids, cpu):
+        d.mkdir(parents=True, exist_ok=True)
+    _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
     memsw = mem / "memory.memsw.limit_in_bytes"  # swap accounting, where enabled: no swap escape
-    cg = SlotCgroup(
-        dirs=(mem, pids, mem.parent, pids.parent),
-        procs_files=(mem / "cgroup.procs", pids / "cgroup.procs"),
+    return SlotCgroup(
+        dirs=(mem, pids, cpu, mem.parent, pids.parent, cpu.parent),
+        procs_files=(mem / "cgroup.procs", pids / "cgroup.procs", cpu / "cgroup.procs"),
         events_file=mem / "memory.oom_control",
         memory_files=(mem / "memory.limit_in_bytes", memsw, mem / "memory.limit_in_bytes")
         if memsw.exists()
         else (mem / "memory.limit_in_bytes",),
         pids_file=pids / "pids.max",
+        cpu_file=cpu / "cpu.cfs_quota_us",
+        cpu_stat_file=cpu / "cpu.stat",
     )
-    cg.set_limits(memory_bytes, pids_max)
-    return cg
 
 
-def _create_v2(group: str, slot: str, memory_bytes: int, pids_max: int) -> SlotCgroup:
+def _create_v2(group: str, slot: str) -> SlotCgroup:
     parent = _ROOT / group
     parent.mkdir(exist_ok=True)
-    missing = {"memory", "pids"} - set((_ROOT / "cgroup.controllers").read_text().split())
+    missing = {"memory", "pids", "cpu"} - set((_ROOT / "cgroup.controllers").read_text().split())
     if missing:
         raise OSError(f"cgroup v2 controllers {sorted(missing)} are not available")
-    _write(_ROOT / "cgroup.subtree_control", "+memory +pids")
-    _write(parent / "cgroup.subtree_control", "+memory +pids")
+    _write(_ROOT / "cgroup.subtree_control", "+memory +pids +cpu")
+    _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
     path = parent / slot
     path.mkdir(exist_ok=True)
     try:
         _write(path / "memory.swap.max", "0")
     except OSError:
         pass
-    cg = SlotCgroup(
+    return SlotCgroup(
         dirs=(path, parent),
         procs_files=(path / "cgroup.procs",),
         events_file=path / "memory.events",
         memory_files=(path / "memory.max",),
         pids_file=path / "pids.max",
+        cpu_file=path / "cpu.max",
+        cpu_stat_file=path / "cpu.stat",
     )
-    cg.set_limits(memory_bytes, pids_max)
-    return cg

@@ -12,8 +12,8 @@ MiB = 1 << 20
 # Host top-level entries that python under /usr may need (usr-merged systems: symlinks into /usr).
 _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 # Processes of the slot uid that are not the program's: the cgroup-attach shell (exec'd away),
-# the two bwrap processes and the runner itself.
-HARNESS_PROCS = 4
+# the two bwrap processes, the runner itself and the tests process T.
+HARNESS_PROCS = 5
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def sandbox_argv(spec: SpawnSpec) -> list[str]:
         attach = 'for f in $1; do echo $$ > "$f" || exit 111; done; shift; exec "$@"'
         argv += ["/bin/sh", "-c", attach, "sh", " ".join(str(p) for p in spec.cgroup_procs)]
     fsize = lim.file_size_mb * MiB
+    shm = fsize // 4  # /tmp and /dev/shm together hold at most file_size_mb
     argv += [
         "prlimit",
         f"--as={lim.memory_mb * MiB}",
@@ -84,7 +85,10 @@ def sandbox_argv(spec: SpawnSpec) -> list[str]:
         *_root_links(),
         "--proc", "/proc",
         "--dev", "/dev",
-        "--size", str(fsize),
+        "--remount-ro", "/dev",  # /dev itself is a tmpfs capped only by memory: nothing is kept there
+        "--size", str(shm),
+        "--tmpfs", "/dev/shm",
+        "--size", str(fsize - shm),
         "--tmpfs", "/tmp",
         "--remount-ro", "/",
         "--chdir", "/tmp",

@@ -30,8 +30,11 @@ class Limits:
     wall_s: hard wall clock, then the whole process group and cgroup are killed (-> TIMEOUT).
     cpu_s: RLIMIT_CPU per process (-> TIMEOUT). memory_mb: cgroup memory limit and RLIMIT_AS per
     process (-> OOM). nproc: RLIMIT_NPROC of the slot uid and the cgroup pids limit.
-    file_size_mb: RLIMIT_FSIZE and the size of the tmpfs workdir. open_files: RLIMIT_NOFILE.
-    output_bytes: cap on captured stdout and stderr, each, enforced by the parent.
+    file_size_mb: RLIMIT_FSIZE and the cap on everything the run can write: the tmpfs /tmp gets
+    3/4 of it and the tmpfs /dev/shm 1/4 (the rest of /dev is read-only). open_files: RLIMIT_NOFILE.
+    output_bytes: cap on captured stdout and stderr, each, enforced by the runner and the parent.
+    cpu_cores: CPU bandwidth quota of the slot's cgroup (cpu controller), in cores: a program
+    forking busy loops gets at most this much CPU, whatever its process count.
     """
 
     wall_s: float = 10.0
@@ -41,6 +44,7 @@ class Limits:
     file_size_mb: int = 16
     open_files: int = 64
     output_bytes: int = 64 * 1024
+    cpu_cores: float = 1.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -50,6 +54,11 @@ class Limits:
                     f"Limits.{f.name}={value!r} is invalid: it must be a positive number "
                     f"(the default is {f.default!r})"
                 )
+        if self.file_size_mb < 4:
+            raise SandboxConfigError(
+                f"Limits.file_size_mb={self.file_size_mb} is too small to split between /tmp and /dev/shm: "
+                "use at least 4"
+            )
         if self.memory_mb < 64:
             raise SandboxConfigError(
                 f"Limits.memory_mb={self.memory_mb} is too small for python3 to start: use at least 64"
@@ -60,7 +69,12 @@ class Limits:
 class SandboxConfig:
     """Configuration of a `Sandbox` pool.
 
-    slots: number of warm slots (concurrent runs); each owns host uid `uid_base + i` and a cgroup.
+    slots: number of warm slots (concurrent runs); each owns host uid `uid_base + i` and a cgroup
+    named after that uid.
+    uid_base: None (the default) leases a free range of `slots` uids on this host (from 61000 up),
+    so two Sandboxes (two reward actors, two test runs) never share a uid or a cgroup. An int asks
+    for exactly that range; start-up fails with SandboxUnavailableError when another Sandbox on
+    this host holds any of it, or a process already runs as one of its uids.
     allow_weaker: serve even when an optional layer (netns, seccomp, cgroup) is unavailable or
     disabled; the missing layers are reported in `Sandbox.missing_layers` and logged. Required
     layers (uid, userns, namespaces, rlimits) can never be weakened.
@@ -72,7 +86,7 @@ class SandboxConfig:
     slots: int = 2
     allow_weaker: bool = False
     disabled_layers: frozenset[Layer] = frozenset()
-    uid_base: int = 61000
+    uid_base: int | None = None
     python: str = "/usr/bin/python3"
     cgroup_name: str = "posttrain-sandbox"
     canary: bool = True
@@ -84,7 +98,7 @@ class SandboxConfig:
             )
         if not isinstance(self.slots, int) or not 1 <= self.slots <= 256:
             raise SandboxConfigError(f"SandboxConfig.slots={self.slots!r} is invalid: use an int in 1..256")
-        if not isinstance(self.uid_base, int) or self.uid_base < 1000:
+        if self.uid_base is not None and (not isinstance(self.uid_base, int) or self.uid_base < 1000):
             raise SandboxConfigError(
                 f"SandboxConfig.uid_base={self.uid_base!r} is invalid: use an unused uid >= 1000 "
                 "(slot i runs as uid_base + i)"

@@ -1,18 +1,19 @@
 """The in-sandbox runner: executed by /usr/bin/python3 inside bwrap, stdlib only.
 
-The parent passes this file's source with ``python3 -I -c SRC RESULT_FD NONCE_FD OUTPUT_BYTES``.
-Process layout inside the sandbox:
+The parent passes ``plain.py`` + this file as ``python3 -I -c SRC RESULT_FD NONCE_FD OUTPUT_BYTES``.
+Process layout inside the sandbox (see sandboxes/README.md for the threat model):
 
-* R (this runner, the sandbox's main process) marks itself non-dumpable, writes a ready byte on
-  RESULT_FD, reads the job (JSON) from stdin, then for each execution unit forks a child C.
-* C closes RESULT_FD and NONCE_FD *before* any user code runs, so the program can neither write
-  the result channel nor learn the nonce; R reads the nonce only after every C has exited.
-* C runs the program (and, in assert mode, the tests after it) and reports on its own "rec"
-  pipe; R relays C's exit status, capped stdout/stderr and raw rec lines to the parent, which
-  decides the verdict itself. R never interprets what C says.
-
-`encode_value` and `strict_eq` are also imported by the trusted parent, so both sides encode
-values identically.
+* R (this runner, pid 1 of the sandbox) ignores every signal a program can send, marks itself
+  non-dumpable, writes a ready byte on RESULT_FD and reads the job from stdin in two frames:
+  the program first, the tests second.
+* io / plain mode: per execution unit R forks C, which drops R's private fds, then runs the
+  program as ``__main__``. R streams one JSON line per unit (exit status, capped stdout/stderr)
+  to the parent as soon as the unit ends.
+* asserts mode: R forks C *before* it reads the tests, so C's memory never holds them. C loads
+  the program and serves its top-level functions over a pipe pair, speaking plain data only.
+  R then reads the tests and forks T, which holds the tests, calls C through proxies and reports
+  per-test records on a pipe only T holds. T is non-dumpable: C cannot read its memory or fds.
+* R never interprets what C or T say; after both are gone it writes the nonce and ``end``.
 """
 
 from __future__ import annotations
@@ -23,115 +24,20 @@ import select
 import signal
 import sys
 
-_MAX_DEPTH = 64
+try:  # in the sandbox plain.py's source is prepended instead
+    from .plain import NotPlainError, decode, encode, values_equal
+except ImportError:
+    pass
 
-
-def encode_value(value: object, depth: int = 0) -> list:
-    """Type-strict, JSON-safe encoding of a value built only from exact builtin types.
-
-    Raises TypeError for anything else (subclasses and user classes included), so an object
-    with a forged ``__eq__`` can never be encoded as, or compared equal to, an expected value.
-    """
-    if depth > _MAX_DEPTH:
-        raise TypeError("value nested too deeply (or self-referential)")
-    t = type(value)
-    if value is None:
-        return ["None"]
-    if t is bool:
-        return ["bool", value]
-    if t is int:
-        return ["int", str(value)]
-    if t is float or t is complex:
-        return [t.__name__, repr(value)]
-    if t is str:
-        return ["str", value]
-    if t is bytes:
-        return ["bytes", value.hex()]
-    if t is list or t is tuple:
-        return [t.__name__, [encode_value(x, depth + 1) for x in value]]
-    if t is set or t is frozenset:
-        items = [encode_value(x, depth + 1) for x in value]
-        return [t.__name__, sorted(items, key=json.dumps)]
-    if t is dict:
-        pairs = [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in value.items()]
-        return ["dict", sorted(pairs, key=json.dumps)]
-    raise TypeError(f"result of type {t.__module__}.{t.__qualname__} is not an exact builtin type")
-
-
-def strict_eq(a: object, b: object) -> bool:
-    """`a == b` with type-strictness: used for every `==`/`!=` inside test asserts.
-
-    Builtin values are compared by their type-strict encodings; other objects must have the
-    very same type and compare equal in both directions, with a real ``True`` each time.
-    """
-    try:
-        return encode_value(a) == encode_value(b)
-    except (TypeError, ValueError):
-        pass
-    if type(a) is not type(b):
-        return False
-    return (a == b) is True and (b == a) is True
+MAX_MESSAGE = 16 << 20  # one request / reply on the candidate channel
+CMP_BUDGET = 256 << 10  # bytes of comparisons a test reports for the parent to re-check
+_UNCATCHABLE = {signal.SIGKILL, signal.SIGSTOP}
 
 
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
-        n = os.write(fd, view)
-        view = view[n:]
-
-
-def _fresh_main(name: str) -> dict:
-    """A clean module namespace for the program; `import __main__` then yields it, not R."""
-    import types
-
-    module = types.ModuleType(name)
-    sys.modules["__main__"] = module
-    return module.__dict__
-
-
-def _child_asserts(job: dict, rec_fd: int) -> None:
-    """C in assert mode: run the program, then every test, one rec line per step."""
-    # Bind what the loop needs to locals before user code can rebind module globals.
-    dumps, write, enc, strict, fmt = json.dumps, _write_all, encode_value, strict_eq, _format_exc
-    tests = job["tests"]
-    g = _fresh_main("__solution__")
-    try:
-        exec(compile(job["code"], "<solution>", "exec"), g)
-    except BaseException as exc:  # noqa: BLE001 - everything the program raises is reported
-        write(rec_fd, (dumps({"phase": "code", "error": fmt(exc)}) + "\n").encode())
-        return
-    write(rec_fd, b'{"phase": "code"}\n')
-    g["__pt_strict_eq__"] = strict
-    for i, test in enumerate(tests):
-        rec: dict = {"i": i}
-        try:
-            if test["kind"] == "value":
-                rec["value"] = enc(eval(compile(test["expr"], f"<test {i}>", "eval"), g))
-            else:
-                exec(compile(test["src"], f"<test {i}>", "exec"), g)
-                rec["ok"] = True
-        except BaseException as exc:  # noqa: BLE001
-            rec["error"] = fmt(exc)
-        write(rec_fd, (dumps(rec) + "\n").encode())
-    write(rec_fd, b'{"done": true}\n')
-
-
-def _child_program(job: dict, rec_fd: int) -> None:
-    """C in io / plain mode: run the program as __main__ on the stdin R prepared."""
-    g = _fresh_main("__main__")
-    try:
-        exec(compile(job["code"], "<solution>", "exec"), g)
-    except SystemExit as exc:
-        code = exc.code
-        _flush()
-        os._exit(code if isinstance(code, int) and 0 <= code < 256 else (0 if code is None else 1))
-    except BaseException as exc:  # noqa: BLE001
-        import traceback
-
-        traceback.print_exc()
-        _write_all(rec_fd, (json.dumps({"error": _format_exc(exc)}) + "\n").encode())
-        _flush()
-        os._exit(1)
+        view = view[os.write(fd, view) :]
 
 
 def _format_exc(exc: BaseException) -> str:
@@ -146,19 +52,361 @@ def _flush() -> None:
             pass
 
 
-def _run_unit(job: dict, stdin_text: str, private_fds: tuple[int, ...], cap: int) -> dict:
-    """Fork one C, capture its output (capped), wait for it, kill its process group."""
+def _fresh_main(name: str) -> dict:
+    """A clean module namespace for the program; `import __main__` then yields it, not R."""
+    import types
+
+    module = types.ModuleType(name)
+    sys.modules["__main__"] = module
+    return module.__dict__
+
+
+class _Lines:
+    """Line reader on a raw fd with a cap on a line's length."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, bytearray()
+
+    def read(self) -> bytes | None:
+        while True:
+            i = self.buf.find(b"\n")
+            if i >= 0:
+                line = bytes(self.buf[:i])
+                del self.buf[: i + 1]
+                return line
+            if len(self.buf) > MAX_MESSAGE:
+                raise OSError("message over the channel's size cap")
+            chunk = os.read(self.fd, 1 << 16)
+            if not chunk:
+                return None
+            self.buf += chunk
+
+
+# -- C in asserts mode: the candidate, serving its functions -----------------------------------
+
+
+def _child_candidate(code: str, req_fd: int, rep_fd: int) -> None:
+    """Load the program, announce its top-level names, then answer calls until the channel closes."""
+    dumps, loads, write = json.dumps, json.loads, _write_all
+    g = _fresh_main("__solution__")
+    try:
+        exec(compile(code, "<solution>", "exec"), g)
+    except BaseException as exc:  # noqa: BLE001 - the program failing is reported to T
+        write(rep_fd, (dumps({"load_error": _format_exc(exc)}) + "\n").encode())
+        return
+    refs: list = []
+
+    def ref(obj: object) -> list:
+        refs.append(obj)
+        return ["ref", len(refs) - 1, type(obj).__name__]
+
+    names = {}
+    for name, value in list(g.items()):
+        if name.startswith("__") or type(value).__name__ == "module":
+            continue
+        try:
+            names[name] = encode(value) if not callable(value) else ["callable"]
+        except NotPlainError:
+            names[name] = ["callable"]  # an object: reachable through a ref proxy
+    write(rep_fd, (dumps({"names": names}) + "\n").encode())
+    reader = _Lines(req_fd)
+    while True:
+        line = reader.read()
+        if line is None:
+            return
+        req = loads(line)
+        reply: dict = {"id": req["id"]}
+        try:
+            target = _resolve(req["target"], g, refs)
+            op = req["op"]
+            if op == "call":
+                args = [decode(a, lambda i, _t: refs[i]) for a in req["args"]]
+                kwargs = {k: decode(v, lambda i, _t: refs[i]) for k, v in req["kwargs"].items()}
+                reply["value"] = encode(target(*args, **kwargs), ref)
+            elif op == "iter":
+                reply["value"] = ref(iter(target))
+            elif op == "next":
+                try:
+                    reply["value"] = encode(next(target), ref)
+                except StopIteration:
+                    reply["stop"] = True
+            else:
+                raise ValueError(f"unknown op {op!r}")
+        except BaseException as exc:  # noqa: BLE001 - the candidate's exception crosses as its name
+            reply.pop("value", None)
+            reply["raise"] = [type(exc).__name__, str(exc)[:500]]
+        write(rep_fd, (dumps(reply) + "\n").encode())
+
+
+def _resolve(target: list, g: dict, refs: list) -> object:
+    kind = target[0]
+    if kind == "name":
+        return g[target[1]]
+    if kind == "ref":
+        return refs[target[1]]
+    if kind == "attr":
+        name = target[2]
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(_resolve(target[1], g, refs), name)
+    raise ValueError(f"bad target {target!r}")
+
+
+# -- T in asserts mode: the tests, holding proxies of the candidate ----------------------------
+
+
+class CandidateError(Exception):
+    """The candidate raised an exception that is not a builtin one (name and message kept)."""
+
+
+class ChannelError(Exception):
+    """The candidate's process ended or broke the channel protocol."""
+
+
+class _Channel:
+    def __init__(self, req_fd: int, rep_fd: int) -> None:
+        self.req_fd, self.reader, self.next_id, self.dead = req_fd, _Lines(rep_fd), 0, ""
+
+    def receive(self) -> dict:
+        try:
+            line = self.reader.read()
+            if line is None:
+                raise ChannelError("the candidate's process ended")
+            msg = json.loads(line)
+            if type(msg) is not dict:
+                raise ValueError("not an object")
+            return msg
+        except ChannelError as exc:
+            self.dead = str(exc)
+            raise
+        except (OSError, ValueError, RecursionError) as exc:
+            self.dead = f"the candidate broke the channel protocol ({type(exc).__name__})"
+            raise ChannelError(self.dead) from None
+
+    def request(self, op: str, target: list, args: tuple = (), kwargs: dict | None = None) -> object:
+        if self.dead:
+            raise ChannelError(self.dead)
+        self.next_id += 1
+        msg = {"id": self.next_id, "op": op, "target": target}
+        msg["args"] = [encode(a, _ref_arg) for a in args]
+        msg["kwargs"] = {str(k): encode(v, _ref_arg) for k, v in (kwargs or {}).items()}
+        try:
+            _write_all(self.req_fd, (json.dumps(msg) + "\n").encode())
+        except OSError:
+            self.dead = "the candidate's process ended"
+            raise ChannelError(self.dead) from None
+        reply = self.receive()
+        if reply.get("id") != self.next_id:
+            self.dead = "the candidate broke the channel protocol (reply out of order)"
+            raise ChannelError(self.dead)
+        if "raise" in reply:
+            name, text = reply["raise"]
+            cls = _BUILTIN_EXC.get(str(name))
+            raise (cls or CandidateError)(str(text) if cls else f"{name}: {text}")
+        if reply.get("stop") is True:
+            raise StopIteration
+        try:
+            return decode(reply["value"], lambda i, t: Remote(["ref", i], t))
+        except (KeyError, ValueError, TypeError, RecursionError, OverflowError) as exc:
+            self.dead = f"the candidate broke the channel protocol ({type(exc).__name__})"
+            raise ChannelError(self.dead) from None
+
+
+_BUILTIN_EXC = {
+    n: c
+    for n, c in vars(__import__("builtins")).items()
+    if isinstance(c, type) and issubclass(c, Exception) and n not in ("StopIteration", "StopAsyncIteration")
+}
+_CHANNEL: list = []  # T's one channel (a list so proxies need no global statement)
+
+
+def _ref_arg(obj: object) -> list:
+    if isinstance(obj, Remote):
+        target = object.__getattribute__(obj, "_target")
+        if target[0] == "ref":
+            return ["ref", target[1], "arg"]
+    raise NotPlainError(f"{type(obj).__name__} cannot be passed to the candidate: only plain data crosses")
+
+
+class Remote:
+    """Stand-in for a candidate object: calls, attribute calls and iteration go over the channel.
+
+    It has no truth value, no ordering and identity equality: a test can only learn what the
+    candidate returns as plain data.
+    """
+
+    __slots__ = ("_target", "_type")
+
+    def __init__(self, target: list, type_name: str = "function") -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_type", type_name)
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        return _CHANNEL[0].request("call", object.__getattribute__(self, "_target"), args, kwargs)
+
+    def __getattr__(self, name: str) -> Remote:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return Remote(["attr", object.__getattribute__(self, "_target"), name], "attribute")
+
+    def __iter__(self):
+        it = _CHANNEL[0].request("iter", object.__getattribute__(self, "_target"))
+        while True:
+            try:
+                yield _CHANNEL[0].request("next", object.__getattribute__(it, "_target"))
+            except StopIteration:
+                return
+
+    def __bool__(self) -> bool:
+        raise TypeError(
+            f"a candidate {object.__getattribute__(self, '_type')} object has no truth value here"
+        )
+
+    def __repr__(self) -> str:
+        return f"<candidate {object.__getattribute__(self, '_type')}>"
+
+
+def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> None:
+    """Run every test against proxies of the candidate; one record per test on rec_fd."""
+    dumps, write = json.dumps, _write_all
+    channel = _Channel(req_fd, rep_fd)
+    _CHANNEL.append(channel)
+    try:
+        hello = channel.receive()
+    except ChannelError as exc:
+        hello = {"load_error": f"the program ended before defining its functions ({exc})"}
+    if "load_error" in hello or type(hello.get("names")) is not dict:
+        write(
+            rec_fd,
+            (dumps({"load_error": str(hello.get("load_error", "bad announcement"))[:500]}) + "\n").encode(),
+        )
+        return
+    g: dict = {"__name__": "__tests__"}
+    for name, enc in hello["names"].items():
+        if type(name) is not str:
+            continue
+        try:
+            g[name] = Remote(["name", name]) if enc == ["callable"] else decode(enc)
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            continue
+    state: dict = {}
+
+    def strict_eq(a: object, b: object) -> bool:
+        try:
+            ea, eb = encode(a), encode(b)
+        except NotPlainError:
+            ea = eb = None
+        equal = ea is not None and values_equal(ea, eb, state["rel_tol"], state["abs_tol"])
+        if ea is not None:
+            size = len(dumps(ea)) + len(dumps(eb))
+            if state["budget"] >= size:
+                state["budget"] -= size
+                state["cmps"].append([ea, eb, equal])
+            else:
+                state["partial"] = True
+        return equal
+
+    g["__pt_eq__"] = strict_eq
+    for i, test in enumerate(tests):
+        state.update(
+            rel_tol=test["rel_tol"], abs_tol=test["abs_tol"], budget=CMP_BUDGET, cmps=[], partial=False
+        )
+        rec: dict = {"i": i}
+        try:
+            if test["kind"] == "value":
+                rec["value"] = encode(eval(compile(test["expr"], f"<test {i}>", "eval"), g))
+            else:
+                exec(compile(test["src"], f"<test {i}>", "exec"), g)
+                rec["ok"] = True
+        except BaseException as exc:  # noqa: BLE001 - a failing test, whatever it raised
+            rec["error"] = _format_exc(exc)
+        rec["cmps"], rec["partial"] = state["cmps"], state["partial"]
+        write(rec_fd, (dumps(rec) + "\n").encode())
+    write(rec_fd, b'{"done": true}\n')
+
+
+# -- C in io / plain mode ----------------------------------------------------------------------
+
+
+def _child_program(code: str, rec_fd: int) -> None:
+    """C in io / plain mode: run the program as __main__ on the stdin R prepared."""
+    g = _fresh_main("__main__")
+    try:
+        exec(compile(code, "<solution>", "exec"), g)
+    except SystemExit as exc:
+        status = exc.code
+        _flush()
+        os._exit(status if isinstance(status, int) and 0 <= status < 256 else (0 if status is None else 1))
+    except BaseException as exc:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        _write_all(rec_fd, (json.dumps({"error": _format_exc(exc)}) + "\n").encode())
+        _flush()
+        os._exit(1)
+
+
+# -- R -----------------------------------------------------------------------------------------
+
+
+_DEFAULT_HANDLERS: dict = {}
+
+
+def _ignore_signals() -> None:
+    """R ignores every catchable signal (SIGCHLD stays default so R can reap its children)."""
+    for sig in signal.valid_signals():
+        if sig in _UNCATCHABLE or sig == signal.SIGCHLD:
+            continue
+        try:
+            _DEFAULT_HANDLERS[sig] = signal.signal(sig, signal.SIG_IGN)
+        except (OSError, ValueError):
+            pass
+
+
+def _restore_signals() -> None:
+    for sig, handler in _DEFAULT_HANDLERS.items():
+        try:
+            signal.signal(sig, handler)
+        except (OSError, ValueError, TypeError):
+            pass
+
+
+def _set_non_dumpable() -> None:
+    """PR_SET_DUMPABLE=0: other processes of the sandbox can no longer open /proc/<pid>/mem or /fd."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(4, 0, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+
+class _Child:
+    """A forked child with its captured pipes."""
+
+    def __init__(self, pid: int, fds: dict[str, int], caps: dict[str, int]) -> None:
+        self.pid, self.fds, self.caps = pid, fds, caps
+        self.pidfd = os.pidfd_open(pid)
+        self.bufs = {k: bytearray() for k in fds}
+        self.over = False
+        self.status = 0
+
+
+def _fork(
+    body, keep: tuple[int, ...], close: tuple[int, ...], stdin_text: str, rec: bool
+) -> tuple[dict[str, int], int]:
+    """Fork a child that runs body(rec_w) with fresh stdio pipes; `close` are fds it must not hold."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
-    rec_r, rec_w = os.pipe()
+    rec_r, rec_w = os.pipe() if rec else (-1, -1)
     in_fd = os.memfd_create("stdin")
     _write_all(in_fd, stdin_text.encode())
     os.lseek(in_fd, 0, os.SEEK_SET)
     pid = os.fork()
-    if pid == 0:  # C: drop everything private to R before any user code
+    if pid == 0:
         try:
-            for fd in (*private_fds, out_r, err_r, rec_r):
-                os.close(fd)
+            for fd in (*close, out_r, err_r, rec_r):
+                if fd >= 0 and fd not in keep:
+                    os.close(fd)
             os.setpgid(0, 0)
             for src, dst in ((in_fd, 0), (out_w, 1), (err_w, 2)):
                 os.dup2(src, dst)
@@ -167,61 +415,79 @@ def _run_unit(job: dict, stdin_text: str, private_fds: tuple[int, ...], cap: int
             sys.stdin = open(0, encoding="utf-8", closefd=False)
             sys.stdout = open(1, "w", encoding="utf-8", closefd=False)
             sys.stderr = open(2, "w", encoding="utf-8", closefd=False)
-            if job["mode"] == "asserts":
-                _child_asserts(job, rec_w)
-            else:
-                _child_program(job, rec_w)
+            body(rec_w)
         finally:
             _flush()
             os._exit(0)
     for fd in (out_w, err_w, rec_w, in_fd):
-        os.close(fd)
-    pidfd = os.pidfd_open(pid)
-    caps = {out_r: cap, err_r: cap, rec_r: max(1 << 20, 4 * cap)}
-    bufs: dict[int, bytearray] = {fd: bytearray() for fd in caps}
-    over = False
+        if fd >= 0:
+            os.close(fd)
+    fds = {"stdout": out_r, "stderr": err_r}
+    if rec:
+        fds["rec"] = rec_r
+    return fds, pid
+
+
+def _collect(children: list[_Child], main: _Child) -> None:
+    """Capture every child's pipes (capped) until `main` exits; then kill the others' groups."""
     poller = select.poll()
-    for fd in (*caps, pidfd):
-        poller.register(fd, select.POLLIN)
-    open_fds = set(caps)
-    exited = False
-    while open_fds and not exited:
+    owner: dict[int, tuple[_Child, str]] = {}
+    for ch in children:
+        poller.register(ch.pidfd, select.POLLIN)
+        for key, fd in ch.fds.items():
+            poller.register(fd, select.POLLIN)
+            owner[fd] = (ch, key)
+    exited: set[int] = set()
+    while main.pid not in exited:
         for fd, _ in poller.poll():
-            if fd == pidfd:
-                exited = True
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                poller.unregister(fd)
-                open_fds.discard(fd)
-                continue
-            bufs[fd] += chunk
-            if len(bufs[fd]) > caps[fd]:
-                over = exited = True
-                _kill_group(pid)
-    if not over:  # C exited: drain what it wrote without waiting on pipes a daemon may hold
-        for fd in open_fds:
-            os.set_blocking(fd, False)
-            while len(bufs[fd]) <= caps[fd]:
-                try:
-                    chunk = os.read(fd, 65536)
-                except BlockingIOError:
-                    break
+            if fd in owner:
+                ch, key = owner[fd]
+                chunk = os.read(fd, 65536)
                 if not chunk:
-                    break
-                bufs[fd] += chunk
-    _, status = os.waitpid(pid, 0)
-    _kill_group(pid)  # leftovers of this unit that stayed in its process group
+                    poller.unregister(fd)
+                    del owner[fd]
+                    continue
+                ch.bufs[key] += chunk
+                if len(ch.bufs[key]) > ch.caps[key]:
+                    ch.over = True
+                    _kill_group(ch.pid)
+                    poller.unregister(fd)
+                    del owner[fd]
+            else:
+                ch = next(c for c in children if c.pidfd == fd)
+                exited.add(ch.pid)
+                poller.unregister(fd)
+    for ch in children:
+        if ch is not main:
+            _kill_group(ch.pid)
+    for fd, (ch, key) in owner.items():  # drain what was written without waiting on daemons' pipes
+        os.set_blocking(fd, False)
+        while len(ch.bufs[key]) <= ch.caps[key]:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:
+                break
+            ch.bufs[key] += chunk
+    for ch in children:
+        _, status = os.waitpid(ch.pid, 0)
+        ch.status = os.waitstatus_to_exitcode(status)
+        _kill_group(ch.pid)  # leftovers that stayed in its process group
+        for fd in (*ch.fds.values(), ch.pidfd):
+            os.close(fd)
     _reap_orphans()
-    for fd in (*caps, pidfd):
-        os.close(fd)
-    return {
-        "exit": os.waitstatus_to_exitcode(status),
-        "stdout": bytes(bufs[out_r][:cap]).decode("utf-8", "replace"),
-        "stderr": bytes(bufs[err_r][:cap]).decode("utf-8", "replace"),
-        "rec": bytes(bufs[rec_r][: caps[rec_r]]).decode("utf-8", "replace"),
-        "over": over or any(len(bufs[fd]) > caps[fd] for fd in caps),
+
+
+def _unit(ch: _Child, k: int) -> dict:
+    out = {
+        "unit": k,
+        "exit": ch.status,
+        "over": ch.over or any(len(b) > ch.caps[n] for n, b in ch.bufs.items()),
     }
+    for key, buf in ch.bufs.items():
+        out[key] = bytes(buf[: ch.caps[key]]).decode("utf-8", "replace")
+    return out
 
 
 def _kill_group(pgid: int) -> None:
@@ -242,28 +508,75 @@ def _reap_orphans() -> None:
             return
 
 
-def _set_non_dumpable() -> None:
-    """PR_SET_DUMPABLE=0: C (same uid) can no longer open /proc/<R>/mem or /proc/<R>/fd."""
-    import ctypes
+def _read_frame() -> dict:
+    """One frame of the job on stdin: 10 ascii digits of length, newline, JSON. Read unbuffered,
+    so nothing of the next frame is in R's memory when it forks the candidate."""
+    header = b""
+    while len(header) < 11:
+        chunk = os.read(0, 11 - len(header))
+        if not chunk:
+            raise EOFError("job truncated")
+        header += chunk
+    n, body = int(header[:10]), bytearray()
+    while len(body) < n:
+        chunk = os.read(0, min(1 << 20, n - len(body)))
+        if not chunk:
+            raise EOFError("job truncated")
+        body += chunk
+    return json.loads(body.decode("utf-8"))
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(4, 0, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+
+def _child_body(fn, *args):
+    def body(rec_w: int) -> None:
+        _restore_signals()
+        fn(*args, rec_w) if rec_w >= 0 else fn(*args)
+
+    return body
 
 
 def main(argv: list[str]) -> None:
-    """R: ready byte, job from stdin, one unit per execution, nonce last, result on RESULT_FD."""
+    """R: ready byte, the program, [fork C, the tests, fork T], one line per unit, nonce last."""
     result_fd, nonce_fd, cap = int(argv[1]), int(argv[2]), int(argv[3])
+    _ignore_signals()
     _set_non_dumpable()
     _write_all(result_fd, b"R")
-    job = json.loads(sys.stdin.buffer.read().decode("utf-8"))
+    job = _read_frame()
     private = (result_fd, nonce_fd)
-    if job["mode"] == "io":
-        units = [_run_unit(job, text, private, cap) for text in job["inputs"]]
+    small = {"stdout": cap, "stderr": cap, "rec": 1 << 16}
+    if job["mode"] == "asserts":
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+        fds, pid = _fork(
+            _child_body(_child_candidate, job["code"], req_r, rep_w),
+            (req_r, rep_w), (*private, req_w, rep_r), "", rec=False,
+        )  # fmt: skip
+        cand = _Child(pid, fds, small)
+        os.close(req_r)
+        os.close(rep_w)
+        del job
+        tests = _read_frame()["tests"]
+
+        def tests_body(rec_w: int) -> None:
+            _set_non_dumpable()
+            _child_tests(tests, req_w, rep_r, rec_w)
+
+        fds, pid = _fork(tests_body, (req_w, rep_r), (*private, *cand.fds.values(), cand.pidfd), "", rec=True)
+        judge = _Child(pid, fds, {"stdout": cap, "stderr": cap, "rec": max(4 << 20, 4 * cap)})
+        os.close(req_w)
+        os.close(rep_r)
+        _collect([cand, judge], judge)
+        _write_all(result_fd, (json.dumps(_unit(cand, 0)) + "\n").encode())
+        _write_all(result_fd, (json.dumps(_unit(judge, 1)) + "\n").encode())
     else:
-        units = [_run_unit(job, "", private, cap)]
+        _read_frame()
+        inputs = job["inputs"] if job["mode"] == "io" else [""]
+        for k, text in enumerate(inputs):
+            fds, pid = _fork(_child_body(_child_program, job["code"]), (), private, text, rec=True)
+            ch = _Child(pid, fds, small)
+            _collect([ch], ch)
+            _write_all(result_fd, (json.dumps(_unit(ch, k)) + "\n").encode())
     nonce = os.read(nonce_fd, 256).decode()
-    _write_all(result_fd, json.dumps({"nonce": nonce, "units": units}).encode())
+    _write_all(result_fd, (json.dumps({"end": True, "nonce": nonce}) + "\n").encode())
     os.close(result_fd)
 
 

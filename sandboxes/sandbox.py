@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import pwd
 import queue
 import secrets
 import shutil
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,8 @@ from .cgroups import SlotCgroup, create_slot_cgroup
 from .command import HARNESS_PROCS, MiB
 from .config import REQUIRED_LAYERS, Layer, Limits, SandboxConfig
 from .errors import SandboxClosedError, SandboxEscapeError, SandboxUnavailableError
-from .judge import build_job, decide, prepare_tests
+from .judge import JobJudge, build_job, prepare_tests
+from .lease import UidLease, lease_uids
 from .seccomp_filter import build_seccomp_bpf
 from .slot import RawOutcome, Slot
 from .verdict import Status, Verdict
@@ -41,8 +41,10 @@ class Sandbox:
         self.config = config or SandboxConfig()
         self.counts: Counter[Status] = Counter()
         self.weaknesses: tuple[str, ...] = ()
-        self.slots_replaced = 0  # slots killed from outside mid-run and re-run (see run())
+        self.slots_replaced = 0  # slots whose runner died mid-run without the parent's kill (see run())
         self._closed = False
+        self._lease: UidLease | None = None
+        self.uid_base = -1  # the leased range's first uid, set by _start
         self._lock = threading.Lock()
         self._slots: list[Slot] = []
         self._free: queue.Queue[Slot] = queue.Queue()
@@ -61,6 +63,8 @@ class Sandbox:
     def _start(self) -> None:
         cfg = self.config
         self._check_required()
+        self._lease = lease_uids(cfg.slots, cfg.uid_base)
+        self.uid_base = self._lease.base
         missing = set(cfg.disabled_layers)
         seccomp_bpf = None
         if Layer.SECCOMP not in missing:
@@ -75,8 +79,8 @@ class Sandbox:
             try:
                 cgroups = [
                     create_slot_cgroup(
-                        cfg.cgroup_name, f"slot-{cfg.uid_base + i}", cfg.limits.memory_mb * MiB,
-                        cfg.limits.nproc + HARNESS_PROCS,
+                        cfg.cgroup_name, f"slot-{self.uid_base + i}", cfg.limits.memory_mb * MiB,
+                        cfg.limits.nproc + HARNESS_PROCS, cfg.limits.cpu_cores,
                     )
                     for i in range(cfg.slots)
                 ]  # fmt: skip
@@ -88,7 +92,7 @@ class Sandbox:
         self.missing_layers = frozenset(missing)
         self.active_layers = frozenset(Layer) - self.missing_layers
         for i, cg in enumerate(cgroups):
-            slot = Slot(cfg.uid_base + i, cg, seccomp_bpf, Layer.NETNS not in missing, cfg.python)
+            slot = Slot(self.uid_base + i, cg, seccomp_bpf, Layer.NETNS not in missing, cfg.python)
             self._slots.append(slot)
             if not slot.spawn(cfg.limits):
                 raise SandboxUnavailableError(
@@ -135,25 +139,28 @@ class Sandbox:
                 "bwrap as root without --unshare-user lets code remount /usr writable, so the sandbox refuses "
                 "to start: set user.max_user_namespaces to a positive value"
             )
-        for i in range(cfg.slots):
-            try:
-                user = pwd.getpwuid(cfg.uid_base + i).pw_name
-            except KeyError:
-                continue
-            raise SandboxUnavailableError(
-                f"uid layer: slot uid {cfg.uid_base + i} belongs to user {user!r}; choose a SandboxConfig.uid_base "
-                f"whose {cfg.slots} uids are unused"
-            )
         assert REQUIRED_LAYERS.isdisjoint(cfg.disabled_layers)  # SandboxConfig guarantees it
 
     def _run_canary(self) -> None:
         listener = start_listener()
+        markers = []
         try:
-            host_paths = ["/root", "/etc/passwd", "/home", "/work", os.getcwd()]
+            # Unique marker files on the host: the sandbox must not see any of them. Not bare
+            # directories: "/" or "/tmp" (a common working directory) exist inside the sandbox too.
+            for d in ("/root", tempfile.gettempdir(), "/var/tmp", os.getcwd()):
+                try:
+                    fd, path = tempfile.mkstemp(prefix=".posttrain-canary-", dir=d)
+                except OSError:
+                    continue  # not writable here: nothing to probe with
+                os.close(fd)
+                markers.append(path)
+            host_paths = ["/etc/passwd", *markers]
             code = canary_program(host_paths, listener.getsockname()[1])
             verdict = self.run(code)
         finally:
             listener.close()
+            for path in markers:
+                os.unlink(path)
         # Without allow_weaker every probe must be blocked, so a disabled layer is caught by a probe.
         expected = self.active_layers if self.config.allow_weaker else frozenset(Layer)
         escapes, weak = judge_canary(verdict.stdout, expected)
@@ -175,19 +182,20 @@ class Sandbox:
     def run(
         self,
         code: str,
-        tests: list[str] | None = None,
+        tests: list | None = None,
         io_cases: list[tuple[str, str]] | None = None,
         limits: Limits | None = None,
     ) -> Verdict:
         """Run `code` in a warm slot and judge it (blocks until a slot is free and the run ends).
 
-        tests: assert statements / test code run after the program (see judge.py for the rules);
+        tests: assert statements / test code, each a str or a mapping ``{"test": str, "rel_tol":
+        float, "abs_tol": float}`` (see judge.py and plain.py for the rules and the tolerance policy);
         io_cases: (stdin, expected stdout) pairs, one fresh process each; neither: plain execution,
         PASS iff the program exits with status 0. limits: override the config's limits for this run
-        (the slot then starts a fresh process instead of its warm one). A slot whose process is
-        killed from outside during the run (host OOM killer, an operator; never the program, which
-        cannot signal its runner) is restarted and the job run once more; if that run is killed too,
-        the verdict is SANDBOX_ERROR.
+        (the slot then starts a fresh process instead of its warm one). A slot whose runner dies
+        mid-run without the parent killing it (the host OOM killer, an operator; the runner ignores
+        every signal the program can send) is restarted and the job run once more; if it dies again
+        the verdict is FAIL (scored 0): only the harness's own faults are SANDBOX_ERROR.
         """
         if self._closed:
             raise SandboxClosedError("Sandbox.run called after close(): create a new Sandbox")
@@ -199,22 +207,25 @@ class Sandbox:
             io_cases = [(str(i), str(o)) for i, o in io_cases]
         specs = prepare_tests(list(tests)) if tests is not None else None
         lim = limits or self.config.limits
-        job = json.dumps(build_job(code, specs, [i for i, _ in io_cases] if io_cases is not None else None))
-        n_units = len(io_cases) if io_cases is not None else 1
-        result_cap = 8 * n_units * (2 * lim.output_bytes + max(1 << 20, 4 * lim.output_bytes)) + (1 << 20)
+        job = build_job(code, specs, [i for i, _ in io_cases] if io_cases is not None else None)
+        # One result line holds one unit: stdout + stderr (JSON-escaped: <= 6 bytes per byte) and
+        # the tests' records (asserts mode). Independent of the number of io cases.
+        rec_cap = max(4 << 20, 4 * lim.output_bytes) if specs is not None else 1 << 16
+        line_cap = 12 * lim.output_bytes + 2 * rec_cap + (1 << 16)
         slot = self._free.get()
         try:
-            for attempt in range(2):  # a slot killed from outside mid-run: once more on a fresh process
+            for attempt in range(2):  # a runner that died without the parent's kill: once more
                 if slot.limits != lim or not slot.alive():
                     slot.spawn(lim)
                 nonce = secrets.token_hex(16)
-                raw = slot.execute(job.encode(), nonce, lim.wall_s, result_cap)
-                verdict = decide(raw, nonce, specs, io_cases)
-                if attempt or verdict.status is not Status.SANDBOX_ERROR or not raw.killed_by:
+                judge = JobJudge(specs, io_cases, nonce)
+                raw = slot.execute(job, nonce, lim.wall_s, line_cap, judge.feed)
+                verdict = judge.verdict(raw)
+                if attempt or not raw.killed_by or raw.oom_killed or judge.ended:
                     break
                 log.warning(
-                    "sandbox slot %d was killed from outside (signal %d) while running a job; starting a "
-                    "replacement and re-running the job",
+                    "sandbox slot %d: its runner died by signal %d mid-run without the parent's kill; "
+                    "starting a replacement and re-running the job once",
                     slot.uid,
                     raw.killed_by,
                 )
@@ -222,8 +233,8 @@ class Sandbox:
                     self.slots_replaced += 1
         except Exception as exc:  # a harness bug must not score the completion
             log.exception("sandbox harness error")
-            verdict = decide(
-                RawOutcome(f"harness error: {exc!r}", False, False, None, False, "", 0.0), "", specs, io_cases
+            verdict = JobJudge(specs, io_cases, "").verdict(
+                RawOutcome(f"harness error: {exc!r}", False, False, False, "", 0.0)
             )
         finally:
             self._recycler.submit(self._recycle, slot)
@@ -234,7 +245,7 @@ class Sandbox:
     async def arun(
         self,
         code: str,
-        tests: list[str] | None = None,
+        tests: list | None = None,
         io_cases: list[tuple[str, str]] | None = None,
         limits: Limits | None = None,
     ) -> Verdict:
@@ -263,6 +274,9 @@ class Sandbox:
             slot.discard()
             if slot.cgroup is not None:
                 slot.cgroup.remove()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def __enter__(self) -> Sandbox:
         return self

@@ -15,7 +15,13 @@ from .command import HARNESS_PROCS, MiB, SpawnSpec, sandbox_argv
 from .config import Limits
 
 _READY_TIMEOUT_S = 15.0
-_RUNNER_SRC = (Path(__file__).parent / "runner.py").read_text()
+# plain.py first: the runner's `from .plain import ...` fails in the sandbox (no package) and
+# finds the names already defined; only the first `from __future__` import may stay.
+_RUNNER_SRC = (
+    (Path(__file__).parent / "plain.py").read_text()
+    + "\n"
+    + (Path(__file__).parent / "runner.py").read_text().replace("from __future__ import annotations\n", "", 1)
+)
 
 
 @dataclass(frozen=True)
@@ -23,17 +29,16 @@ class RawOutcome:
     """What the parent observed of one run; the verdict is decided from this in judge.py.
 
     harness_error is set only for failures before the job reached the sandbox (never caused by the
-    program). result is the bytes of the runner's result channel (None if it never closed it).
+    program). The runner's result lines went to the caller's `on_line` as they arrived.
+    result_overflow: a line exceeded its cap (the parent then killed the slot).
     killed_by is the signal that ended the slot's process (bwrap or the runner) during the run, None
-    when it exited normally or the parent killed it (wall clock). The program cannot cause it: the
-    runner is pid 1 of the sandbox's pid namespace, which its descendants cannot signal, so a
-    killed_by with no result means the slot was killed from outside (host OOM killer, an operator).
+    when it exited normally or the parent killed it (wall clock, overflow). The runner ignores every
+    signal a program can send, so this is the host (OOM killer, an operator) or a runner crash.
     """
 
     harness_error: str | None
     timed_out: bool
     oom_killed: bool
-    result: bytes | None
     result_overflow: bool
     runner_stderr: str
     wall_s: float
@@ -91,7 +96,7 @@ class Slot:
         self.discard()
         self.limits = limits
         if self.cgroup is not None:
-            self.cgroup.set_limits(limits.memory_mb * MiB, limits.nproc + HARNESS_PROCS)
+            self.cgroup.set_limits(limits.memory_mb * MiB, limits.nproc + HARNESS_PROCS, limits.cpu_cores)
         result_r, result_w = os.pipe()
         nonce_r, nonce_w = os.pipe()
         child_fds = [result_w, nonce_r]
@@ -120,6 +125,7 @@ class Slot:
                 stderr=subprocess.PIPE,
                 pass_fds=child_fds,
                 start_new_session=True,
+                cwd="/",  # not the caller's directory: it may be unreadable to the slot uid
                 # Not the host environment: bwrap's own processes keep theirs, and the sandbox can read
                 # /proc/1/environ of its pid-1 bwrap. --clearenv then empties the program's.
                 env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin"},
@@ -148,14 +154,14 @@ class Slot:
         self.spawn_error = None
         return True
 
-    def execute(self, job: bytes, nonce: str, wall_s: float, result_cap: int) -> RawOutcome:
-        """Hand `job` to the warm process, collect its result until EOF or the wall clock, kill all."""
+    def execute(self, job: bytes, nonce: str, wall_s: float, line_cap: int, on_line) -> RawOutcome:
+        """Hand `job` to the warm process, pass each result line to on_line(bytes) as it arrives,
+        until EOF or the wall clock, then kill everything. At most one line (<= line_cap bytes) is
+        held at a time, so the parent's memory per job does not grow with the number of units."""
         t0 = time.monotonic()
         proc = self._proc
         if proc is None or proc.poll() is not None:
-            return RawOutcome(
-                self.spawn_error or "slot has no live process", False, False, None, False, "", 0.0
-            )
+            return RawOutcome(self.spawn_error or "slot has no live process", False, False, False, "", 0.0)
         oom_before = self.cgroup.oom_kills() if self.cgroup else 0
         deadline = t0 + wall_s
         os.write(self._nonce_w, nonce.encode())
@@ -190,25 +196,28 @@ class Slot:
                     continue
                 buf = readers[fd]
                 buf += chunk
-                if fd == self._result_r and len(buf) > result_cap:
-                    overflow = True
-                    del readers[fd]
-                elif fd == err_fd and len(buf) > 65536:
+                if fd == self._result_r:
+                    while (i := buf.find(b"\n")) >= 0:
+                        on_line(bytes(buf[:i]))
+                        del buf[: i + 1]
+                    if len(buf) > line_cap:
+                        overflow = True
+                        del readers[fd]
+                elif len(buf) > 65536:
                     del readers[fd]
         if not timed_out:  # bwrap exits as soon as the runner has; give it a moment
             try:
                 proc.wait(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
             except subprocess.TimeoutExpired:
                 pass
-        killed_by = None if timed_out else _death_signal(proc.poll())  # before our own kill below
+        # before our own kill below; a slot the parent killed (wall clock, overflow) is never "from outside"
+        killed_by = None if timed_out or overflow else _death_signal(proc.poll())
         self.kill()
         oom = bool(self.cgroup) and self.cgroup.oom_kills() > oom_before
-        complete = not timed_out and not overflow
         return RawOutcome(
             harness_error=None,
             timed_out=timed_out,
             oom_killed=oom,
-            result=bytes(result) if complete else None,
             result_overflow=overflow,
             runner_stderr=stderr[:4096].decode(errors="replace"),
             wall_s=time.monotonic() - t0,
