@@ -1,35 +1,36 @@
 """A routed SwiGLU MoE layer's experts, end to end, on either implementation.
 
-shuffle pairs by expert -> gather token rows -> gate+up grouped GEMM -> SwiGLU -> down grouped
-GEMM -> weighted un-shuffle and sum of each token's k rows. Nothing here reads a value back to the
-host when ``impl="triton"``.
+sort pairs by expert (custom op) -> routing weights into expert order (a torch scatter) ->
+fused experts (custom op: gather in GEMM1's loads, SwiGLU, GEMM2 with the weighted scatter-add in
+its epilogue; registered autograd). Nothing here reads a value back to the host when the kernels
+run, and the whole function traces under ``torch.compile(fullgraph=True)``: the ops are opaque
+``torch.library`` custom ops with fake implementations (see :mod:`posttrain.kernels.ops`).
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-MoeImpl = Literal["triton", "reference"]
+from posttrain.kernels import ops, reference
 
-# Modules exposing the same functions (see posttrain.kernels.reference); imported on first use so
-# that importing posttrain.kernels never requires triton.
-_IMPLEMENTATIONS: dict[str, str] = {
-    "triton": "posttrain.kernels.triton_ops",
-    "reference": "posttrain.kernels.reference",
-}
+MoeImpl = Literal["triton", "reference", "auto"]
 
 
 def moe_ops(impl: MoeImpl) -> ModuleType:
-    """The module implementing the MoE ops for ``impl``."""
-    if impl not in _IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown MoE kernel implementation {impl!r}; choose one of {sorted(_IMPLEMENTATIONS)}"
-        )
-    return importlib.import_module(_IMPLEMENTATIONS[impl])
+    """The module implementing the individual MoE ops for ``impl`` (benchmarks and tests).
+
+    Imports Triton on first use: call it outside of traced code.
+    """
+    if impl == "reference":
+        return reference
+    if impl not in ops.IMPLS:
+        raise ValueError(f"unknown MoE kernel implementation {impl!r}; choose one of {list(ops.IMPLS)}")
+    from posttrain.kernels import triton_ops
+
+    return triton_ops
 
 
 def moe_experts(
@@ -46,20 +47,24 @@ def moe_experts(
 
     Args:
         hidden_states: [T, H] tokens.
-        top_k_index: [T, k] chosen experts (distinct per token), any integer dtype.
+        top_k_index: [T, k] chosen experts (distinct per token, in [0, E)), any integer dtype.
         top_k_weights: [T, k] combine weights (differentiable: the router gets its gradient).
         gate_up_proj: [E, 2I, H] ([E, H, 2I] if ``transposed_w``), gate rows first.
         down_proj: [E, H, I] ([E, I, H] if ``transposed_w``).
         transposed_w: weight layout, as transformers' ``is_transposed``.
-        impl: "triton" (kernels) or "reference" (plain torch).
+        impl: "triton" (kernels), "reference" (plain torch) or "auto" (kernels where Triton runs).
 
     Returns:
         [T, H] in ``hidden_states.dtype``: sum_j w_tj * SwiGLU-MLP_{e_tj}(x_t), summed in float32.
     """
-    ops = moe_ops(impl)
+    if impl not in ops.IMPLS:
+        raise ValueError(f"unknown MoE kernel implementation {impl!r}; choose one of {list(ops.IMPLS)}")
     num_experts = gate_up_proj.shape[0]
-    indices = ops.sort_by_expert(top_k_index, num_experts)
-    rows = ops.gather_mul(hidden_states.to(gate_up_proj.dtype), indices, None)
-    out_rows = ops.expert_mlp(rows, gate_up_proj, down_proj, indices.token_counts, transposed_w)
-    scales = ops.dense_scales(top_k_weights, top_k_index, num_experts)
-    return ops.scatter_add(out_rows, indices, scales, None).to(hidden_states.dtype)
+    counts, _, token_indices, slots = torch.ops.posttrain.sort_by_expert(top_k_index, num_experts, impl)
+    # Routing weight of each expert-sorted row: row_scales[slot[t, j]] = w[t, j] (gradient: a gather).
+    flat_weights = top_k_weights.reshape(-1).float()
+    row_scales = flat_weights.new_zeros(flat_weights.shape).scatter(0, slots.reshape(-1).long(), flat_weights)
+    out, _ = torch.ops.posttrain.moe_experts_fwd(
+        hidden_states.to(gate_up_proj.dtype), gate_up_proj, down_proj, counts, token_indices, row_scales, transposed_w, impl
+    )
+    return out.to(hidden_states.dtype)

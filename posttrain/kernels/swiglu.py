@@ -41,11 +41,13 @@ def _swiglu_bwd_kernel(
     h_ptr,  # [S, 2I]
     dout_ptr,  # [S, I]
     dh_ptr,  # [S, 2I]
+    scale_ptr,  # [S] float32: dout of row r is scale[r] * dout[r] (HAS_SCALE)
     num_rows,
     inter,
     stride_h,
     stride_do,
     stride_dh,
+    HAS_SCALE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_I: tl.constexpr,
 ):
@@ -56,6 +58,8 @@ def _swiglu_bwd_kernel(
     gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(base + inter, mask=mask, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + rows[:, None] * stride_do + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        dout = dout * tl.load(scale_ptr + rows, mask=rows < num_rows, other=0.0).to(tl.float32)[:, None]
     sig = tl.sigmoid(gate)
     silu = gate * sig
     d_gate = dout * up * sig * (1.0 + gate * (1.0 - sig))
@@ -74,50 +78,56 @@ def _grid(num_rows: int, inter: int) -> tuple[tuple[int, int], int]:
     return (triton.cdiv(num_rows, _BLOCK_ROWS), triton.cdiv(inter, block_i)), block_i
 
 
+def swiglu_forward(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a contiguous [S, 2I] tensor (no autograd)."""
+    gate_up = gate_up.contiguous()
+    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
+    if out.numel():
+        grid, block_i = _grid(num_rows, inter)
+        _FWD[grid](gate_up, out, num_rows, inter, gate_up.stride(0), out.stride(0), BLOCK_R=_BLOCK_ROWS, BLOCK_I=block_i)
+    return out
+
+
+def swiglu_backward(
+    gate_up: torch.Tensor, grad_out: torch.Tensor, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """d gate_up [S, 2I] for the output gradient ``grad_out`` [S, I] (times ``row_scale`` [S] if given)."""
+    gate_up, grad_out = gate_up.contiguous(), grad_out.contiguous()
+    num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    grad = torch.empty_like(gate_up)
+    if grad.numel():
+        grid, block_i = _grid(num_rows, inter)
+        _BWD[grid](
+            gate_up,
+            grad_out,
+            grad,
+            row_scale if row_scale is not None else grad,
+            num_rows,
+            inter,
+            gate_up.stride(0),
+            grad_out.stride(0),
+            grad.stride(0),
+            HAS_SCALE=row_scale is not None,
+            BLOCK_R=_BLOCK_ROWS,
+            BLOCK_I=block_i,
+        )
+    return grad
+
+
 class SwiGLU(torch.autograd.Function):
     """silu(gate) * up with a fused Triton forward and backward; saves only ``gate_up``."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, gate_up: torch.Tensor) -> torch.Tensor:
         gate_up = gate_up.contiguous()
-        num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        out = torch.empty(num_rows, inter, dtype=gate_up.dtype, device=gate_up.device)
-        if out.numel():
-            grid, block_i = _grid(num_rows, inter)
-            _FWD[grid](
-                gate_up,
-                out,
-                num_rows,
-                inter,
-                gate_up.stride(0),
-                out.stride(0),
-                BLOCK_R=_BLOCK_ROWS,
-                BLOCK_I=block_i,
-            )
         ctx.save_for_backward(gate_up)
-        return out
+        return swiglu_forward(gate_up)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> torch.Tensor:
         (gate_up,) = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        num_rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
-        grad = torch.empty_like(gate_up)
-        if grad.numel():
-            grid, block_i = _grid(num_rows, inter)
-            _BWD[grid](
-                gate_up,
-                grad_out,
-                grad,
-                num_rows,
-                inter,
-                gate_up.stride(0),
-                grad_out.stride(0),
-                grad.stride(0),
-                BLOCK_R=_BLOCK_ROWS,
-                BLOCK_I=block_i,
-            )
-        return grad
+        return swiglu_backward(gate_up, grad_out)
 
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 ``route`` and ``dense_scales`` have no kernel: they are re-exported from the reference.
 """
 
+from posttrain.kernels.fused_moe import fused_experts_backward, fused_experts_forward
 from posttrain.kernels.gather_scatter import gather_mul, scatter_add
 from posttrain.kernels.grouped_gemm import grouped_gemm
 from posttrain.kernels.index_shuffling import index_shuffling, sort_by_expert
@@ -14,6 +15,8 @@ __all__ = [
     "ShuffledIndices",
     "dense_scales",
     "expert_mlp",
+    "fused_experts_backward",
+    "fused_experts_forward",
     "gather_mul",
     "grouped_gemm",
     "index_shuffling",

@@ -16,8 +16,15 @@ Usage::
 
 "triton" runs posttrain's kernels on CUDA tensors, and on CPU only under ``TRITON_INTERPRET=1``;
 otherwise it logs once and runs the plain-torch reference of the same ops. Experts it cannot
-handle (biases, non-SwiGLU or custom gates, interleaved gate/up, expert parallelism) log once and
-use transformers' ``grouped_mm`` path.
+handle (biases, non-SwiGLU or custom gates, interleaved gate/up, expert parallelism) are named in
+one log line when the kernels are set, and use transformers' ``grouped_mm`` path. "eager" is
+transformers' per-expert loop (the experts class's own forward), "grouped_mm" torch's
+``_grouped_mm``. The forward traces under ``torch.compile(fullgraph=True)``: no logging, no
+imports and no host reads on the traced path.
+
+A model is MoE when one of its modules holds 3-D expert weights (``gate_up_proj`` or ``up_proj``
+plus ``down_proj``, [E, ., .]): the structure transformers 5 gives Qwen3-MoE, DeepSeek-V3,
+Mixtral and OLMoE, whatever the config calls its expert count.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ from transformers.integrations.moe import (
     grouped_mm_experts_forward,
 )
 
-from posttrain.kernels import moe_experts, triton_available
+from posttrain.kernels import moe_experts
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,21 @@ def _unsupported_reason(experts: torch.nn.Module) -> str | None:
     return None
 
 
+def is_experts_module(module: torch.nn.Module) -> bool:
+    """True for a module holding routed experts as 3-D weights: [E, 2I, H]-like ``gate_up_proj``
+    (or ``up_proj``) and ``down_proj``."""
+    down = getattr(module, "down_proj", None)
+    up = getattr(module, "gate_up_proj", None)
+    if up is None:
+        up = getattr(module, "up_proj", None)
+    return isinstance(down, torch.Tensor) and isinstance(up, torch.Tensor) and down.dim() == 3 and up.dim() == 3
+
+
+def experts_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, module) of every routed-experts module of ``model`` (see :func:`is_experts_module`)."""
+    return [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
+
+
 def triton_experts_forward(
     self: torch.nn.Module,
     hidden_states: torch.Tensor,
@@ -81,16 +103,8 @@ def triton_experts_forward(
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
     """ExpertsInterface entry: [T, H] tokens, [T, k] expert ids and weights -> [T, H]."""
-    reason = _unsupported_reason(self)
-    if reason is not None:
-        _log_once(f"posttrain MoE kernels: {type(self).__name__} has {reason}; using transformers grouped_mm")
+    if _unsupported_reason(self) is not None:  # logged once by set_moe_kernels
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
-    impl = "triton" if triton_available(hidden_states.device) else "reference"
-    if impl == "reference":
-        _log_once(
-            f"posttrain MoE kernels: Triton cannot run on {hidden_states.device.type} tensors "
-            "(set TRITON_INTERPRET=1 to interpret it on CPU); using the plain-torch reference ops"
-        )
     return moe_experts(
         hidden_states,
         top_k_index,
@@ -98,7 +112,7 @@ def triton_experts_forward(
         self.gate_up_proj,
         self.down_proj,
         transposed_w=self.is_transposed,
-        impl=impl,
+        impl="auto",
     )
 
 
@@ -117,11 +131,22 @@ def set_moe_kernels(model_or_config: PreTrainedModel | PretrainedConfig, kind: M
         )
     implementation = _KIND_TO_IMPLEMENTATION[kind]
     if isinstance(model_or_config, PreTrainedModel):
-        if not model_or_config._can_set_experts_implementation():
+        modules = experts_modules(model_or_config)
+        switchable = [m for _, m in modules if hasattr(m, "is_concatenated")]
+        if not switchable or not model_or_config._can_set_experts_implementation():
             raise ValueError(
                 f"model.moe_kernels: {type(model_or_config).__name__} has no switchable experts "
-                "(no @use_experts_implementation module); remove the key for this model"
+                "(no module with 3-D expert weights built by transformers' @use_experts_implementation); "
+                "remove the key for this model"
             )
+        if kind == "triton":
+            for name, module in modules:
+                reason = _unsupported_reason(module)
+                if reason is not None:
+                    _log_once(
+                        f"posttrain MoE kernels: {type(module).__name__} ({name}) has {reason}; "
+                        "using transformers grouped_mm there"
+                    )
         model_or_config.set_experts_implementation(implementation)
     elif isinstance(model_or_config, PretrainedConfig):
         model_or_config._experts_implementation = implementation
@@ -194,8 +219,12 @@ def track_router_metrics(model: torch.nn.Module) -> int:
             module: torch.nn.Module, args: tuple, kwargs: dict, output: object, stats: _LayerStats = stats
         ) -> None:
             top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            counts = torch.bincount(top_k_index.detach().reshape(-1), minlength=module.num_experts)
-            counts = counts[: module.num_experts].float()  # drops expert-parallel sentinels
+            ids = top_k_index.detach().reshape(-1).long()
+            # scatter_add into a fixed-size [E] buffer: no host sync on CUDA (bincount reads the
+            # max id back to size its output); ids outside [0, E) (expert-parallel sentinels) drop.
+            inside = (ids >= 0) & (ids < module.num_experts)
+            counts = torch.zeros(module.num_experts, dtype=torch.float32, device=ids.device)
+            counts.scatter_add_(0, ids.clamp(0, module.num_experts - 1), inside.float())
             stats.tokens_per_expert = (
                 counts if stats.tokens_per_expert is None else stats.tokens_per_expert + counts
             )
