@@ -344,17 +344,3 @@ def dynamic_sampling_keep(rewards_NG: torch.Tensor, mask_NG: torch.Tensor | None
 def overlong_filter_mask(finish_reasons: Sequence[str]) -> torch.Tensor:
     """DAPO overlong filtering: False for truncated samples (finish reason ``"length"``). ``mask_B``."""
     return torch.tensor([reason != "length" for reason in finish_reasons], dtype=torch.bool)
-
-
-def overlong_penalty(
-    lengths_B: torch.Tensor, max_len: int, buffer_len: int, penalty: float = 1.0
-) -> torch.Tensor:
-    """DAPO soft overlong punishment, to be ADDED to the reward. Returns ``penalty_B`` (<= 0).
-
-    0 while ``length <= max_len - buffer_len``; then falls linearly to ``-penalty`` at
-    ``length == max_len``; ``-penalty`` beyond. Lengths are response tokens.
-    """
-    if not 0 < buffer_len <= max_len:
-        raise ValueError(f"overlong_penalty: need 0 < buffer_len ({buffer_len}) <= max_len ({max_len})")
-    excess_B = (lengths_B.float() - (max_len - buffer_len)) / buffer_len
-    return -penalty * excess_B.clamp(0.0, 1.0)

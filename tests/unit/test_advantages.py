@@ -23,7 +23,6 @@ from posttrain.algorithms.advantages import (
     gae,
     grpo_advantages,
     overlong_filter_mask,
-    overlong_penalty,
     place_at_last_token,
     place_token_rewards,
     rloo_advantages,
@@ -211,15 +210,6 @@ def test_dynamic_sampling_keeps_groups_with_reward_spread():
 
 def test_overlong_filter_mask():
     assert overlong_filter_mask(["stop", "length", "abort"]).tolist() == [True, False, True]
-
-
-def test_overlong_penalty_dapo():
-    lengths = torch.tensor([10, 12, 14, 16, 20])
-    # soft zone starts at 16 - 4 = 12: [0, 0, -(14-12)/4, -(16-12)/4, capped at -1] * 0.5
-    out = overlong_penalty(lengths, max_len=16, buffer_len=4, penalty=0.5)
-    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, -0.25, -0.5, -0.5]))
-    with pytest.raises(ValueError, match="buffer_len"):
-        overlong_penalty(lengths, max_len=16, buffer_len=0)
 
 
 # ------------------------------------------------------------------ token-level rewards
