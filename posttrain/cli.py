@@ -124,9 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     if resume_line:
         print(resume_line, flush=True)
-    runner = getattr(cfg.algorithm, "runner", None)
-    if runner is None:
-        from posttrain.offline.runner import run_offline as runner
+    runner = _runner_for(cfg)
     with _interrupts_stop_cleanly():
         try:
             summary = runner(cfg, resolved, run_dir)
@@ -139,6 +137,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 130
     _print_summary(summary)
     return 0
+
+
+def _runner_for(cfg):
+    """The algorithm's runner (online RL declares one); offline algorithms share one."""
+    runner = getattr(cfg.algorithm, "runner", None)
+    if runner is None:
+        from posttrain.offline.runner import run_offline as runner
+    return runner
 
 
 class _interrupts_stop_cleanly:

@@ -94,7 +94,7 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> tuple[RecipeCo
             raise ConfigError(o.key_or_group, f"command-line override '{text}'", "'+' and '~' overrides are not supported", "write key=value for a key in the schema")
         _set_path(tree, o.key_or_group, o.value(), f"command-line override '{text}'")
         ovr_sources[o.key_or_group] = text
-    _command_line_model_wins(tree, ovr_sources)
+    _command_line_alternative_wins(tree, ovr_sources)
     try:
         cfg = _validate(tree)
     except ConfigError as err:
@@ -104,19 +104,29 @@ def load_recipe(path: str, overrides: list[str] | None = None) -> tuple[RecipeCo
     return cfg, resolved
 
 
-def _command_line_model_wins(tree: dict[str, Any], ovr_sources: dict[str, str]) -> None:
-    """``model.path`` and ``model.factory`` are alternatives: the one set on the command line
-    replaces the recipe's other one (``posttrain run dpo.yaml model.path=runs/sft/hf`` trains the
-    exported model instead of the recipe's factory model). Both on the command line stays an error."""
-    model = tree.get("model")
-    if not isinstance(model, dict):
-        return
-    given = {k for k in ("path", "factory") if any(o == f"model.{k}" or o.startswith(f"model.{k}.") for o in ovr_sources)}
-    if len(given) == 1:
-        (mine,) = given
-        other = "factory" if mine == "path" else "path"
-        if model.get(mine) is not None:
-            model[other] = None
+# Sections holding two alternatives of which exactly one is set.
+ALTERNATIVES = (("model", "path", "factory"), ("data.train", "path", "synthetic"), ("data.eval", "path", "synthetic"))
+
+
+def _command_line_alternative_wins(tree: dict[str, Any], ovr_sources: dict[str, str]) -> None:
+    """``model.path``/``model.factory`` (and a data source's ``path``/``synthetic``) are
+    alternatives: the one set on the command line replaces the recipe's other one
+    (``posttrain run dpo.yaml model.path=runs/sft/hf`` trains the exported model instead of the
+    recipe's factory model; ``data.train.path=my.jsonl`` reads all the file's rows instead of the
+    recipe's synthetic task). Both set on the command line stays an error."""
+    for section, a, b in ALTERNATIVES:
+        node: Any = tree
+        for part in section.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        given = {k for k in (a, b) if any(o == f"{section}.{k}" or o.startswith(f"{section}.{k}.") for o in ovr_sources)}
+        if len(given) == 1:
+            (mine,) = given
+            if node.get(mine) is not None:
+                node[b if mine == a else a] = None
+                if mine == "path" and b == "synthetic" and f"{section}.num_examples" not in ovr_sources:
+                    node.pop("num_examples", None)  # it sized the synthetic task; a file gives all its rows
 
 
 def _validate(tree: dict[str, Any]) -> RecipeConfig:

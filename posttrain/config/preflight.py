@@ -61,16 +61,22 @@ def check_reward_functions(reward_cfg: Any, recipe: str, overrides: list[str]) -
             ) from None
 
 
-def check_rl_data(cfg: Any) -> None:
-    """RL prompt data loads and has few enough bad rows (offline algorithms check theirs while
-    counting tokens for --dry-run)."""
+def check_data(cfg: Any, tokenizer: Any) -> None:
+    """The data loads and has few enough bad rows: RL prompt rows, or the offline algorithm's own
+    examples (tokenised, so over-length rows count too)."""
     from posttrain.data.formatting import rl_row_problem
     from posttrain.data.sources import build_examples, load_rows
 
     d = cfg.data
+    algo = cfg.algorithm.build() if cfg.rollout is None else None
     for key, src in (("data.train", d.train), ("data.eval", d.eval)):
-        if src is not None:
-            build_examples(load_rows(src, key), lambda r: rl_row_problem(r) or r, d.max_bad_fraction, key)
+        if src is None:
+            continue
+        rows = load_rows(src, key)
+        if algo is not None and hasattr(algo, "prepare"):
+            algo.prepare(rows, tokenizer, d.max_length, d.max_bad_fraction, key)
+        else:
+            build_examples(rows, lambda r: rl_row_problem(r) or r, d.max_bad_fraction, key)
 
 
 def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
@@ -78,7 +84,6 @@ def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
     from posttrain.models.loading import load_tokenizer
 
     check_output_dir(cfg.run.output_dir, cfg.run.name, key_source("run.output_dir", recipe, overrides))
-    load_tokenizer(cfg.model)  # model.path: exists, config.json, weights, tokenizer
+    tokenizer = load_tokenizer(cfg.model)  # model.path: exists, config.json, weights, tokenizer
     check_reward_functions(cfg.reward, recipe, overrides)
-    if cfg.rollout is not None:
-        check_rl_data(cfg)
+    check_data(cfg, tokenizer)
