@@ -105,6 +105,15 @@ class SlotCgroup:
                 pass
 
 
+def _add_weight(path: Path, per_slot: int) -> None:
+    """Raise the shared parent group's CPU weight by one slot's worth (capped by the kernel's max)."""
+    try:
+        created = len([d for d in path.parent.iterdir() if d.is_dir()])
+        _write(path, str(min(per_slot * max(1, created), 10000 if path.name == "cpu.weight" else 262144)))
+    except (OSError, ValueError):
+        pass  # weight is a fairness nicety; the quota is what bounds a slot
+
+
 def create_slot_cgroup(
     group: str, slot: str, memory_bytes: int, pids_max: int, cpu_cores: float
 ) -> SlotCgroup:
@@ -145,6 +154,8 @@ def _create_v1(group: str, slot: str) -> SlotCgroup:
     for d in (mem, pids, cpu):
         d.mkdir(parents=True, exist_ok=True)
     _write(cpu / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+    # The group competes with host tasks as one entity: weigh it as one task per slot, not one in all.
+    _add_weight(cpu.parent / "cpu.shares", 1024)
     memsw = mem / "memory.memsw.limit_in_bytes"  # swap accounting, where enabled: no swap escape
     return SlotCgroup(
         dirs=(mem, pids, cpu, mem.parent, pids.parent, cpu.parent),
@@ -169,6 +180,7 @@ def _create_v2(group: str, slot: str) -> SlotCgroup:
     _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
     path = parent / slot
     path.mkdir(exist_ok=True)
+    _add_weight(parent / "cpu.weight", 100)
     try:
         _write(path / "memory.swap.max", "0")
     except OSError:

@@ -22,17 +22,20 @@ AUTO_UID_LAST = 65000  # below 65534 (nobody) and the usual subuid ranges (10000
 
 
 def processes_of_uids(lo: int, hi: int) -> dict[int, int]:
-    """pid -> uid of host processes whose uid is in [lo, hi)."""
+    """pid -> uid of live host processes whose uid is in [lo, hi) (zombies, already dead, are skipped)."""
     found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             uid = os.stat(f"/proc/{entry}").st_uid
-        except (FileNotFoundError, ProcessLookupError):
+            if lo <= uid < hi:
+                with open(f"/proc/{entry}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state not in ("Z", "X"):
+                    found[int(entry)] = uid
+        except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        if lo <= uid < hi:
-            found[int(entry)] = uid
     return found
 
 

@@ -17,7 +17,7 @@ ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
 
 def _host_pids_of_slots(sandbox: Sandbox) -> dict[int, str]:
     """pid -> cmdline of host processes running as one of the sandbox's slot uids."""
-    lo = sandbox.config.uid_base
+    lo = sandbox.uid_base
     hi = lo + sandbox.config.slots
     found = {}
     for entry in os.listdir("/proc"):

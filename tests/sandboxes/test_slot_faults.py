@@ -18,7 +18,6 @@ from collections.abc import Iterator
 import pytest
 from posttrain.sandboxes import Limits, Sandbox, SandboxConfig, Status
 
-UID_BASE = 61400
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
 SLOW_ADD = "import time\ntime.sleep(1.0)\ndef add(a, b):\n    return a + b\n"  # time for the killer to act
 
@@ -27,9 +26,7 @@ SLOW_ADD = "import time\ntime.sleep(1.0)\ndef add(a, b):\n    return a + b\n"  #
 def sandbox() -> Iterator[Sandbox]:
     if os.geteuid() != 0 or any(shutil.which(t) is None for t in ("bwrap", "prlimit", "setpriv")):
         pytest.skip("posttrain.sandboxes needs root, bwrap, prlimit and setpriv (run sandboxes/setup.sh)")
-    cfg = SandboxConfig(
-        slots=1, uid_base=UID_BASE, cgroup_name="posttrain-slot-faults-test", limits=Limits(wall_s=10)
-    )
+    cfg = SandboxConfig(slots=1, cgroup_name="posttrain-slot-faults-test", limits=Limits(wall_s=10))
     with Sandbox(cfg) as sb:
         yield sb
 
@@ -86,20 +83,22 @@ class SlotKiller(threading.Thread):
 
 def test_slot_killed_mid_run_is_replaced_and_the_job_rerun(sandbox: Sandbox) -> None:
     replaced, errors = sandbox.slots_replaced, sandbox.counts[Status.SANDBOX_ERROR]
-    with SlotKiller(UID_BASE, times=1) as killer:
+    with SlotKiller(sandbox.uid_base, times=1) as killer:
         v = sandbox.run(SLOW_ADD, tests=ADD_TESTS)
     assert killer.kills == 1
     assert v.status is Status.PASS and v.passed == 2  # the real verdict, from the re-run
     assert sandbox.slots_replaced == replaced + 1 and sandbox.counts[Status.SANDBOX_ERROR] == errors
 
 
-def test_a_slot_killed_again_is_sandbox_error_after_one_rerun(sandbox: Sandbox) -> None:
+def test_a_runner_dying_again_is_fail_after_one_rerun_never_sandbox_error(sandbox: Sandbox) -> None:
+    # The parent cannot tell a host kill from a program that found a way to end its runner, so a
+    # second death is scored as the program's failure: no sample can mask itself.
     replaced = sandbox.slots_replaced
-    with SlotKiller(UID_BASE, times=2) as killer:
+    with SlotKiller(sandbox.uid_base, times=2) as killer:
         v = sandbox.run(SLOW_ADD, tests=ADD_TESTS)
     assert killer.kills == 2
-    assert v.status is Status.SANDBOX_ERROR and "killed by signal 9 from outside" in v.detail
-    assert v.fraction is None  # masked by callers, never scored 0
+    assert v.status is Status.FAIL and "died by signal 9 twice" in v.detail
+    assert v.fraction == 0.0 and v.passed == 0
     assert sandbox.slots_replaced == replaced + 1  # one re-run, not more
     assert sandbox.run(SLOW_ADD, tests=ADD_TESTS).status is Status.PASS  # the slot serves again
 
@@ -129,7 +128,7 @@ def test_code_reward_gets_the_real_score_when_its_slot_is_killed(sandbox: Sandbo
     graph = RewardGraph([RewardNode("tests", CodeTestsReward(sandbox=sandbox), timeout_s=60)])
     sample = RewardSample(prompt="write add", completion=SLOW_ADD, fields={"tests": ADD_TESTS})
     replaced = sandbox.slots_replaced
-    with SlotKiller(UID_BASE, times=1) as killer:
+    with SlotKiller(sandbox.uid_base, times=1) as killer:
         report = asyncio.run(graph.score_samples([sample]))  # no graph.close(): it would close the sandbox
     assert killer.kills == 1 and sandbox.slots_replaced == replaced + 1
     assert report.rewards == [1.0] and report.cells["tests"][0].status == "ok"  # scored, not masked
