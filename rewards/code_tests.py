@@ -2,12 +2,16 @@
 
 Completion format: the last fenced code block (```python ... ``` or ``` ... ```), else the
 last ``<answer>...</answer>``, else the whole completion (up to the end-of-turn marker).
-Tests come from the dataset: ``fields[tests_field]`` is a list of assert statements, or
-``fields[io_field]`` a list of [stdin, expected stdout] pairs.
+Tests come from the dataset: ``fields[tests_field]`` is a list of assert statements (or of
+``{"test": str, "rel_tol": float, "abs_tol": float}`` for a per-test numeric tolerance), or
+``fields[io_field]`` a list of [stdin, expected stdout] pairs. Statement tests run in their own
+sandboxed process, apart from the candidate; numbers compare under the tolerance policy of
+``posttrain.sandboxes.plain`` (``3.0`` answers ``3``). See sandboxes/README.md.
 
 Scoring: PASS, FAIL, TIMEOUT and OOM are the program's outcome (FAIL/TIMEOUT/OOM give the
 fraction of tests passed, or 0.0 with ``score="all"``); SANDBOX_ERROR is the harness failing, so
-the node raises and the sample is masked and counted, never scored 0.
+the node raises and the sample is masked and counted, never scored 0. A program cannot reach
+SANDBOX_ERROR: one that kills or crashes its runner scores 0.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def extract_code(completion: str) -> str:
 class CodeTestsReward:
     """Sample-mode node scoring code with a warm :class:`posttrain.sandboxes.Sandbox` (started on first use).
 
-    Give the node a ``timeout_s`` above ``wall_s`` plus queueing time for a slot.
+    Give the node a ``timeout_s`` above ``wall_s`` plus queueing time for a slot. ``uid_base=None``
+    leases a free uid range per node, so several nodes or reward actors on one host never collide.
     """
 
     reward_mode = "sample"
@@ -58,7 +63,7 @@ class CodeTestsReward:
         wall_s: float = 5.0,
         memory_mb: int = 256,
         allow_weaker: bool = False,
-        uid_base: int = 61200,
+        uid_base: int | None = None,
         sandbox: Any = None,
     ) -> None:
         if score not in ("fraction", "all"):

@@ -64,3 +64,36 @@ def test_sandbox_error_is_masked_not_zero(group_of) -> None:
     assert scored.rewards == [None, 0.0]
     assert metrics["reward/tests/sandbox_error"] == 1.0 and metrics["reward/tests/errors"] == 1.0
     assert metrics["reward/tests/masked"] == 1.0
+
+
+def test_two_default_nodes_on_one_host_do_not_collide_and_forged_records_score_zero(
+    code_node, group_of
+) -> None:
+    # Two reward actors with default settings used to share uid 61200 and kill each other's jobs;
+    # the forged-record hack used to score 0.5 through this node.
+    forge = (
+        "import os\n"
+        "for fd in range(3, 64):\n"
+        '    try: os.write(fd, b\'{"i": 0, "ok": true, "cmps": []}\\n{"i": 1, "ok": true}\\n{"done": true}\\n\')\n'
+        "    except OSError: pass\n"
+        "def add(a, b):\n    return 0\n"
+    )
+    check = "def check(candidate):\n    assert candidate(1, 2) == 3\ncheck(add)"
+    other = CodeTestsReward(wall_s=5, slots=1)
+    try:
+        graphs = [RewardGraph([RewardNode("tests", n, timeout_s=60)]) for n in (code_node, other)]
+        honest = "def add(a, b):\n    return a + b\n"
+        for graph in graphs:
+            [scored], _ = graph.score_groups_sync(
+                [
+                    group_of(
+                        "write add",
+                        [forge, honest, "import os, signal\nos.kill(1, signal.SIGINT)\n" + forge],
+                        tests=[check, "assert add(2, 2) == 4"],
+                    )
+                ]
+            )
+            assert scored.rewards == [0.0, 1.0, 0.0]
+        assert code_node._sandbox.uid_base != other._sandbox.uid_base
+    finally:
+        other.close()
