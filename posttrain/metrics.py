@@ -91,7 +91,7 @@ class MetricsLogger:
         self.enabled, self.cfg, self.total = enabled, cfg, total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._wandb = self._progress = None
-        self._lines = False
+        self._lines, self._last_line_step = False, -1
         self._start = time.time()
         if not enabled:
             return
@@ -127,7 +127,10 @@ class MetricsLogger:
             shown = " ".join(f"{k}={clean[k]:.4g}" for k in self.cfg.progress_keys if isinstance(clean.get(k), float) and math.isfinite(clean[k]))
             self._progress.update(self._task, completed=min(step, self.total), description=shown)
         if self._lines and step > 0 and (step % self.cfg.every_steps == 0 or step >= self.total):
-            print(step_line(step, self.total, clean, self.cfg.progress_keys, record["time_s"]), flush=True)
+            line = step_line(step, self.total, clean, self.cfg.progress_keys, record["time_s"])
+            if step != self._last_line_step or "=" in line:  # a final eval logged at the last step: only if it shows something
+                print(line, flush=True)
+            self._last_line_step = step
 
     def log_samples(self, step: int, samples: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
         """Keep ``logging.samples_per_step`` of this step's completions (see ``log_completion_samples``)."""
@@ -184,7 +187,8 @@ def log_completion_samples(
     if wandb_run is not None:
         import wandb
 
-        columns = sorted({c for r in rows for c in r}, key=lambda c: (c not in ("step", "prompt", "completion", "reward"), c))
+        first = ["step", "prompt", "completion", "reward"]
+        columns = [c for c in first if any(c in r for r in rows)] + sorted({c for r in rows for c in r} - set(first))
         wandb_run.log({"completions": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])}, step=step)
     return rows
 

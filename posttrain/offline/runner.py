@@ -87,6 +87,15 @@ def should_save(step: int, metrics: dict[str, float], every: int, max_steps: int
 
 
 def rank_main(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str) -> None:
+    try:
+        _train(rank, world, cfg, resolved, run_dir)
+    except KeyboardInterrupt:
+        if world > 1:  # a spawned rank: exit quietly, the launching process prints the one line
+            os._exit(130)
+        raise
+
+
+def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str) -> None:
     seed_everything(cfg.run.seed + rank)
     algo = cfg.algorithm.build()
     tok = load_tokenizer(cfg.model)
