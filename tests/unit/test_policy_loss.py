@@ -82,6 +82,35 @@ def test_dual_clip_bounds_negative_advantage_tokens():
     assert metrics["dual_clip_frac"].item() == pytest.approx(0.5)
 
 
+def test_dual_clip_leaves_positive_advantages_alone():
+    # A = +1: pg = max(-r, -clip(r)); the dual bound -A c = -3 must not apply (it is for A < 0 only).
+    # r = 1 -> -1 (a mutant applying the bound gives -3); r = 5 -> max(-5, -1.2) = -1.2, no gradient
+    loss, metrics, grad = run(PolicyLossConfig(dual_clip=3.0), [[0.0, LN(5.0)]], [[1.0, 1.0]])
+    assert loss.item() == pytest.approx((-1.0 - 1.2) / 2)
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.0]]))  # d(-r)/dlogp / 2 at r = 1
+    assert metrics["dual_clip_frac"].item() == 0.0
+
+
+def test_truncated_is_caps_only_from_above():
+    # old - behaviour = ln 0.25 -> w = 0.25 < 1/cap: TIS keeps 0.25 (min(w, 2)); never raised to 1/cap
+    loss, metrics, grad = run(PolicyLossConfig(tis_cap=2.0), [[0.0]], [[1.0]], old=[[0.0]], behaviour=[[LN(4.0)]])
+    assert loss.item() == pytest.approx(-0.25)
+    torch.testing.assert_close(grad, torch.tensor([[-0.25]]))
+    assert metrics["is_weight_mean"].item() == pytest.approx(0.25)
+
+
+def test_token_mean_weights_tokens_not_sequences():
+    # per-token losses -A r at r = 1: row 0 one token with A = 1, row 1 three tokens with A = -1
+    # token_mean: (-1 + 3 * 1) / 4 = 0.5; seq_mean_token_mean: (-1 + 1) / 2 = 0
+    adv, mask = [[1.0, 0.0, 0.0], [-1.0, -1.0, -1.0]], [[1, 0, 0], [1, 1, 1]]
+    loss, _, grad = run(PolicyLossConfig(aggregation="token_mean"), [[0.0] * 3] * 2, adv, mask=mask)
+    assert loss.item() == pytest.approx(0.5)
+    torch.testing.assert_close(grad, torch.tensor([[-0.25, 0.0, 0.0], [0.25, 0.25, 0.25]]))
+    loss, _, grad = run(PolicyLossConfig(aggregation="seq_mean_token_mean"), [[0.0] * 3] * 2, adv, mask=mask)
+    assert loss.item() == pytest.approx(0.0, abs=1e-7)
+    torch.testing.assert_close(grad, torch.tensor([[-0.5, 0.0, 0.0], [1 / 6, 1 / 6, 1 / 6]]))
+
+
 # ------------------------------------------------------------------ behaviour importance weights
 # old - behaviour = [ln 3, ln 0.5] -> raw weights [3, 0.5]; ratio 1 and A = +1 -> pg = -1 per token
 OLD = [[0.0, 0.0]]
