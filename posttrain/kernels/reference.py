@@ -171,15 +171,31 @@ def expert_mlp(
     return grouped_gemm(swiglu(hidden), down_proj, m_sizes, transposed_w)
 
 
-def _grouped_wgrad(
-    x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor, transposed_w: bool, dtype: torch.dtype
-) -> torch.Tensor:
-    """dW[g] = dy_g^T x_g per group (float32 loop): [G, N, K], or [G, K, N] if ``transposed_w``."""
-    dw = torch.zeros(m_sizes.shape[0], dy.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 accumulation, float64 for float64 inputs (gradcheck)."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _per_group(rows: torch.Tensor, w_kn: torch.Tensor, m_sizes: torch.Tensor) -> torch.Tensor:
+    """rows of group g @ w_kn[g] ([G, K, N]) in the accumulation dtype of ``rows``."""
+    out = rows.new_zeros(rows.shape[0], w_kn.shape[2])
     start = 0
     for g, size in enumerate(m_sizes.tolist()):
         if size:
-            dw[g] = dy[start : start + size].float().T @ x[start : start + size].float()
+            out[start : start + size] = rows[start : start + size] @ w_kn[g]
+        start += size
+    return out
+
+
+def _grouped_wgrad(
+    x: torch.Tensor, dy: torch.Tensor, m_sizes: torch.Tensor, transposed_w: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """dW[g] = dy_g^T x_g per group (loop in x's dtype): [G, N, K], or [G, K, N] if ``transposed_w``."""
+    dw = x.new_zeros(m_sizes.shape[0], dy.shape[1], x.shape[1])
+    start = 0
+    for g, size in enumerate(m_sizes.tolist()):
+        if size:
+            dw[g] = dy[start : start + size].T @ x[start : start + size]
         start += size
     return (dw.transpose(1, 2) if transposed_w else dw).contiguous().to(dtype)
 
@@ -198,13 +214,19 @@ def fused_experts_forward(
     ``x`` [T, H]; ``token_counts`` [E] rows per expert; ``token_indices`` [S] token of each
     expert-sorted row; ``row_scales`` [S] its combine weight. Returns (out [T, H] in ``x.dtype``:
     out[t] = sum over rows r of token t of row_scales[r] * MLP_e(x[t]), summed in float32;
-    h [S, 2I]: the gate/up projection, which the backward needs).
+    h [S, 2I] in the weights' dtype: the gate/up projection, which the backward needs).
+    Like the kernels, h and SwiGLU's output are rounded to the weights' dtype between stages.
     """
-    rows = x[token_indices.long()]
-    h = grouped_gemm(rows, gate_up_proj, token_counts, transposed_w)
-    y = grouped_gemm(swiglu(h), down_proj, token_counts, transposed_w)
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_indices.long(), y.float() * row_scales.float()[:, None])
+    acc = _acc_dtype(x)
+    tok = token_indices.long()
+    w1 = (gate_up_proj if transposed_w else gate_up_proj.transpose(1, 2)).to(acc)  # [E, H, 2I]
+    w2 = (down_proj if transposed_w else down_proj.transpose(1, 2)).to(acc)  # [E, I, H]
+    h = _per_group(x.to(acc)[tok], w1, token_counts).to(gate_up_proj.dtype)
+    gate, up = h.to(acc).chunk(2, dim=-1)
+    a = (F.silu(gate) * up).to(down_proj.dtype).to(acc)
+    y = _per_group(a, w2, token_counts)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
+    out.index_add_(0, tok, y * row_scales.to(acc)[:, None])
     return out.to(x.dtype), h
 
 
@@ -222,33 +244,23 @@ def fused_experts_backward(
     """Gradients of :func:`fused_experts_forward`: (dx, d gate_up_proj, d down_proj, d row_scales).
 
     Written out by hand in float32 (this runs inside a custom op, where autograd is off); the
-    tests check it against autograd through the unfused reference ops.
+    tests check it against autograd through the unfused reference ops and finite differences.
     """
+    acc = _acc_dtype(x)
     tok = token_indices.long()
-    scales = row_scales.float()
-    dout = grad_out.float()[tok]  # [S, H]
-    w1 = (gate_up_proj if transposed_w else gate_up_proj.transpose(1, 2)).float()  # [E, H, 2I]
-    w2 = (down_proj if transposed_w else down_proj.transpose(1, 2)).float()  # [E, I, H]
-    hf = h.float()
-    gate, up = hf.chunk(2, dim=-1)
+    scales = row_scales.to(acc)
+    dout = grad_out.to(acc)[tok]  # [S, H]
+    w1 = (gate_up_proj if transposed_w else gate_up_proj.transpose(1, 2)).to(acc)  # [E, H, 2I]
+    w2 = (down_proj if transposed_w else down_proj.transpose(1, 2)).to(acc)  # [E, I, H]
+    gate, up = h.to(acc).chunk(2, dim=-1)
     sig = torch.sigmoid(gate)
     a = gate * sig * up  # [S, I]
-    g = torch.zeros_like(a)
-    start = 0
-    for e, size in enumerate(token_counts.tolist()):
-        if size:
-            g[start : start + size] = dout[start : start + size] @ w2[e].T
-        start += size
+    g = _per_group(dout, w2.transpose(1, 2), token_counts)  # [S, I]
     d_scales = (g * a).sum(dim=1)
     da = g * scales[:, None]
     dh = torch.cat([da * up * sig * (1 + gate * (1 - sig)), da * gate * sig], dim=1)  # [S, 2I]
-    d_rows = torch.zeros(dh.shape[0], w1.shape[1], dtype=torch.float32, device=x.device)
-    start = 0
-    for e, size in enumerate(token_counts.tolist()):
-        if size:
-            d_rows[start : start + size] = dh[start : start + size] @ w1[e].T
-        start += size
-    dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, tok, d_rows)
+    d_rows = _per_group(dh, w1.transpose(1, 2), token_counts)  # [S, H]
+    dx = torch.zeros(x.shape, dtype=acc, device=x.device).index_add_(0, tok, d_rows)
     d_down = _grouped_wgrad(a, dout * scales[:, None], token_counts, transposed_w, down_proj.dtype)
-    d_gate_up = _grouped_wgrad(x.float()[tok], dh, token_counts, transposed_w, gate_up_proj.dtype)
+    d_gate_up = _grouped_wgrad(x.to(acc)[tok], dh, token_counts, transposed_w, gate_up_proj.dtype)
     return dx.to(x.dtype), d_gate_up, d_down, d_scales.to(row_scales.dtype)
