@@ -80,6 +80,20 @@ def kl_reward_penalty(
     return -coef * kl_BT, kl_BT
 
 
+def check_kl_in_reward(coef: float, estimator: str) -> tuple[str, str, str] | None:
+    """Validation for the driver's KL-in-reward settings: ``(key, problem, fix)`` or None.
+
+    Any advantage estimator accepts KL in the reward now (group estimators sum it into the score,
+    GAE / REINFORCE++ use it per token), so the estimator is not checked; k1 is fine here (it is
+    refused only in the loss, where its expected gradient is 0).
+    """
+    if coef < 0:
+        return ("kl_in_reward_coef", f"{coef} must be >= 0", "set kl_in_reward_coef: 0 to disable KL in the reward")
+    if estimator not in KL_ESTIMATORS:
+        return ("kl_in_reward_estimator", f"{estimator!r} is not allowed", f"use one of {sorted(KL_ESTIMATORS)} (k1 as in verl)")
+    return None
+
+
 # ---------------------------------------------------------------- controllers
 @dataclass
 class FixedKLController:

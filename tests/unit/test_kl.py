@@ -13,6 +13,7 @@ from posttrain.algorithms.kl import (
     MAX_KL_TOKEN,
     AdaptiveKLController,
     FixedKLController,
+    check_kl_in_reward,
     kl_penalty,
     kl_reward_penalty,
 )
@@ -99,3 +100,11 @@ def test_k1_in_the_loss_is_refused_naming_k2_and_k3():
     with pytest.raises(ConfigError, match="kl_estimator"):
         policy_loss(z, z, z, z, torch.ones(1, 2), PolicyLossConfig(kl_coef=0.1, kl_estimator="k1"), 2, 1,
                     ref_logprobs_BT=z)
+
+
+def test_kl_in_reward_validation():
+    assert check_kl_in_reward(0.02, "k1") is None  # k1 is fine in the reward
+    key, problem, fix = check_kl_in_reward(-0.1, "k1")
+    assert key == "kl_in_reward_coef" and "must be >= 0" in problem and "0 to disable" in fix
+    key, problem, fix = check_kl_in_reward(0.1, "k9")
+    assert key == "kl_in_reward_estimator" and "'k9'" in problem and "k3" in fix
