@@ -77,7 +77,7 @@ def main() -> None:
     import ray
     import slow_worker
 
-    from posttrain.rl.controller import RLRun
+    from posttrain.rl.trainers import TrainerGroup
 
     for module in (faulty_trainer, slow_worker):
         ray.cloudpickle.register_pickle_by_value(module)
@@ -88,11 +88,11 @@ def main() -> None:
         for flag in (faulty_trainer.KILL_FLAG, slow_worker.KILL_FLAG):
             if os.path.exists(flag):
                 os.remove(flag)
-        RLRun.trainer_class = faulty_trainer.DiesOnceTrainer
+        TrainerGroup.trainer_class = faulty_trainer.DiesOnceTrainer
         try:
             logged = _timed_run(out, "trainer_killed", ["trainer.max_steps=5"])
         finally:
-            RLRun.trainer_class = faulty_trainer.TrainerWorker
+            TrainerGroup.trainer_class = faulty_trainer.TrainerWorker
         died = os.path.getmtime(faulty_trainer.KILL_FLAG)
         raw["trainer_death_to_step4_s"] = logged[4] - died
         raw["normal_step_s"] = logged[2] - logged[1]

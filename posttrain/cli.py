@@ -144,6 +144,10 @@ def _runner_for(cfg):
     runner = getattr(cfg.algorithm, "runner", None)
     if runner is None:
         from posttrain.offline.runner import run_offline as runner
+    elif isinstance(runner, str):  # an import path: the algorithm's config does not import its driver
+        from posttrain.config.targets import import_object
+
+        runner = import_object(runner, "algorithm._target_", "recipe")
     return runner
 
 

@@ -8,7 +8,7 @@ Shapes are in the names where a field is a tensor (``logprobs_BT``: batch x toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -88,23 +88,75 @@ class ScoredGroup:
     token_rewards: list[list[float]] | None = None
 
 
+def _rows(value: Any, idx: Any) -> Any:
+    return value[idx] if isinstance(value, torch.Tensor) else value
+
+
+@dataclass
+class ForwardBatch:
+    """What the trainer's forward-only verb scores: right-padded prompt+response rows.
+
+    ``want_old``: also return the current policy's logprobs (``old_logprobs_BT``), not only the
+    reference's and the critic's.
+    """
+
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    want_old: bool = True
+
+    def shard(self, rank: int, world: int) -> ForwardBatch:
+        """Rows ``rank::world`` (each trainer rank scores its share)."""
+        return ForwardBatch(self.input_ids_BT[rank::world], self.attention_mask_BT[rank::world], self.want_old)
+
+
+@dataclass
+class ForwardOutputs:
+    """Per-token outputs of the forward verb, aligned with ``input_ids_BT`` (position t: token t).
+
+    A field is None when the model that makes it does not exist (no reference, no critic) or was
+    not asked for (``want_old=False``).
+    """
+
+    old_logprobs_BT: torch.Tensor | None = None
+    ref_logprobs_BT: torch.Tensor | None = None
+    values_BT: torch.Tensor | None = None
+
+
 @dataclass
 class TrainBatch:
-    """A padded batch for the policy loss (right-padded, prompt + response).
+    """One mini-batch for one optimizer step of the policy (and critic), right-padded prompt+response.
 
     input_ids_BT / attention_mask_BT cover prompt+response; loss_mask_BT is 1 on response tokens
-    that count towards the loss. Per-token tensors (old_logprobs_BT, advantages_BT, ...) are
-    aligned with input_ids_BT: position t holds the value for predicting token t (so position 0
-    is always masked).
+    that count towards the loss. Per-token tensors are aligned with input_ids_BT: position t holds
+    the value for predicting token t (so position 0 is always masked). ``old_logprobs_BT`` None:
+    the update's own forward gives the pre-update logprobs (one mini-batch, detached).
+    ``num_tokens`` / ``num_seqs`` are the GLOBAL counts of the mini-batch over all ranks, so every
+    rank normalises its loss by the same number (gradient accumulation == one big batch).
     """
 
     input_ids_BT: torch.Tensor
     attention_mask_BT: torch.Tensor
     loss_mask_BT: torch.Tensor
-    advantages_BT: torch.Tensor
     behaviour_logprobs_BT: torch.Tensor
-    versions_BT: torch.Tensor
-    returns_BT: torch.Tensor | None = None
-    old_values_BT: torch.Tensor | None = None
+    advantages_BT: torch.Tensor
+    old_logprobs_BT: torch.Tensor | None = None
     ref_logprobs_BT: torch.Tensor | None = None
-    ordinals_B: torch.Tensor | None = None
+    values_BT: torch.Tensor | None = None  # critic values before the update (value clipping)
+    returns_BT: torch.Tensor | None = None  # critic targets
+    num_tokens: float = 1.0
+    num_seqs: float = 1.0
+
+    @property
+    def size(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    def select(self, idx: Any) -> TrainBatch:
+        """These rows (a list of indices or a slice); the counts stay those of the whole mini-batch."""
+        return TrainBatch(**{f.name: _rows(getattr(self, f.name), idx) for f in fields(self)})
+
+    def shard(self, rank: int, world: int) -> TrainBatch:
+        return self.select(slice(rank, None, world))
+
+    def tensors(self) -> dict[str, Any]:
+        """Plain ``{name: value}`` of the fields that are set (what a loss function reads)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}

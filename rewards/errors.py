@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from posttrain.config.errors import PosttrainError
 
-class RewardError(Exception):
-    """Base class of every error raised by posttrain.rewards."""
+
+class RewardError(PosttrainError):
+    """Base class of every error raised by posttrain.rewards (a user-facing error: the CLI prints
+    its message, which names the cause and the fix, without a traceback)."""
 
 
 class RewardGraphError(RewardError, ValueError):

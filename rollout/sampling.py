@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from posttrain.config.errors import ConfigError
+
+
+class SamplingError(ConfigError, ValueError):
+    """A sampling value out of range (a ConfigError: exit 2 from the CLI)."""
+
 
 @dataclass
 class SamplingConfig:
@@ -30,12 +36,20 @@ class SamplingConfig:
     seed: int | None = None
     batch_seed: int | None = None
 
-    def __post_init__(self) -> None:
+    def validate(self) -> tuple[str, str, str] | None:
+        """(key, problem, fix) for a value out of range, else None (the recipe loader reports it)."""
         if self.n < 1:
-            raise ValueError(f"rollout.sampling.n must be >= 1, got {self.n}")
+            return ("n", f"{self.n} must be >= 1", "set rollout.sampling.n to the group size, e.g. 8")
         if self.temperature < 0:
-            raise ValueError(f"rollout.sampling.temperature must be >= 0, got {self.temperature}")
+            return ("temperature", f"{self.temperature} must be >= 0", "set rollout.sampling.temperature=1.0 (0 = greedy)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"rollout.sampling.top_p must be in (0, 1], got {self.top_p}")
+            return ("top_p", f"{self.top_p} must be in (0, 1]", "set rollout.sampling.top_p=1.0 (no nucleus filtering)")
         if self.max_tokens < 1:
-            raise ValueError(f"rollout.sampling.max_tokens must be >= 1, got {self.max_tokens}")
+            return ("max_tokens", f"{self.max_tokens} must be >= 1", "set rollout.sampling.max_tokens to the longest answer")
+        return None
+
+    def __post_init__(self) -> None:
+        problem = self.validate()
+        if problem:  # built in code (the Python API): the same message as from a recipe
+            key, message, fix = problem
+            raise SamplingError(f"rollout.sampling.{key}", "SamplingConfig", message, fix)

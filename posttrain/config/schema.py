@@ -57,3 +57,4 @@ class RecipeConfig:
     rollout: Any = None
     reward: Any = None
     cluster: Any = None
+    sync: Any = None  # weight sync trainer -> rollout workers (posttrain.rl.config.SyncConfig)

@@ -8,11 +8,12 @@ GSPO and PPO are parameterisations of one loop, not copies of it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from posttrain.algorithms.advantages import GRPOAdvantage
 from posttrain.algorithms.policy_loss import GRPOLossConfig, PolicyLossConfig
 from posttrain.config.targets import build_dataclass
+from posttrain.rollout.sampling import SamplingConfig
 
 
 @dataclass
@@ -23,7 +24,8 @@ class RolloutSection:
     engine: dict[str, Any] = field(
         default_factory=lambda: {"_target_": "posttrain.rollout.vllm_engine.VLLMEngineConfig"}
     )
-    sampling: dict[str, Any] = field(default_factory=lambda: {"n": 8, "temperature": 1.0, "max_tokens": 16})
+    # Typed and validated at load: a misspelt key (``temprature``) or a value out of range exits 2.
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
@@ -42,6 +44,8 @@ class RolloutSection:
     max_worker_restarts: int = 3
 
     def validate(self) -> tuple[str, str, str] | None:
+        if self.num_workers < 1:
+            return ("num_workers", f"{self.num_workers} must be >= 1", "set rollout.num_workers=1 (or more)")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
             return (
                 "chunk_tokens",
@@ -86,6 +90,45 @@ class ClusterConfig:
 
 
 @dataclass
+class SyncConfig:
+    """``sync:`` — how weights travel from the trainer to the rollout workers (infrastructure, not
+    algorithm). See posttrain/weight_sync.py for the invariants every update keeps."""
+
+    bucket_mb: int = 64  # weight-sync bucket size (MiB); a larger tensor travels alone
+    probe_tolerance: float | None = None  # nats; None: by dtype (posttrain.weight_sync.PROBE_TOLERANCE)
+    # Testing only: publish a new version without loading it into the workers, to prove that the
+    # probe catches an engine that serves stale weights.
+    skip_weight_sync: bool = False
+
+    def validate(self) -> tuple[str, str, str] | None:
+        if self.bucket_mb < 1:
+            return ("bucket_mb", f"{self.bucket_mb} must be >= 1", "set sync.bucket_mb=64")
+        if self.probe_tolerance is not None and self.probe_tolerance <= 0:
+            return ("probe_tolerance", f"{self.probe_tolerance} must be > 0", "set sync.probe_tolerance=null (by dtype)")
+        return None
+
+
+@dataclass
+class Deadlines:
+    """How long each kind of remote call may take (seconds; None: no limit), from the recipe."""
+
+    call_s: float | None  # cluster.call_timeout_s: trainer verbs, weight updates, probes
+    request_s: float | None  # one generate request: rollout.request_timeout_s, else call_s
+    aside_s: float | None  # rollout.request_timeout_s: a worker slower than this is set aside
+
+    STARTUP_S: ClassVar[float] = 600.0  # starting an actor (model load, compile, rendezvous)
+
+    @property
+    def startup_s(self) -> float | None:
+        return None if self.call_s is None else max(self.call_s, self.STARTUP_S)
+
+    @classmethod
+    def of(cls, cluster: ClusterConfig, rollout: RolloutSection) -> Deadlines:
+        request = rollout.request_timeout_s
+        return cls(cluster.call_timeout_s, request if request is not None else cluster.call_timeout_s, request)
+
+
+@dataclass
 class CriticConfig:
     """PPO's value model: a token-classification head (1 label) on the policy's backbone."""
 
@@ -117,9 +160,6 @@ class OnlineRLConfig:
     dynamic_sampling: bool = False  # drop groups whose rewards all agree (zero advantage)
     overlong_filter: bool = False  # mask samples cut at max_tokens
     max_masked_fraction: float = 0.5  # more masked samples than this in a step stops the run
-    probe_tolerance: float | None = None  # nats; None: by dtype (posttrain.weight_sync.PROBE_TOLERANCE)
-    bucket_mb: int = 64  # weight-sync bucket size
-    skip_weight_sync: bool = False  # testing only: proves the probe catches a stale engine
     eval_every_steps: int = 0
     # Bounded off-policyness: a sample whose oldest token came from policy version v_min may enter
     # the optimizer step that turns version s into s+1 only if s - v_min <= max_staleness.
@@ -166,12 +206,14 @@ class OnlineRLConfig:
             return ("mini_batches", "must be >= 1", "set algorithm.mini_batches=1 for on-policy updates")
         return None
 
+    # The CLI imports the runner by this path: the config does not import the driver.
+    runner: ClassVar[str] = "posttrain.rl.controller.run_rl"
+
     def build(self):
         return self
 
     def derived_counts(self, cfg) -> dict[str, Any]:
-        n = int(cfg.rollout.sampling.get("n", 1))
-        max_new = int(cfg.rollout.sampling.get("max_tokens", 16))
+        n, max_new = cfg.rollout.sampling.n, cfg.rollout.sampling.max_tokens
         return {
             "prompts_per_step": self.prompts_per_step,
             "samples_per_step": self.prompts_per_step * n,
@@ -230,7 +272,7 @@ class OnlineRLConfig:
 
     def check_recipe(self, cfg) -> tuple[str, str, str] | None:
         """Cross-section consistency: the trainer's batch is the rollout batch."""
-        n = int(cfg.rollout.sampling.get("n", 1))
+        n = cfg.rollout.sampling.n
         samples = self.prompts_per_step * n
         if cfg.trainer.global_batch_size != samples:
             return (
@@ -259,17 +301,11 @@ class OnlineRLConfig:
             )
         return None
 
-    @property
-    def runner(self):
-        from posttrain.rl.controller import run_rl
-
-        return run_rl
-
     def sections(self) -> dict[str, type]:
         """Extra top-level recipe sections this algorithm needs, validated at load time."""
         from posttrain.rewards.config import RewardGraphConfig
 
-        return {"rollout": RolloutSection, "reward": RewardGraphConfig, "cluster": ClusterConfig}
+        return {"rollout": RolloutSection, "reward": RewardGraphConfig, "cluster": ClusterConfig, "sync": SyncConfig}
 
 
 def build_section(tp: type, data: Any, key: str, source: str) -> Any:

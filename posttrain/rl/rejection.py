@@ -46,7 +46,7 @@ class RejectionSamplingConfig:
         return {"rollout": RolloutSection, "reward": RewardGraphConfig, "cluster": ClusterConfig}
 
     def derived_counts(self, cfg) -> dict[str, Any]:
-        n = int(cfg.rollout.sampling.get("n", 1))
+        n = cfg.rollout.sampling.n
         return {"prompts": self.num_prompts, "samples_generated": self.num_prompts * n, "kept_at_most": self.num_prompts * self.top_k,
                 "sft_steps": cfg.trainer.max_steps}
 
@@ -76,7 +76,6 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
         start_ray,
     )
     from posttrain.rollout.actor import RolloutWorker
-    from posttrain.rollout.sampling import SamplingConfig
 
     algo, tok = cfg.algorithm, load_tokenizer(cfg.model)
     rows = load_rows(cfg.data.train, "data.train")
@@ -91,7 +90,7 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
     engine_cfg = build_target({**cfg.rollout.engine, "model_path": cfg.model.path}, "rollout.engine", "recipe")
     workers = [remote_class(RolloutWorker).options(**actor_options(pg, b, plan.rollout_resources)).remote(engine_cfg) for b in plan.rollout_bundle]
     try:
-        sampling = SamplingConfig(**cfg.rollout.sampling)
+        sampling = cfg.rollout.sampling
         shards = ray.get([w.generate.remote(prompts[i :: len(workers)], sampling) for i, w in enumerate(workers)])
     finally:
         for w in workers:

@@ -1,15 +1,17 @@
 """One trainer rank of online RL: policy (FSDP2), optional frozen reference and critic.
 
-A plain class with a few verbs (``forward``, ``train``, ``push_weights``, ``probe``, ``export``);
-the controller runs one per rank as a Ray actor and calls every verb on all ranks at once
-(the verbs are collectives). Each rank gets its share of the rows; counts that normalise the loss
-are global (computed by the controller over the whole mini-batch).
+A plain class with a few typed verbs (``forward(ForwardBatch) -> ForwardOutputs``,
+``train(TrainBatch) -> metrics``, ``push_weights``, ``probe``, ``save``/``load``, ``export``);
+:class:`posttrain.rl.trainers.TrainerGroup` runs one per rank as a Ray actor and calls every verb
+on all ranks at once (the verbs are collectives). Each rank gets its share of the rows; counts
+that normalise the loss are global (computed over the whole mini-batch before sharding).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -23,9 +25,23 @@ from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpo
 from posttrain.engine.dist import device_for_rank, init_rank
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, load_causal_lm, load_tokenizer
+from posttrain.rl.config import OnlineRLConfig, SyncConfig
+from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
 from posttrain.weight_sync import WeightSender, dtype_from_name
 
-Rows = dict[str, torch.Tensor]
+
+@dataclass
+class TrainerSpec:
+    """Everything a trainer rank is built from (the same for every rank but ``rank``)."""
+
+    world: int
+    store_path: str  # rendezvous of this process group (a fresh one after every restart)
+    model: ModelConfig
+    trainer: TrainerConfig
+    algo: OnlineRLConfig
+    sync: SyncConfig
+    cpus: float  # CPUs this rank reserved: its torch threads
+    collective_timeout_s: float | None = None
 
 
 def _shifted_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
@@ -64,13 +80,11 @@ class _TrainState:
 
 
 class TrainerWorker:
-    def __init__(
-        self, rank: int, world: int, store_path: str, model_cfg: ModelConfig, trainer_cfg: TrainerConfig, algo, cpus: float,
-        collective_timeout_s: float | None = None,
-    ) -> None:
-        torch.set_num_threads(max(1, int(cpus)))
-        init_rank(rank, world, store_path, trainer_cfg.backend, collective_timeout_s)
-        self.rank, self.world, self.algo, self.trainer_cfg = rank, world, algo, trainer_cfg
+    def __init__(self, rank: int, spec: TrainerSpec) -> None:
+        torch.set_num_threads(max(1, int(spec.cpus)))
+        init_rank(rank, spec.world, spec.store_path, spec.trainer.backend, spec.collective_timeout_s)
+        model_cfg, trainer_cfg, algo = spec.model, spec.trainer, spec.algo
+        self.rank, self.world, self.algo, self.trainer_cfg = rank, spec.world, algo, trainer_cfg
         self.model_cfg = model_cfg
         self.device = device_for_rank(rank)
         torch.manual_seed(0)
@@ -90,14 +104,23 @@ class TrainerWorker:
             )
             ccfg = TrainerConfig(**{**trainer_cfg.__dict__, "optim": OptimConfig(lr=algo.critic.lr)})
             self.critic = TrainEngine(critic, ccfg, self.device)
-        self.sender = WeightSender(bucket_bytes=algo.bucket_mb << 20)
+        self.sender = WeightSender(bucket_bytes=spec.sync.bucket_mb << 20)
 
     # -- forward-only ------------------------------------------------------------------------
-    def forward(self, rows: Rows) -> dict[str, torch.Tensor]:
-        """old_logprobs_BT (current policy; unless ``rows['with_old']`` is False), ref_logprobs_BT, values_BT."""
-        ids, attn = rows["input_ids_BT"].to(self.device), rows["attention_mask_BT"].to(self.device)
+    def forward(self, batch: ForwardBatch) -> ForwardOutputs:
+        """Old (current policy, if ``batch.want_old``), reference logprobs and critic values of this
+        rank's rows, in micro-batches of ``trainer.micro_batch_size`` rows: the logits of one
+        micro-batch are alive at a time, never [B, T, V] for the whole batch."""
+        size = self.trainer_cfg.micro_batch_size
+        parts = [self._forward_micro(batch.input_ids_BT[i : i + size], batch.attention_mask_BT[i : i + size], batch.want_old)
+                 for i in range(0, batch.input_ids_BT.shape[0], size)]  # fmt: skip
+        joined = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+        return ForwardOutputs(**joined)
+
+    def _forward_micro(self, ids: torch.Tensor, attn: torch.Tensor, want_old: bool) -> dict[str, torch.Tensor]:
+        ids, attn = ids.to(self.device), attn.to(self.device)
         out = {}
-        if rows.get("with_old", True):
+        if want_old:
             out["old_logprobs_BT"] = self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
         if self.reference is not None:
             out["ref_logprobs_BT"] = self.reference.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
@@ -127,12 +150,10 @@ class TrainerWorker:
         values = F.pad(v[:, :-1], (1, 0))
         return value_loss(values, mb["values_BT"], mb["returns_BT"], mb["loss_mask_BT"], self.algo.critic.value_clip, mb["num_tokens"])
 
-    def train(self, rows: dict[str, Any]) -> dict[str, float]:
+    def train(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step (policy, and critic for PPO) on this rank's rows of a mini-batch."""
-        n = rows["input_ids_BT"].shape[0]
         size = self.trainer_cfg.micro_batch_size
-        scalars = {k: v for k, v in rows.items() if not isinstance(v, torch.Tensor)}
-        micro = [{**{k: v[i : i + size] for k, v in rows.items() if isinstance(v, torch.Tensor)}, **scalars} for i in range(0, n, size)]
+        micro = [batch.select(slice(i, i + size)).tensors() for i in range(0, batch.size, size)]
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)
         if self.critic is not None:

@@ -65,7 +65,7 @@ def test_secret_override_is_redacted_in_dry_run_and_config_yaml(tmp_path, repo_r
     assert code == 0, err
     assert SECRET not in out and "api_token: '***'" in out
     # A real `posttrain run` writes config.yaml before its runner starts; stub the RL loop out.
-    import posttrain.rl.controller as controller
+    import posttrain.rl.controller as controller  # the driver, found by OnlineRLConfig.runner
 
     monkeypatch.setattr(controller, "run_rl", lambda cfg, resolved, run_dir: {})
     code, out, err = run_cli("run", recipe, *_grpo_overrides(tmp_path))

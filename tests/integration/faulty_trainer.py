@@ -1,4 +1,4 @@
-"""Test-only trainer ranks that fail on purpose (substituted through ``RLRun.trainer_class``).
+"""Test-only trainer ranks that fail on purpose (substituted through ``TrainerGroup.trainer_class``).
 
 Ray pickles these classes by value (the tests register this module), so the flag paths travel to
 the actor processes as they were in the test process.

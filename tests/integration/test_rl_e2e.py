@@ -68,7 +68,7 @@ def test_probe_fails_when_sync_is_skipped(tmp_path, repo_root):
     from posttrain.weight_sync import WeightSyncProbeError
 
     with pytest.raises(WeightSyncProbeError, match="version 1"):
-        _run(repo_root, _overrides(tmp_path, "skip", ["trainer.max_steps=1", "algorithm.skip_weight_sync=true", "trainer.optim.lr=0.05",
+        _run(repo_root, _overrides(tmp_path, "skip", ["trainer.max_steps=1", "sync.skip_weight_sync=true", "trainer.optim.lr=0.05",
                                                                "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]"]))
 
 

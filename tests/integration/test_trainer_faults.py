@@ -16,7 +16,7 @@ import time
 import pytest
 from test_async_staleness import _overrides, _run
 
-from posttrain.rl.controller import RLRun, TrainerFailed
+from posttrain.rl.trainers import TrainerFailed, TrainerGroup
 
 pytestmark = pytest.mark.slow
 STEPS = 5
@@ -69,7 +69,7 @@ def _faulted(tmp_path, repo_root, monkeypatch, trainer_class, name):
     import faulty_trainer
 
     _fresh(faulty_trainer.KILL_FLAG)
-    monkeypatch.setattr(RLRun, "trainer_class", trainer_class)
+    monkeypatch.setattr(TrainerGroup, "trainer_class", trainer_class)
     t0 = time.perf_counter()
     steps, ledger = _run(repo_root, _overrides(tmp_path, name, [f"trainer.max_steps={STEPS}", "checkpoint.every_steps=2"]))
     assert os.path.exists(faulty_trainer.KILL_FLAG)  # the rank was killed
@@ -116,7 +116,7 @@ def test_collective_that_never_completes_names_the_rank(tmp_path, repo_root, mon
     import faulty_trainer
 
     _fresh(faulty_trainer.HANG_FLAG)
-    monkeypatch.setattr(RLRun, "trainer_class", faulty_trainer.HangsInTrainTrainer)
+    monkeypatch.setattr(TrainerGroup, "trainer_class", faulty_trainer.HangsInTrainTrainer)
     timeout = 10
     # two ranks of half a CPU fit the 2-CPU Ray of this module; the rollout engine plays no part in
     # the hang, so the transformers engine (no vLLM start-up) serves here

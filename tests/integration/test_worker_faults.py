@@ -39,7 +39,7 @@ def test_killed_rollout_worker_is_replaced_and_nothing_is_lost(tmp_path, repo_ro
 def test_worker_deaths_past_the_limit_stop_the_run(tmp_path, repo_root):
     import slow_worker
 
-    from posttrain.rl.controller import RolloutWorkerLost
+    from posttrain.rl.fleet import RolloutWorkerLost
 
     if os.path.exists(slow_worker.KILL_FLAG):
         os.remove(slow_worker.KILL_FLAG)

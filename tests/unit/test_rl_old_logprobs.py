@@ -3,6 +3,8 @@ and uses its loss forward's own (detached) logprobs: the update must equal the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,8 +14,9 @@ from posttrain.algorithms.policy_loss import GRPOLossConfig
 from posttrain.engine.trainer import OptimConfig, TrainerConfig
 from posttrain.models.factory import TinyModelSpec
 from posttrain.models.loading import ModelConfig
-from posttrain.rl.config import OnlineRLConfig
-from posttrain.rl.trainer_worker import TrainerWorker
+from posttrain.rl.config import OnlineRLConfig, SyncConfig
+from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
+from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
 
 SPEC = TinyModelSpec(arch="llama", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
@@ -24,27 +27,28 @@ def worker_pair(tmp_path):
     cfg = TrainerConfig(max_steps=4, global_batch_size=8, micro_batch_size=4, optim=OptimConfig(lr=1e-2))
     algo = OnlineRLConfig(advantage=GRPOAdvantage(), loss=GRPOLossConfig(tis_cap=1.5))
     store = str(tmp_path / "store")
-    pair = [TrainerWorker(0, 1, store, ModelConfig(factory=SPEC), cfg, algo, cpus=1) for _ in range(2)]
+    spec = TrainerSpec(1, store, ModelConfig(factory=SPEC), cfg, algo, SyncConfig(), cpus=1)
+    pair = [TrainerWorker(0, spec) for _ in range(2)]
     yield pair
     dist.destroy_process_group()
 
 
-def _rows(seed: int = 0) -> dict:
+def _rows(seed: int = 0) -> TrainBatch:
     g = torch.Generator().manual_seed(seed)
     B, T = 8, 10
     loss_mask = torch.zeros(B, T)
     loss_mask[:, 6:] = 1.0
     loss_mask[0, 8:] = 0.0  # a shorter response
-    return {
-        "input_ids_BT": torch.randint(5, 100, (B, T), generator=g),
-        "attention_mask_BT": torch.ones(B, T, dtype=torch.long),
-        "loss_mask_BT": loss_mask,
+    return TrainBatch(
+        input_ids_BT=torch.randint(5, 100, (B, T), generator=g),
+        attention_mask_BT=torch.ones(B, T, dtype=torch.long),
+        loss_mask_BT=loss_mask,
         # vLLM's logprobs: off from the trainer's by up to ~1 nat, so the TIS cap bites somewhere
-        "behaviour_logprobs_BT": -4.8 + torch.randn(B, T, generator=g),
-        "advantages_BT": torch.randn(B, 1, generator=g).expand(B, T).clone(),
-        "num_tokens": float(loss_mask.sum()),
-        "num_seqs": float(B),
-    }
+        behaviour_logprobs_BT=-4.8 + torch.randn(B, T, generator=g),
+        advantages_BT=torch.randn(B, 1, generator=g).expand(B, T).clone(),
+        num_tokens=float(loss_mask.sum()),
+        num_seqs=float(B),
+    )
 
 
 def test_skipping_the_old_logprob_forward_gives_the_same_update(worker_pair):
@@ -53,9 +57,10 @@ def test_skipping_the_old_logprob_forward_gives_the_same_update(worker_pair):
         assert torch.equal(a, b)  # same seed, same start
     for step in range(3):
         rows = _rows(step)
-        old = recomputed.forward({**rows, "with_old": True})
-        assert "old_logprobs_BT" in old and skipped.forward({**rows, "with_old": False}) == {}
-        m_rec = recomputed.train({**rows, **old})
+        old = recomputed.forward(ForwardBatch(rows.input_ids_BT, rows.attention_mask_BT, want_old=True))
+        assert old.old_logprobs_BT is not None
+        assert skipped.forward(ForwardBatch(rows.input_ids_BT, rows.attention_mask_BT, want_old=False)) == ForwardOutputs()
+        m_rec = recomputed.train(dataclasses.replace(rows, old_logprobs_BT=old.old_logprobs_BT))
         m_skip = skipped.train(rows)
         assert m_rec["is_frac_over_cap"] > 0  # the correction is exercised, not a no-op
         for key in ("loss", "grad_norm", "is_weight_mean", "ratio_mean", "clip_frac_low", "clip_frac_high"):

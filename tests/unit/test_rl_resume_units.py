@@ -7,7 +7,8 @@ import json
 import threading
 
 from posttrain.diagnose import where_now
-from posttrain.rl.controller import batch_seed, roll_back_records
+from posttrain.rl.fleet import batch_seed
+from posttrain.rl.records import roll_back_records
 from posttrain.types import PromptRecord
 
 

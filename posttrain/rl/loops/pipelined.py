@@ -1,13 +1,13 @@
-"""Bounded off-policyness: rollout workers generate while the trainer trains, within the bound.
+"""The pipelined loop: rollout workers generate while the trainer trains, within the staleness bound.
 
 Two loops share a :class:`~posttrain.rollout.buffer.RolloutBuffer`:
 
-* the rollout loop (:class:`RolloutLoop`, a thread of the controller) consumes the prompt stream,
-  waits for the version gate of each step (``StalenessBound.first_version``; ``pace``) and for idle
-  workers, and unblocks the trainer by adding whole groups to the buffer;
-* the trainer loop (:func:`run_async`, the main thread) consumes step ``t``'s groups, waits only
-  when they are not finished (trainer idle time), trains, syncs the weights, and unblocks the
-  rollout loop by announcing version ``t`` (``RolloutLoop.advance``).
+* the rollout loop (:class:`RolloutLoop`, a thread) consumes the prompt stream, waits for the
+  version gate of each step (``StalenessBound.first_version``; ``pace``) and for idle workers, and
+  unblocks the trainer by adding whole groups to the buffer;
+* the trainer loop (:func:`run_pipelined`, the main thread) consumes step ``t``'s groups, waits
+  only when they are not finished (trainer idle time), runs the step (train, publish), and
+  unblocks the rollout loop by announcing version ``t`` (``RolloutLoop.advance``).
 
 In-flight updates are at chunk granularity (``rollout.chunk_tokens``): a request generates at most
 that many tokens; an unfinished completion continues as a new request (prompt + its tokens so far)
@@ -15,8 +15,9 @@ on whatever version the worker serves by then, each token recording its version.
 queue on the worker actor behind the chunk it is running, so they land between chunks. True
 mid-decode pausing of vLLM is not used.
 
-A request that runs longer than ``rollout.request_timeout_s`` is re-queued on another worker and
-its worker set aside (:class:`WorkerPool`); once the worker answers it is re-synced and rejoins.
+A request that runs longer than the request deadline is re-queued on another worker and its
+worker set aside (:class:`~posttrain.rl.fleet.WorkerFleet`); once the worker answers, the weight
+publisher re-syncs it and it rejoins (``WeightPublisher.readmit``).
 """
 
 from __future__ import annotations
@@ -29,55 +30,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.metrics import MetricsLogger
-from posttrain.rl.controller import RLRun, train_on_groups
+from posttrain.config.errors import PosttrainError
+from posttrain.rl.fleet import WorkerFleet
+from posttrain.rl.loops import LoopParts
+from posttrain.rl.publisher import WeightPublisher
 from posttrain.rollout.buffer import RolloutBuffer, StalenessBound
 from posttrain.types import Completion, Group, PromptRecord
 
 
-class WorkerPool:
-    """Which rollout workers take requests and weights; thread-safe (both loops use it)."""
-
-    def __init__(self, workers: list) -> None:
-        self.workers = workers
-        self._lock = threading.RLock()
-        self._aside: dict[int, list] = {}  # worker index -> refs it still owes
-        self._latest: tuple[list, int] | None = None  # newest weights (bucket refs, version)
-        self.set_aside_count = 0
-
-    def usable(self) -> list[int]:
-        with self._lock:
-            return [i for i in range(len(self.workers)) if i not in self._aside]
-
-    def set_aside(self, index: int, ref: Any, reason: str) -> None:
-        with self._lock:
-            if index not in self._aside:
-                self.set_aside_count += 1
-                print(
-                    f"[posttrain] rollout worker {index} set aside: {reason}; its requests go to other workers",
-                    flush=True,
-                )
-            self._aside.setdefault(index, []).append(ref)
-
-    def publish(self, refs: list, version: int) -> list[int]:
-        """Record the newest weights; returns the workers that should load them now."""
-        with self._lock:
-            self._latest = (refs, version)
-            return self.usable()
-
-    def readmit(self) -> None:
-        """Workers that answered everything they owed are caught up to the newest weights and rejoin."""
-        import ray
-
-        with self._lock:
-            for index, refs in list(self._aside.items()):
-                if ray.wait(refs, num_returns=len(refs), timeout=0)[1]:
-                    continue
-                worker = self.workers[index]
-                # != and restore=True: after a trainer restart the newest version may be an older one
-                if self._latest is not None and ray.get(worker.version.remote()) != self._latest[1]:
-                    ray.get(worker.update_weights.remote(*self._latest, True))
-                del self._aside[index]
+class RolloutStarved(PosttrainError):
+    """Work is waiting but every rollout worker has been set aside for too long."""
 
 
 @dataclass
@@ -115,18 +77,16 @@ class RolloutLoop(threading.Thread):
     """The rollout loop: consumes prompts, waits for the version gate and idle workers, fills the buffer."""
 
     def __init__(
-        self, run: RLRun, next_prompts: Callable[[], list[PromptRecord]], buffer: RolloutBuffer, start_step: int = 0
-    ) -> None:
+        self, fleet: WorkerFleet, publisher: WeightPublisher, sampling: Any, next_prompts: Callable[[], list[PromptRecord]],
+        buffer: RolloutBuffer, gate: StalenessBound, decode: Callable[[list[int]], str], *,
+        chunk_tokens: int | None, max_steps: int, start_step: int = 0,
+    ) -> None:  # fmt: skip
         super().__init__(name="posttrain-rollout-loop", daemon=True)
-        self.run_, self.next_prompts, self.buffer = run, next_prompts, buffer
-        algo, rollout = run.algo, run.cfg.rollout
-        self.max_steps = run.cfg.trainer.max_steps
-        # drop: one batch further ahead than the bound allows; what is too stale is dropped later
-        self.gate = StalenessBound(algo.max_staleness + (1 if algo.staleness_policy == "drop" else 0))
-        self.chunk = rollout.chunk_tokens
-        self.timeout = run.request_deadline_s  # every request has a deadline
-        self.pool = run.pool
-        self.version, self.launched = run.version, start_step  # a resumed run starts past step 0
+        self.fleet, self.publisher, self.sampling = fleet, publisher, sampling
+        self.next_prompts, self.buffer, self.gate, self.decode = next_prompts, buffer, gate, decode
+        self.max_steps, self.chunk = max_steps, chunk_tokens
+        self.timeout = fleet.deadlines.request_s  # every request has a deadline
+        self.version, self.launched = publisher.version, start_step  # a resumed run starts past step 0
         self.steps: dict[int, _StepState] = {}
         self.jobs: list[_Job] = []  # waiting for a worker
         self.inflight: dict[Any, tuple[int, _Job, float]] = {}  # ref -> (worker, job, start)
@@ -170,39 +130,39 @@ class RolloutLoop(threading.Thread):
                         self._launch(self.launched, self.next_prompts())
                     self._dispatch()
                 self._collect()
-                self.pool.readmit()
+                self.publisher.readmit()
                 self._check_starved()
                 now = time.perf_counter()
                 busy = {w for w, _, _ in self.inflight.values()}
                 with self._lock:
-                    self.idle_s += (now - last) * len(set(self.pool.usable()) - busy)
+                    self.idle_s += (now - last) * len(set(self.fleet.usable()) - busy)
                 last = now
         except BaseException as err:  # the trainer loop re-raises it from RolloutBuffer.take
             self.buffer.fail(err)
 
     def _check_starved(self) -> None:
         """Work is waiting but every worker has been set aside for too long: stop with a clear error."""
-        if not self.jobs or self.pool.usable():
+        if not self.jobs or self.fleet.usable():
             self._starved_since = None
             return
         self._starved_since = self._starved_since or time.perf_counter()
         if time.perf_counter() - self._starved_since > 5 * (self.timeout or 0):
-            raise RuntimeError(
+            raise RolloutStarved(
                 f"every rollout worker has been unresponsive for over {5 * self.timeout:.0f} s (5 x the request deadline: "
-                "rollout.request_timeout_s, else cluster.call_timeout_s); "
+                "rollout.request_timeout_s, else cluster.call_timeout_s).\n  "
                 "fix: check the workers' logs (a hung engine, out of memory), raise rollout.request_timeout_s, or add "
                 "rollout.num_workers so one slow worker can be routed around"
             )
 
     def _launch(self, step: int, prompts: list[PromptRecord]) -> None:
-        n = self.run_.sampling.n
+        n = self.sampling.n
         samples = {(p.ordinal, i): _Sample() for p in prompts for i in range(n)}
         state = self.steps.setdefault(step, _StepState([], {}, 0))
         state.prompts += prompts
         state.samples.update(samples)
         state.unfinished += len(samples)
-        sampling = self._chunked(self.run_.sampling, self.run_.sampling.max_tokens)
-        shards = len(self.pool.workers)
+        sampling = self._chunked(self.sampling, self.sampling.max_tokens)
+        shards = len(self.fleet)
         for i in range(shards):
             if prompts[i::shards]:
                 self.jobs.append(_Job(next(self._ids), step, prompts[i::shards], None, sampling, shard=i))
@@ -217,11 +177,11 @@ class RolloutLoop(threading.Thread):
     def _dispatch(self) -> None:
         busy = {w for w, _, _ in self.inflight.values()}
         for job in sorted(self.jobs, key=lambda j: (j.step, j.id)):  # oldest step first
-            idle = [w for w in self.pool.usable() if w not in busy]
+            idle = [w for w in self.fleet.usable() if w not in busy]
             if not idle:
                 return
             worker = job.shard if job.shard in idle else idle[0]
-            ref = self.pool.workers[worker].generate.remote(job.prompts, self.run_.seeded(job.sampling, job.prompts))
+            ref = self.fleet.submit(worker, job.prompts, job.sampling)
             self.inflight[ref] = (worker, job, time.perf_counter())
             self.jobs.remove(job)
             busy.add(worker)
@@ -238,7 +198,7 @@ class RolloutLoop(threading.Thread):
             try:
                 groups = ray.get(ref)
             except ray.exceptions.RayActorError as err:  # the worker died: replace it, re-dispatch its request
-                self.run_.replace_worker(worker, err)
+                self.publisher.replace(worker, err)
                 with self._lock:
                     self.jobs.append(dataclasses.replace(job, id=next(self._ids), shard=-1))
                     self.requeued += 1
@@ -247,7 +207,7 @@ class RolloutLoop(threading.Thread):
         now = time.perf_counter()
         for ref, (worker, job, start) in list(self.inflight.items()):
             if self.timeout is not None and now - start > self.timeout:
-                self.pool.set_aside(
+                self.fleet.set_aside(
                     worker, ref, f"a rollout request ran over its deadline of {self.timeout:g} s (rollout.request_timeout_s, else cluster.call_timeout_s)"
                 )
                 del self.inflight[ref]
@@ -262,7 +222,7 @@ class RolloutLoop(threading.Thread):
 
     def _absorb_locked(self, job: _Job, groups: list[Group]) -> None:
         state = self.steps[job.step]
-        budget = self.run_.sampling.max_tokens
+        budget = self.sampling.max_tokens
         pending: dict[int, list[tuple[PromptRecord, tuple[int, int]]]] = {}
         results = (
             [((g.prompt.ordinal, c.sample_index), c) for g in groups for c in g.completions]
@@ -284,7 +244,7 @@ class RolloutLoop(threading.Thread):
             else:
                 state.unfinished -= 1
         for remaining, items in pending.items():
-            sampling = self._chunked(dataclasses.replace(self.run_.sampling, n=1), remaining)
+            sampling = self._chunked(dataclasses.replace(self.sampling, n=1), remaining)
             self.jobs.append(
                 _Job(
                     next(self._ids),
@@ -301,27 +261,26 @@ class RolloutLoop(threading.Thread):
 
     def _group(self, prompt: PromptRecord, state: _StepState) -> Group:
         completions = []
-        for i in range(self.run_.sampling.n):
+        for i in range(self.sampling.n):
             s = state.samples[(prompt.ordinal, i)]
             # one chunk: the engine's text; several: decode the whole completion (chunk texts may split a character)
-            text = s.text if s.chunks <= 1 else self.run_.tok.decode(s.token_ids, skip_special_tokens=True)
+            text = s.text if s.chunks <= 1 else self.decode(s.token_ids)
             completions.append(
                 Completion(prompt, i, s.token_ids, text, s.logprobs, s.versions, s.finish_reason)
             )
         return Group(prompt, completions)
 
 
-def _admit(
-    run: RLRun, loop: RolloutLoop, buffer: RolloutBuffer, step: int
+def admit(
+    loop: RolloutLoop, buffer: RolloutBuffer, step: int, bound: StalenessBound, policy: str, expected: int, group_size: int
 ) -> tuple[list[Group], dict[str, float]]:
     """Step ``step``'s groups within the bound: pace asserts it, drop regenerates what is beyond it."""
-    bound, expected = StalenessBound(run.algo.max_staleness), run.algo.prompts_per_step
     admitted, waited, dropped = [], 0.0, 0
     while len(admitted) < expected:
         groups, w = buffer.take(step, expected - len(admitted))
         waited += w
         stale = [g for g in groups if not bound.admits(step, bound.group_v_min(g))]
-        if stale and run.algo.staleness_policy == "pace":
+        if stale and policy == "pace":
             raise RuntimeError(
                 f"step {step}: a group of version {bound.group_v_min(stale[0])} exceeds max_staleness (pacing bug)"
             )
@@ -331,56 +290,40 @@ def _admit(
             loop.regenerate(step, [g.prompt for g in stale])
     admitted.sort(key=lambda g: g.prompt.ordinal)  # prompt order, as the synchronous loop
     metrics = {f"staleness/count_{s}": float(n) for s, n in sorted(bound.histogram(step, admitted).items())}
-    metrics.update(
-        {
-            "staleness/dropped_groups": float(dropped),
-            "staleness/dropped_samples": float(dropped * run.sampling.n),
-        }
-    )
+    metrics.update({"staleness/dropped_groups": float(dropped), "staleness/dropped_samples": float(dropped * group_size)})
     return admitted, {**metrics, "async/trainer_wait_s": waited}
 
 
-def run_async(
-    run: RLRun,
-    next_prompts: Callable[[], list[PromptRecord]],
-    log: MetricsLogger,
-    evaluate_after: Callable[[int], dict],
-    start_step: int = 0,
-    after_step: Callable[[int, dict], None] | None = None,
-) -> None:
-    """The trainer loop: consumes step t's groups, trains, syncs, and announces version t.
+def run_pipelined(
+    parts: LoopParts, fleet: WorkerFleet, publisher: WeightPublisher, sampling: Any, decode: Callable[[list[int]], str], *,
+    max_staleness: int, policy: str, prompts_per_step: int, chunk_tokens: int | None, start_step: int, max_steps: int,
+) -> None:  # fmt: skip
+    """The trainer loop: consumes step t's groups, runs the step, and announces version t.
 
-    Starts after ``start_step`` (a resumed run); ``after_step(step, metrics)`` runs once a step is
-    logged (checkpoints). Rollouts generated ahead of a failed step are dropped with the loop."""
-    run.pool = WorkerPool(run.workers)
+    Starts after ``start_step`` (a resumed run). Rollouts generated ahead of a failed step are
+    dropped with the loop."""
     buffer = RolloutBuffer()
-    loop = RolloutLoop(run, next_prompts, buffer, start_step)
+    # drop: one batch further ahead than the bound allows; what is too stale is dropped later
+    gate = StalenessBound(max_staleness + (1 if policy == "drop" else 0))
+    loop = RolloutLoop(fleet, publisher, sampling, parts.next_prompts, buffer, gate, decode,
+                       chunk_tokens=chunk_tokens, max_steps=max_steps, start_step=start_step)  # fmt: skip
     loop.start()
-    last = time.perf_counter()
+    bound = StalenessBound(max_staleness)
     try:
-        for step in range(start_step + 1, run.cfg.trainer.max_steps + 1):
-            groups, admit_m = _admit(run, loop, buffer, step)
-            m = {**train_on_groups(run, groups, generate_s=admit_m["async/trainer_wait_s"]), **admit_m}
-            m.update(evaluate_after(step))
-            loop.advance(run.version)
-            now = time.perf_counter()
-            wall, last = now - last, now
-            idle = loop.take_idle() / max(1, len(run.workers))
-            samples = sum(len(g.completions) for g in groups)
-            m.update(
-                {
-                    "time/step_s": wall,
-                    "throughput/samples_per_s": samples / max(1e-9, wall),
-                    "async/trainer_idle_frac": admit_m["async/trainer_wait_s"] / max(1e-9, wall),
-                    "async/rollout_idle_s": idle,
-                    "async/rollout_idle_frac": idle / max(1e-9, wall),
-                    "async/requeued_requests": float(loop.requeued),
-                    "async/workers_set_aside": float(run.pool.set_aside_count),
-                }
-            )
-            log.log(step, m)
-            if after_step is not None:
-                after_step(step, m)
+        for step in range(start_step + 1, max_steps + 1):
+            groups, admit_m = admit(loop, buffer, step, bound, policy, prompts_per_step, sampling.n)
+            m = {**parts.step(groups, admit_m["async/trainer_wait_s"]), **admit_m}
+            parts.evaluate(step, m)
+            loop.advance(publisher.version)
+            idle = loop.take_idle() / max(1, len(fleet))
+            m.update({
+                "async/trainer_idle_frac": admit_m["async/trainer_wait_s"] / max(1e-9, m["time/step_s"]),
+                "async/rollout_idle_s": idle,
+                "async/rollout_idle_frac": idle / max(1e-9, m["time/step_s"]),
+                "async/requeued_requests": float(loop.requeued),
+                "async/workers_set_aside": float(fleet.set_aside_count),
+            })  # fmt: skip
+            parts.record(step, m)
     finally:
         loop.stop()
         loop.join(timeout=30)

@@ -1,0 +1,51 @@
+"""The prompt stream of an RL run: dataset rows -> prompt records, numbered by stream position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.data.formatting import encode, prompt_text, rl_row_problem
+from posttrain.data.sampler import ResumableSampler
+from posttrain.data.sources import build_examples
+from posttrain.types import PromptRecord
+
+
+def prompt_records(rows: list[dict[str, Any]], tokenizer, key: str, max_bad_fraction: float) -> list[PromptRecord]:
+    """Rows of an RL dataset as prompt records (bad rows skipped and counted, see build_examples)."""
+
+    def make(row):
+        problem = rl_row_problem(row)
+        if problem:
+            return problem
+        text = prompt_text(tokenizer, row)
+        fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "response", "chosen", "rejected")}
+        return PromptRecord(ordinal=-1, text=text, token_ids=encode(tokenizer, text), fields=fields)
+
+    records, _ = build_examples(rows, make, max_bad_fraction, key)
+    for i, r in enumerate(records):
+        r.ordinal = i  # position in this source; the training stream renumbers per step
+    return records
+
+
+class PromptStream:
+    """The next ``per_step`` prompts of the seeded, epoch-aware stream, numbered by stream position
+    (the ordinal is the ledger's key: step s trains exactly ordinals [s-1, s) x per_step)."""
+
+    def __init__(self, prompts: list[PromptRecord], per_step: int, seed: int, shuffle: bool) -> None:
+        self.prompts, self.per_step = prompts, per_step
+        self.sampler = ResumableSampler(len(prompts), seed, shuffle)
+
+    def next(self) -> list[PromptRecord]:
+        start = self.sampler.consumed
+        return [
+            PromptRecord(start + j, self.prompts[i].text, self.prompts[i].token_ids, self.prompts[i].fields)
+            for j, i in enumerate(self.sampler.take(self.per_step))
+        ]
+
+    def frontier(self, step: int) -> dict[str, Any]:
+        """The stream position after ``step`` trained steps (the async loop's sampler ran ahead)."""
+        return {**self.sampler.state_dict(), "consumed": step * self.per_step}
+
+    def seek(self, state: dict[str, Any] | None) -> None:
+        """Back to a saved frontier (None: the start of the stream)."""
+        self.sampler.load_state_dict(state if state is not None else {**self.sampler.state_dict(), "consumed": 0})

@@ -1,0 +1,123 @@
+"""The trainer ranks of a run, as one group with typed verbs: the only place that calls them.
+
+Every verb runs on all ranks at once (the verbs are collectives) and waits at most
+``cluster.call_timeout_s``. A rank that dies or does not answer in time raises
+:class:`TrainerFailed` naming the rank and where each silent rank is (``posttrain.diagnose``);
+:mod:`posttrain.rl.recovery` turns that into a restart from the newest checkpoint.
+
+    TrainerGroup.forward(ForwardBatch) -> ForwardOutputs   rows sharded rank::world, joined back
+    TrainerGroup.train(TrainBatch)     -> metrics           one optimizer step per mini-batch
+    TrainerGroup.push_weights(version) -> (bucket refs, stats)
+    TrainerGroup.probe / save / load / find / export
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from posttrain.config.errors import PosttrainError
+from posttrain.diagnose import ActorLost, CallTimeout, remote_class, wait_calls
+from posttrain.rl.config import Deadlines
+from posttrain.rl.placement import Plan, actor_options
+from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
+from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
+
+
+class TrainerFailed(PosttrainError):
+    """A trainer rank died or did not answer in time: the step ended without an update.
+    The driver restarts the trainers from the newest checkpoint (``cluster.max_trainer_restarts``)."""
+
+
+class TrainerGroup:
+    """``spec.world`` trainer ranks as Ray actors in their placement bundles."""
+
+    trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
+
+    def __init__(self, spec: TrainerSpec, pg: Any, plan: Plan, deadlines: Deadlines, store_root: str) -> None:
+        self.spec, self.pg, self.plan, self.deadlines, self.store_root = spec, pg, plan, deadlines, store_root
+        self.restarts = 0
+        self.ranks = self._start()  # they load their models while the caller starts other actors
+
+    def ready(self) -> None:
+        """Wait until every rank has started (model loaded, process group joined)."""
+        self._call("pid", startup=True)
+
+    def _start(self) -> list:
+        """One actor per rank, in a fresh process group (its own rendezvous store); not waited for."""
+        spec = dataclasses.replace(self.spec, store_path=os.path.join(self.store_root, f"store{self.restarts}"))
+        cls = remote_class(type(self).trainer_class)
+        ranks = [
+            cls.options(**actor_options(self.pg, self.plan.trainer_bundle[r], self.plan.trainer_resources)).remote(r, spec)
+            for r in range(spec.world)
+        ]
+        return ranks
+
+    def restart(self) -> None:
+        """Kill every rank (the live ones may be stuck in a collective with a dead one) and start anew."""
+        self.kill()
+        self.restarts += 1
+        self.ranks = self._start()
+        self.ready()
+
+    def kill(self) -> None:
+        import ray
+
+        for actor in self.ranks:
+            with contextlib.suppress(Exception):  # already dead: nothing to stop
+                ray.kill(actor, no_restart=True)
+
+    def _call(self, verb: str, *args: Any, per_rank: list[tuple] | None = None, startup: bool = False) -> list:
+        """``verb`` on every rank at once; the ranks' results in rank order."""
+        calls = {
+            f"trainer rank {r}": (t, getattr(t, verb).remote(*(per_rank[r] if per_rank else args)))
+            for r, t in enumerate(self.ranks)
+        }
+        try:
+            out = wait_calls(calls, f"trainer.{verb}", self.deadlines.startup_s if startup else self.deadlines.call_s)
+        except (ActorLost, CallTimeout) as err:
+            raise TrainerFailed(str(err)) from err
+        return [out[name] for name in calls]
+
+    # -- typed verbs -------------------------------------------------------------------------
+    def forward(self, batch: ForwardBatch) -> ForwardOutputs:
+        """Forward-only scores of every row: each rank scores rows ``rank::world``."""
+        world = len(self.ranks)
+        parts: list[ForwardOutputs] = self._call("forward", per_rank=[(batch.shard(r, world),) for r in range(world)])
+        joined = {}
+        for f in dataclasses.fields(ForwardOutputs):
+            if getattr(parts[0], f.name) is None:
+                continue
+            full = torch.zeros(batch.input_ids_BT.shape)
+            for r, p in enumerate(parts):
+                full[r::world] = getattr(p, f.name)
+            joined[f.name] = full
+        return ForwardOutputs(**joined)
+
+    def train(self, batch: TrainBatch) -> dict[str, float]:
+        """One optimizer step on a mini-batch (its counts already global); the reduced metrics."""
+        world = len(self.ranks)
+        return self._call("train", per_rank=[(batch.shard(r, world),) for r in range(world)])[0]
+
+    def push_weights(self, version: int) -> tuple[list, dict[str, float]]:
+        """Collective gather; rank 0's bucket refs (in Ray's object store) and sync stats."""
+        return self._call("push_weights", version)[0]
+
+    def probe(self, token_ids: list[list[int]]) -> list[list[float]]:
+        return self._call("probe", token_ids)[0]
+
+    def save(self, root: str, step: int, extra: dict[str, Any], keep_last: int) -> str:
+        return self._call("save", root, step, extra, keep_last)[0]
+
+    def load(self, path: str) -> dict[str, Any]:
+        return self._call("load", path)[0]
+
+    def find(self, resume: str, root: str) -> str | None:
+        return self._call("find", resume, root)[0]
+
+    def export(self, out_dir: str) -> str:
+        return self._call("export", out_dir)[0]
