@@ -58,7 +58,10 @@ def test_readme_command_runs(command, workspace, monkeypatch, capsys):
         argv.append("--dry-run")
     if argv[0] == "submit":
         argv = [a for a in argv if a != "--wait"]
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as done:  # argparse's own actions (--version) exit
+        code = done.code
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "Traceback" not in captured.err
