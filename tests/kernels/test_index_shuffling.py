@@ -78,3 +78,36 @@ def test_route_feeds_index_shuffling(score_func: str, device: torch.device) -> N
     assert torch.equal(raw.top_k_weights, torch.gather(raw.scores, 1, raw.top_k_index))
     shuffled = tri.index_shuffling(routed.scores, 3)
     assert torch.equal(shuffled.expert_indices[shuffled.slot_positions.long()].long(), routed.top_k_index)
+
+
+@pytest.mark.parametrize(("tokens", "experts", "top_k"), [(200, 64, 6), (97, 16, 2)])
+def test_index_shuffling_ties(tokens: int, experts: int, top_k: int, device: torch.device) -> None:
+    """Scores with many equal values: same experts and values as torch.topk, ties taken lower
+    expert first (torch.topk's own order among ties is unspecified: on CPU it is not index order),
+    then the stable argsort of the pairs, exactly."""
+    gen = torch.Generator().manual_seed(tokens)
+    scores = torch.randint(0, 3, (tokens, experts), generator=gen).float().to(device)
+    got = tri.index_shuffling(scores, top_k)
+    _assert_same(got, ref.index_shuffling(scores, top_k))
+    chosen = got.expert_indices[got.slot_positions.long()].long()  # [T, k] in choice order
+    values, _ = torch.topk(scores, top_k)
+    assert torch.equal(torch.gather(scores, 1, chosen), values)  # a valid top-k, best first
+    # within equal values the lower expert comes first
+    same = values[:, 1:] == values[:, :-1]
+    assert bool((chosen[:, 1:] > chosen[:, :-1])[same].all())
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(got.token_indices.long(), order // top_k)
+
+
+def test_index_shuffling_matches_topk_argsort_without_ties(device: torch.device) -> None:
+    """Distinct scores (a random permutation per token): identical to torch.topk + stable argsort."""
+    gen = torch.Generator().manual_seed(11)
+    tokens, experts, top_k = 500, 64, 6
+    scores = torch.argsort(torch.rand(tokens, experts, generator=gen), dim=1).float().to(device)
+    got = tri.index_shuffling(scores, top_k)
+    flat = torch.topk(scores, top_k).indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    assert torch.equal(got.expert_indices.long(), flat[order])
+    assert torch.equal(got.token_indices.long(), order // top_k)
+    assert torch.equal(got.token_counts.long(), torch.bincount(flat, minlength=experts))

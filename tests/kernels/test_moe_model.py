@@ -9,14 +9,20 @@ import torch
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
     PreTrainedModel,
     Qwen3MoeConfig,
     Qwen3MoeForCausalLM,
 )
 
-from posttrain.models import moe_experts as moe_experts_module
+from posttrain.kernels import ops as kernel_ops
+from posttrain.models.factory import TinyModelSpec
+from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_sequence_classifier
 from posttrain.models.moe_experts import (
     TRITON_EXPERTS_KEY,
     router_aux_metrics,
@@ -90,13 +96,13 @@ def test_triton_falls_back_to_reference_on_cpu_without_interpreter(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
-    monkeypatch.setattr(moe_experts_module, "_logged", set())  # the log line is once per process
+    monkeypatch.setattr(kernel_ops, "_warned", set())  # the log line is once per process
     model = _model(torch.device("cpu"))
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(2))
     set_moe_kernels(model, "eager")
     want = model(input_ids=tokens).logits
     set_moe_kernels(model, "triton")
-    with caplog.at_level(logging.WARNING, logger="posttrain.models.moe_experts"):
+    with caplog.at_level(logging.WARNING, logger="posttrain.kernels.ops"):
         got = model(input_ids=tokens).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert any("plain-torch reference" in r.getMessage() for r in caplog.records)
@@ -169,3 +175,93 @@ def test_other_moe_families_forward_like_eager(build, device: torch.device) -> N
     # measured max |diff|: 3e-8 for both (fp32)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert router_aux_metrics(model)["moe/aux_loss"] > 0
+
+
+def _olmoe() -> PreTrainedModel:
+    config = OlmoeConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=2,
+    )
+    return OlmoeForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "build",
+    [_mixtral, _deepseek_v3, _olmoe, lambda: Qwen3MoeForCausalLM(_tiny_config())],
+    ids=["mixtral", "deepseek_v3", "olmoe", "qwen3_moe"],
+)
+def test_moe_detected_by_module_structure(build) -> None:
+    """DeepSeek-V3 has no config.num_experts (n_routed_experts), Mixtral num_local_experts: the
+    experts modules are found by their 3-D weights, and every kind is applied, eager included."""
+    torch.manual_seed(0)
+    model = build()
+    assert model.config._experts_implementation == "grouped_mm"  # transformers' default, not the loop
+    apply_moe_kernels(model, "triton")
+    assert model.config._experts_implementation == TRITON_EXPERTS_KEY
+    apply_moe_kernels(model, "eager")
+    assert model.config._experts_implementation == "eager"
+    apply_moe_kernels(model, "grouped_mm")
+    assert model.config._experts_implementation == "grouped_mm"
+
+
+def test_dense_models_are_left_alone() -> None:
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    model = LlamaForCausalLM(config)
+    apply_moe_kernels(model, "triton")  # no experts: nothing to set, no error
+    assert getattr(model.config, "_experts_implementation", None) != TRITON_EXPERTS_KEY
+
+
+def test_eager_is_the_per_expert_loop() -> None:
+    """"eager" runs the experts class's own forward (its per-expert loop), not torch._grouped_mm."""
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(_tiny_config())
+    apply_moe_kernels(model, "eager")
+    experts = model.model.layers[0].mlp.experts
+    calls = []
+    original = torch.nn.functional.linear
+
+    def counting_linear(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    tokens = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(5))
+    hidden = torch.randn(6, 64)
+    idx = torch.tensor([[0, 1]] * 6)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "linear", counting_linear)
+        experts(hidden, idx, torch.full((6, 2), 0.5))
+    assert len(calls) == 4  # two experts hit x (gate_up, down): the loop
+    model(input_ids=tokens)
+
+
+def test_reward_model_gets_the_kernels() -> None:
+    cfg = ModelConfig(factory=TinyModelSpec(arch="qwen3_moe", num_experts=4, num_experts_per_tok=2), moe_kernels="triton")
+    model = load_sequence_classifier(cfg)
+    assert model.config._experts_implementation == TRITON_EXPERTS_KEY
+    cfg.moe_kernels = "eager"
+    assert load_sequence_classifier(cfg).config._experts_implementation == "eager"
+
+
+def test_router_metrics_do_not_call_bincount(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+    """bincount sizes its output from the max id, a host sync on CUDA; the counts use scatter_add."""
+    model = _model(device)
+    set_moe_kernels(model, "eager")
+    track_router_metrics(model)
+
+    def no_bincount(*args, **kwargs):
+        raise AssertionError("torch.bincount called in the router metrics")
+
+    monkeypatch.setattr(torch, "bincount", no_bincount)
+    model(input_ids=torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(6)).to(device))
+    monkeypatch.undo()
+    fracs = [v for k, v in router_aux_metrics(model).items() if k.startswith("moe/load_frac/")]
+    assert sum(fracs) == pytest.approx(1.0)
