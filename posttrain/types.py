@@ -62,6 +62,7 @@ class RewardSample:
     prompt: str
     completion: str
     fields: dict[str, Any] = field(default_factory=dict)
+    num_tokens: int | None = None  # the completion's token count (None: not known, e.g. text only)
 
 
 @dataclass

@@ -45,7 +45,8 @@ class StepInput:
             if fk is None:
                 text = json.dumps(s.fields, sort_keys=True, default=repr)
                 fk = fields_keys[id(s.fields)] = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-            self.keys.append(f"{len(s.prompt)}:{s.prompt}{len(s.completion)}:{s.completion}{fk}")
+            # the token count is part of the content: two samples with one text may differ in tokens
+            self.keys.append(f"{len(s.prompt)}:{s.prompt}{len(s.completion)}:{s.completion}{fk}#{s.num_tokens}")
 
 
 @dataclass

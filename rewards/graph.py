@@ -124,7 +124,7 @@ class RewardGraph:
         (``reward/<node>/mean``, ``.../latency_p95_ms``, ``.../errors``, ``reward/masked_fraction``, ...).
         """
         samples = [
-            RewardSample(prompt=g.prompt.text, completion=c.text, fields=g.prompt.fields)
+            RewardSample(prompt=g.prompt.text, completion=c.text, fields=g.prompt.fields, num_tokens=len(c.token_ids))
             for g in groups
             for c in g.completions
         ]

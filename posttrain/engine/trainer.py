@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from posttrain.engine.schedule import ScheduleConfig, build_scheduler
+from posttrain.metrics import metric_reduction
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[torch.nn.Module, Batch, float], tuple[torch.Tensor, dict[str, float]]]
@@ -118,10 +119,10 @@ class TrainEngine:
             self.model.requires_grad_(False)
             self.model.eval()
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
+    def _all_reduce(self, values: list[float], op: Any = None) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t.tolist()
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict[str, float]:
@@ -134,7 +135,7 @@ class TrainEngine:
         (global_count,) = self._all_reduce([sum(count_fn(mb) for mb in micro_batches)])
         global_count = max(global_count, 1.0)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        loss_sum, sums = 0.0, defaultdict(float)
+        loss_sum, sums, peaks = 0.0, defaultdict(float), {}
         for i, mb in enumerate(micro_batches):
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
             if self.sharded:
@@ -143,12 +144,19 @@ class TrainEngine:
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
             loss_sum += float(loss.detach())
             for k, v in metrics.items():
-                sums[k] += float(v)
-        keys = sorted(sums)
+                how = metric_reduction(k)
+                if how == "mean":
+                    sums[k] += float(v)
+                else:  # _max / _min keys: the extreme over micro-batches (and ranks, below)
+                    sign = 1.0 if how == "max" else -1.0
+                    peaks[k] = max(peaks.get(k, -math.inf), sign * float(v))
+        keys, extremes = sorted(sums), sorted(peaks)
         reduced = self._all_reduce([loss_sum] + [sums[k] for k in keys])
         out = {"loss": reduced[0]}
-        # Loss-function metrics are per-micro-batch values: report their mean over all micro-batches.
+        # Loss-function metrics are per-micro-batch values: the mean over all micro-batches.
         out.update({k: reduced[j + 1] / (len(micro_batches) * world) for j, k in enumerate(keys)})
+        top = self._all_reduce([peaks[k] for k in extremes], dist.ReduceOp.MAX) if extremes else []
+        out.update({k: v if metric_reduction(k) == "max" else -v for k, v in zip(extremes, top, strict=True)})
         grad_norm = self._clip_grads()
         out["grad_norm"] = grad_norm
         if not (math.isfinite(grad_norm) and math.isfinite(out["loss"])):

@@ -31,7 +31,8 @@ class Checkpointer:
         from posttrain.offline.runner import should_save
 
         if should_save(step, metrics, self.cfg.every_steps, self.max_steps):
-            state = {**extra, "sampler": self.stream.frontier(step), "step": step, "version": self.publisher.version}
+            state = {**extra, "sampler": self.stream.frontier(step), "refilled": self.stream.refilled, "step": step,
+                     "version": self.publisher.version}  # fmt: skip
             self.trainers.save(self.root, step, {"rl": state}, self.cfg.keep_last)
 
     def find(self, resume: str) -> str | None:
@@ -46,6 +47,6 @@ class Checkpointer:
         if path is not None:
             state = self.trainers.load(path)["rl"]
         self.publisher.restore(state["version"])
-        self.stream.seek(state.get("sampler"))
+        self.stream.seek(state.get("sampler"), state.get("refilled", 0))
         roll_back_records(self.run_dir, state["step"])
         return state

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from posttrain.algorithms.advantages import GRPOAdvantage
+from posttrain.algorithms.advantages import GRPOAdvantage, ReinforcePlusPlusBaselineAdvantage, RLOOAdvantage
+from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, KLEstimator, check_kl_in_reward
 from posttrain.algorithms.policy_loss import GRPOLossConfig, PolicyLossConfig
 from posttrain.config.targets import build_dataclass
 from posttrain.rollout.sampling import SamplingConfig
@@ -136,6 +137,10 @@ class CriticConfig:
     value_clip: float | None = 0.2
 
 
+# Estimators whose baseline is the prompt's other samples (a group of one has zero advantage).
+GROUP_ESTIMATORS = (GRPOAdvantage, RLOOAdvantage, ReinforcePlusPlusBaselineAdvantage)
+
+
 @dataclass
 class OnlineRLConfig:
     """One online-RL step: ``prompts_per_step`` prompts x ``rollout.sampling.n`` samples.
@@ -146,30 +151,49 @@ class OnlineRLConfig:
 
     prompts_per_step: int = 8
     mini_batches: int = 1
+    # PPO epochs: passes over the step's samples, each in ``mini_batches`` shuffled mini-batches
+    # (one optimizer step each); with more than one the pre-update logprobs are recomputed.
+    ppo_epochs: int = 1
     advantage: Any = field(default_factory=GRPOAdvantage)  # _target_: posttrain.algorithms.advantages.*
     loss: PolicyLossConfig = field(default_factory=GRPOLossConfig)
-    kl_in_reward_coef: float = (
-        0.0  # KL to the reference added to the reward (PPO style); loss.kl_coef for in-loss
-    )
+    # KL to the reference subtracted from the reward per token (as verl): r_t -= coef * KL_t;
+    # loss.kl_coef for KL in the loss. adaptive_kl: the coefficient adapts to a target KL instead
+    # (starting at its init_coef; kl_in_reward_coef stays 0 then).
+    kl_in_reward_coef: float = 0.0
+    kl_in_reward_estimator: KLEstimator = "k1"
+    adaptive_kl: AdaptiveKLController | None = None
     use_reference: bool = False  # load a frozen reference model (needed when any KL coefficient > 0)
     # auto: with one mini-batch (and no KL in the reward) the trainer's logprobs before the update
     # are those of the loss's own forward, detached, so no separate forward pass is run for them;
     # always: recompute them in a forward pass before training (e.g. for models with dropout).
     recompute_old_logprobs: Literal["auto", "always"] = "auto"
     critic: CriticConfig | None = None  # set for PPO (GAE advantages)
-    dynamic_sampling: bool = False  # drop groups whose rewards all agree (zero advantage)
+    # DAPO dynamic sampling: groups whose rewards all agree (zero advantage) are filtered out and
+    # the step generates more prompts until it has prompts_per_step varied groups, at most
+    # dynamic_sampling_max_rounds extra generation rounds (then the run stops, saying so).
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 8
     overlong_filter: bool = False  # mask samples cut at max_tokens
     max_masked_fraction: float = 0.5  # more masked samples than this in a step stops the run
     eval_every_steps: int = 0
     # Bounded off-policyness: a sample whose oldest token came from policy version v_min may enter
     # the optimizer step that turns version s into s+1 only if s - v_min <= max_staleness.
-    # 0 = the synchronous algorithm. See posttrain/rl/async_loop.py.
+    # 0 = the synchronous algorithm. See posttrain/rl/loops/pipelined.py.
     max_staleness: int = 0
     # pace: rollouts never start a batch that would be too stale when trained (nothing is wasted);
     # drop: rollouts run one batch further ahead and too-stale groups are dropped and regenerated.
     staleness_policy: Literal["pace", "drop"] = "pace"
 
     def validate(self) -> tuple[str, str, str] | None:
+        if not callable(getattr(self.advantage, "compute", None)):
+            return (
+                "advantage._target_",
+                f"{type(self.advantage).__name__} is not an advantage estimator (it has no compute())",
+                "point algorithm.advantage._target_ at one of posttrain.algorithms.advantages: GRPOAdvantage, "
+                "RLOOAdvantage, GAEAdvantage, ReinforcePlusPlusAdvantage, ReinforcePlusPlusBaselineAdvantage",
+            )
+        if self.eval_every_steps < 0:
+            return ("eval_every_steps", f"{self.eval_every_steps} must be >= 0", "set algorithm.eval_every_steps=0 (before and after only) or e.g. 20")
         if self.max_staleness < 0:
             return (
                 "max_staleness",
@@ -195,7 +219,21 @@ class OnlineRLConfig:
                 "correction (loss.tis_cap is null and loss.decoupled is false)",
                 "set algorithm.loss.tis_cap (e.g. 2.0, truncated IS) or algorithm.loss.decoupled=true, or max_staleness=0",
             )
-        needs_ref = self.kl_in_reward_coef > 0 or self.loss.kl_coef > 0
+        problem = check_kl_in_reward(self.kl_in_reward_coef, self.kl_in_reward_estimator)
+        if problem:
+            return problem
+        if self.adaptive_kl is not None and self.kl_in_reward_coef > 0:
+            return ("adaptive_kl", "both adaptive_kl and kl_in_reward_coef set the KL-in-reward coefficient",
+                    "keep one: algorithm.kl_in_reward_coef=0 with adaptive_kl (it starts at adaptive_kl.init_coef)")  # fmt: skip
+        if self.ppo_epochs < 1:
+            return ("ppo_epochs", f"{self.ppo_epochs} must be >= 1", "set algorithm.ppo_epochs=1")
+        if self.dynamic_sampling_max_rounds < 0:
+            return ("dynamic_sampling_max_rounds", f"{self.dynamic_sampling_max_rounds} must be >= 0", "e.g. 8")
+        if self.dynamic_sampling and (self.max_staleness > 0 or self.staleness_policy == "drop"):
+            return ("dynamic_sampling", "refilling a step with new prompts needs the prompt stream in step order; "
+                    "with max_staleness > 0 (or staleness_policy=drop) later steps have already taken the next prompts",
+                    "set algorithm.max_staleness=0 and staleness_policy=pace with dynamic_sampling")  # fmt: skip
+        needs_ref = self.kl_in_reward or self.loss.kl_coef > 0
         if needs_ref and not self.use_reference:
             return (
                 "use_reference",
@@ -219,7 +257,7 @@ class OnlineRLConfig:
             "samples_per_step": self.prompts_per_step * n,
             "group_size": n,
             "rollout_steps": cfg.trainer.max_steps,
-            "optimizer_steps": cfg.trainer.max_steps * self.mini_batches,
+            "optimizer_steps": cfg.trainer.max_steps * self.mini_batches * self.ppo_epochs,
             "max_new_tokens_per_step": self.prompts_per_step * n * max_new,
             "trainer_ranks": cfg.trainer.world_size,
             "rollout_workers": cfg.rollout.num_workers,
@@ -236,7 +274,19 @@ class OnlineRLConfig:
         Not needed with one mini-batch: the update's own forward gives them (detached), the same
         values in a model without dropout. KL in the reward needs them before the advantages.
         """
-        return self.recompute_old_logprobs == "always" or self.mini_batches > 1 or self.kl_in_reward_coef > 0
+        return (
+            self.recompute_old_logprobs == "always" or self.mini_batches > 1 or self.ppo_epochs > 1 or self.kl_in_reward
+        )
+
+    @property
+    def kl_in_reward(self) -> bool:
+        return self.kl_in_reward_coef > 0 or self.adaptive_kl is not None
+
+    def kl_controller(self) -> FixedKLController | AdaptiveKLController:
+        """A fresh controller of the KL-in-reward coefficient (its state travels in checkpoints)."""
+        if self.adaptive_kl is not None:
+            return AdaptiveKLController(self.adaptive_kl.init_coef, self.adaptive_kl.target_kl, self.adaptive_kl.horizon)
+        return FixedKLController(self.kl_in_reward_coef)
 
     def staleness_contract(self, cfg) -> str:
         """The bound in words, as ``--dry-run`` prints it."""
@@ -272,7 +322,22 @@ class OnlineRLConfig:
 
     def check_recipe(self, cfg) -> tuple[str, str, str] | None:
         """Cross-section consistency: the trainer's batch is the rollout batch."""
-        n = cfg.rollout.sampling.n
+        n, sampling = cfg.rollout.sampling.n, cfg.rollout.sampling
+        mode = (cfg.rollout.engine or {}).get("logprobs_mode", "processed_logprobs")
+        if mode == "raw_logprobs" and (sampling.temperature not in (0.0, 1.0) or sampling.top_p < 1.0):
+            return (
+                "rollout.engine.logprobs_mode",
+                f"raw_logprobs reports the unprocessed model's logprobs, but sampling uses temperature={sampling.temperature}, "
+                f"top_p={sampling.top_p}: the importance ratios would compare different distributions",
+                "use rollout.engine.logprobs_mode=processed_logprobs (the default), or temperature=1.0 and top_p=1.0",
+            )
+        if n < 2 and isinstance(self.advantage, GROUP_ESTIMATORS):
+            return (
+                "rollout.sampling.n",
+                f"group size {n} with {type(self.advantage).__name__}: a group estimator compares the samples of a "
+                "prompt with each other, so every sample would get zero advantage",
+                "set rollout.sampling.n >= 2 (e.g. 8), or use GAEAdvantage / ReinforcePlusPlusAdvantage",
+            )
         samples = self.prompts_per_step * n
         if cfg.trainer.global_batch_size != samples:
             return (

@@ -89,7 +89,16 @@ def model_dir(cfg: RecipeConfig, run_dir: str) -> str:
     return out
 
 
-def build(cfg: RecipeConfig, run_dir: str) -> Rooms:
+def sampled_distribution(cfg: RecipeConfig) -> tuple[float, float]:
+    """(temperature, top_p) of the distribution whose logprobs the engine reports as behaviour
+    logprobs: the sampling settings with processed logprobs (the default), else the raw model's."""
+    s = cfg.rollout.sampling
+    if (cfg.rollout.engine or {}).get("logprobs_mode", "processed_logprobs") == "raw_logprobs" or s.temperature == 0:
+        return 1.0, 1.0
+    return s.temperature, s.top_p
+
+
+def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     """Data, reward graph, Ray placement, trainer ranks and rollout workers, and the rooms between."""
     algo, d = cfg.algorithm, cfg.data
     tok = load_tokenizer(cfg.model)
@@ -108,6 +117,7 @@ def build(cfg: RecipeConfig, run_dir: str) -> Rooms:
     spec = TrainerSpec(
         cfg.trainer.world_size, "", ModelConfig(path=path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels),
         cfg.trainer, algo, cfg.sync, plan.trainer_resources["CPU"], cfg.cluster.call_timeout_s,
+        *sampled_distribution(cfg),
     )  # fmt: skip
     trainers = TrainerGroup(spec, pg, plan, deadlines, tempfile.mkdtemp(prefix="posttrain_rl_"))
     fleet = WorkerFleet(worker_cls, engine_cfg, pg, plan, deadlines, colocated=cfg.cluster.placement == "colocated",
@@ -121,7 +131,8 @@ def build(cfg: RecipeConfig, run_dir: str) -> Rooms:
                           cfg.trainer.max_steps)  # fmt: skip
     checkpoints = Checkpointer(cfg.checkpoint, run_dir, trainers, publisher, stream, cfg.trainer.max_steps)
     recovery = Recovery(trainers, checkpoints, cfg.cluster.max_trainer_restarts)
-    step = Step(algo, graph, trainers, publisher, Ledger(run_dir), tok.pad_token_id)
+    ledger = Ledger(run_dir, functools.partial(log.log_samples, seed=cfg.run.seed))
+    step = Step(algo, graph, trainers, publisher, ledger, tok.pad_token_id, cfg.run.seed)
     decode = functools.partial(tok.decode, skip_special_tokens=True)
     return Rooms(stream, evaluator, trainers, fleet, publisher, checkpoints, recovery, step, decode, pg)
 
@@ -150,14 +161,19 @@ def run_rl(cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str, synchronou
 
     ``checkpoint.resume`` resumes from a checkpoint (see posttrain.rl.checkpointing); a trainer
     rank that dies restarts the trainers from the newest checkpoint (posttrain.rl.recovery)."""
-    rooms = build(cfg, run_dir)
     log = MetricsLogger(run_dir, cfg.logging, cfg.trainer.max_steps, resolved)
+    try:
+        rooms = build(cfg, run_dir, log)
+    except BaseException:
+        log.close()
+        raise
     asynchronous = is_asynchronous(cfg) if synchronous is None else not synchronous
     summary: dict[str, Any] = {}
     try:
         path = rooms.checkpoints.find(cfg.checkpoint.resume) if cfg.checkpoint.resume else None
         if path:
             state = rooms.checkpoints.restore(path)
+            rooms.step.load_state_dict(state.get("step_state"))
             summary.update(before=state["before"], resumed_from=path)
             start = state["step"]
         else:
@@ -166,8 +182,10 @@ def run_rl(cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str, synchronou
             log.log(0, summary["before"])
             start = 0
         parts = LoopParts(
-            next_prompts=rooms.stream.next, step=rooms.step, evaluate_after=rooms.evaluator.after, log=log.log,
-            after_step=lambda s, m: rooms.checkpoints.after_step(s, m, {"before": summary["before"], "restarts": rooms.trainers.restarts}),
+            next_prompts=rooms.stream.next, refill_prompts=rooms.stream.refill, step=rooms.step, evaluate_after=rooms.evaluator.after, log=log.log,
+            after_step=lambda s, m: rooms.checkpoints.after_step(
+                s, m, {"before": summary["before"], "restarts": rooms.trainers.restarts, "step_state": rooms.step.state_dict()}
+            ),
             fleet_metrics=lambda: {"rollout/workers_replaced": float(rooms.fleet.replaced)},
         )  # fmt: skip
         while True:
@@ -175,7 +193,9 @@ def run_rl(cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str, synchronou
                 run_loop(rooms, cfg, parts, start, asynchronous)
                 break
             except TrainerFailed as err:
-                start = rooms.recovery.recover(err)["step"]
+                state = rooms.recovery.recover(err)
+                rooms.step.load_state_dict(state.get("step_state"))
+                start = state["step"]
                 summary["trainer_restarts"] = rooms.trainers.restarts
         summary["after"] = rooms.evaluator()
         log.log(cfg.trainer.max_steps, summary["after"])

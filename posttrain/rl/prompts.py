@@ -34,18 +34,29 @@ class PromptStream:
     def __init__(self, prompts: list[PromptRecord], per_step: int, seed: int, shuffle: bool) -> None:
         self.prompts, self.per_step = prompts, per_step
         self.sampler = ResumableSampler(len(prompts), seed, shuffle)
+        self.refilled = 0  # prompts taken beyond per_step by the steps so far (DAPO refills)
 
     def next(self) -> list[PromptRecord]:
+        """The next step's prompts."""
+        return self._take(self.per_step)
+
+    def refill(self, count: int) -> list[PromptRecord]:
+        """``count`` more prompts for the current step (dynamic sampling filtered some groups)."""
+        self.refilled += count
+        return self._take(count)
+
+    def _take(self, count: int) -> list[PromptRecord]:
         start = self.sampler.consumed
         return [
             PromptRecord(start + j, self.prompts[i].text, self.prompts[i].token_ids, self.prompts[i].fields)
-            for j, i in enumerate(self.sampler.take(self.per_step))
+            for j, i in enumerate(self.sampler.take(count))
         ]
 
     def frontier(self, step: int) -> dict[str, Any]:
         """The stream position after ``step`` trained steps (the async loop's sampler ran ahead)."""
-        return {**self.sampler.state_dict(), "consumed": step * self.per_step}
+        return {**self.sampler.state_dict(), "consumed": step * self.per_step + self.refilled}
 
-    def seek(self, state: dict[str, Any] | None) -> None:
+    def seek(self, state: dict[str, Any] | None, refilled: int = 0) -> None:
         """Back to a saved frontier (None: the start of the stream)."""
         self.sampler.load_state_dict(state if state is not None else {**self.sampler.state_dict(), "consumed": 0})
+        self.refilled = refilled

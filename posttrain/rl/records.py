@@ -11,17 +11,33 @@ import hashlib
 import itertools
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
-from posttrain.types import Group
+from posttrain.types import Group, ScoredGroup
 
 LEDGER = "samples.jsonl"
+COMPLETIONS = "completions.jsonl"  # a sample of each step's completion texts (MetricsLogger.log_samples)
 
 
 class Ledger:
-    """Appends the samples of each step to ``<run_dir>/samples.jsonl``."""
+    """Appends the samples of each step to ``<run_dir>/samples.jsonl``; hands the scored
+    completions (texts, rewards per node) to ``keep_samples`` (which keeps a few per step)."""
 
-    def __init__(self, run_dir: str) -> None:
+    def __init__(self, run_dir: str, keep_samples: Callable[[int, list[dict[str, Any]]], Any] | None = None) -> None:
         self.path = os.path.join(run_dir, LEDGER)
+        self.keep_samples = keep_samples
+
+    def scored(self, step: int, scored: list[ScoredGroup]) -> None:
+        if self.keep_samples is None:
+            return
+        rows = []
+        for sg in scored:
+            for i, c in enumerate(sg.group.completions):
+                nodes = {f"reward/{name}": values[i] for name, values in sg.breakdown.items()}
+                rows.append({"ordinal": sg.group.prompt.ordinal, "sample": c.sample_index, "prompt": sg.group.prompt.text,
+                             "completion": c.text, "reward": sg.rewards[i], "version": c.v_min, **nodes})  # fmt: skip
+        self.keep_samples(step, rows)
 
     def write(self, step: int, groups: list[Group]) -> None:
         with open(self.path, "a") as f:
@@ -37,7 +53,7 @@ def roll_back_records(run_dir: str, step: int) -> None:
     """Resuming at ``step``: records of later steps (``samples.jsonl``, ``metrics.jsonl``) belong to
     work that was lost with the trainer; they move to ``*.rolledback.jsonl`` (kept for inspection),
     so the run's records read as if it had never been interrupted."""
-    for name in (LEDGER, "metrics.jsonl"):
+    for name in (LEDGER, COMPLETIONS, "metrics.jsonl"):
         path = os.path.join(run_dir, name)
         if not os.path.exists(path):
             continue

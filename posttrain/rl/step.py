@@ -1,9 +1,11 @@
 """One RL step on finished groups, as its data flow::
 
-    groups ─► ledger ─► score (reward graph) ─► make_batch (dynamic sampling, masked-sample guard)
-           ─► train_inputs (forward: old/ref logprobs, values; KL into the reward; advantages)
-           ─► train (one optimizer step per mini-batch) ─► publish (weights -> workers, probe)
-           ─► StepMetrics
+    groups ─► ledger ─► score (reward graph) ─► [dynamic sampling: filter all-equal groups, refill]
+           ─► make_batch (masked-sample guard)
+           ─► train_inputs (forward: old/ref logprobs, values; token rewards + KL into the reward
+              per token; advantages)
+           ─► train (ppo_epochs x mini_batches optimizer steps) ─► publish (weights -> workers, probe)
+           ─► metrics
 
 :class:`Step` takes narrow collaborators (a scorer, the trainers' ``forward``/``train``, the
 publisher's ``publish``/``version``, a ledger), so each stage is a plain function that a unit
@@ -19,15 +21,20 @@ test drives with small fakes. Both loops call the same ``Step``; the metrics hav
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
+from posttrain.algorithms.advantages import dynamic_sampling_keep, place_token_rewards
+from posttrain.algorithms.kl import kl_reward_penalty
+from posttrain.algorithms.logprobs import masked_mean
+from posttrain.config.errors import PosttrainError
+from posttrain.metrics import aggregate_metrics
 from posttrain.rewards.errors import RewardFailureError
-from posttrain.rl.batch import RLBatch, advantage_inputs, apply_dynamic_sampling, build_rl_batch
+from posttrain.rl.batch import RLBatch, advantage_inputs, build_rl_batch
 from posttrain.rl.config import OnlineRLConfig
 from posttrain.types import ForwardBatch, ForwardOutputs, Group, ScoredGroup, TrainBatch
 
@@ -48,7 +55,8 @@ class Publisher(Protocol):
 
 
 class Recorder(Protocol):
-    def write(self, step: int, groups: list[Group]) -> None: ...
+    def write(self, step: int, groups: list[Group]) -> None: ...  # the ledger, before anything else
+    def scored(self, step: int, scored: list[ScoredGroup]) -> None: ...  # completion texts and rewards
 
 
 @dataclass
@@ -71,7 +79,10 @@ class PhaseTimer:
     def __call__(self, phase: str) -> Iterator[None]:
         t0 = time.perf_counter()
         yield
-        self.phases[phase] = time.perf_counter() - t0
+        self.add(phase, time.perf_counter() - t0)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     @property
     def step_s(self) -> float:
@@ -82,10 +93,8 @@ class PhaseTimer:
 
 
 def make_batch(scored: list[ScoredGroup], algo: OnlineRLConfig, pad_id: int, reward_metrics: dict[str, float]) -> tuple[RLBatch, dict[str, float]]:
-    """The padded batch; dynamic sampling; the guard against a step of mostly masked samples."""
+    """The padded batch, and the guard against a step of mostly masked samples."""
     batch, m = build_rl_batch(scored, pad_id, algo.overlong_filter), {}
-    if algo.dynamic_sampling:
-        m["dynamic_sampling/groups_dropped"] = float(apply_dynamic_sampling(batch))
     masked = 1.0 - float(batch.sample_mask_NG.mean())
     m["samples/masked_fraction"] = masked
     if masked > algo.max_masked_fraction:
@@ -98,36 +107,71 @@ def make_batch(scored: list[ScoredGroup], algo: OnlineRLConfig, pad_id: int, rew
     return batch, m
 
 
-def train_inputs(batch: RLBatch, algo: OnlineRLConfig, trainers: Trainers) -> TrainInputs:
-    """Forward pass when needed (old logprobs, reference, critic), KL into the reward, advantages."""
+def token_rewards(scored: list[ScoredGroup], batch: RLBatch) -> torch.Tensor | None:
+    """Per-token rewards of token-level (process) reward nodes, placed on the response tokens; None
+    when no node gives any."""
+    if all(sg.token_rewards is None for sg in scored):
+        return None
+    lists = [x for sg in scored for x in (sg.token_rewards or [None] * len(sg.group.completions))]
+    return place_token_rewards(lists, batch.loss_mask_BT)
+
+
+def train_inputs(batch: RLBatch, scored: list[ScoredGroup], algo: OnlineRLConfig, trainers: Trainers,
+                 kl_ctl: Any) -> tuple[TrainInputs, dict[str, float]]:  # fmt: skip
+    """Forward pass when needed (old logprobs, reference, critic); token rewards and the KL penalty
+    (per token, as verl) into the reward; advantages. ``kl_ctl`` adapts to the measured KL."""
     need_forward = algo.recompute_old or algo.use_reference or algo.critic is not None
     fwd = trainers.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, algo.recompute_old)) if need_forward else ForwardOutputs()
-    token_rewards = None
-    if algo.kl_in_reward_coef > 0:
-        token_rewards = -algo.kl_in_reward_coef * (fwd.old_logprobs_BT - fwd.ref_logprobs_BT) * batch.loss_mask_BT
-    adv = algo.advantage.compute(advantage_inputs(batch, token_rewards, fwd.values_BT))
-    return TrainInputs(batch, adv.advantages_BT, fwd, adv.returns_BT)
+    rewards_BT, m = token_rewards(scored, batch), {}
+    if algo.kl_in_reward:
+        penalty, kl = kl_reward_penalty(fwd.old_logprobs_BT, fwd.ref_logprobs_BT, batch.loss_mask_BT, kl_ctl.value, algo.kl_in_reward_estimator)
+        rewards_BT = penalty if rewards_BT is None else rewards_BT + penalty
+        m["kl_in_reward/kl"] = float(masked_mean(kl, batch.loss_mask_BT))
+        m["kl_in_reward/coef"] = kl_ctl.value
+        kl_ctl.update(m["kl_in_reward/kl"], batch.size)
+    adv = algo.advantage.compute(advantage_inputs(batch, rewards_BT, fwd.values_BT))
+    return TrainInputs(batch, adv.advantages_BT, fwd, adv.returns_BT), m
 
 
-def mini_batches(inputs: TrainInputs, count: int) -> Iterator[TrainBatch]:
-    """The step's samples in ``count`` mini-batches (in order), each with its global token and
-    sequence counts (the loss normalisers, the same on every rank)."""
+def mini_batches(inputs: TrainInputs, count: int, order: torch.Tensor | None = None) -> Iterator[TrainBatch]:
+    """The step's samples in ``count`` mini-batches (in ``order``, default as generated), each with
+    its global token and sequence counts (the loss normalisers, the same on every rank)."""
     b, f = inputs.batch, inputs.forward
     full = TrainBatch(
         b.input_ids_BT, b.attention_mask_BT, b.loss_mask_BT, b.behaviour_logprobs_BT, inputs.advantages_BT,
         f.old_logprobs_BT, f.ref_logprobs_BT, f.values_BT, inputs.returns_BT,
     )  # fmt: skip
-    for chunk in torch.arange(b.size).chunk(count):
+    for chunk in (torch.arange(b.size) if order is None else order).chunk(count):
         mb = full.select(chunk.tolist())
         mb.num_tokens = max(1.0, float(mb.loss_mask_BT.sum()))
         mb.num_seqs = max(1.0, float((mb.loss_mask_BT.sum(-1) > 0).sum()))
         yield mb
 
 
-def train(inputs: TrainInputs, algo: OnlineRLConfig, trainers: Trainers) -> dict[str, float]:
-    """``algorithm.mini_batches`` optimizer steps; their metrics averaged over the mini-batches."""
-    per_mb = [trainers.train(mb) for mb in mini_batches(inputs, algo.mini_batches)]
-    return {k: sum(d[k] for d in per_mb) / len(per_mb) for k in per_mb[0]}
+def train(inputs: TrainInputs, algo: OnlineRLConfig, trainers: Trainers, seed: int) -> dict[str, float]:
+    """``ppo_epochs`` passes of ``mini_batches`` optimizer steps; the first pass in the generated
+    order, later ones shuffled (seeded by ``seed``). Metrics combined (``_max`` keys: the max)."""
+    per_mb, gen = [], torch.Generator().manual_seed(seed)
+    for epoch in range(algo.ppo_epochs):
+        order = None if epoch == 0 else torch.randperm(inputs.batch.size, generator=gen)
+        per_mb += [trainers.train(mb) for mb in mini_batches(inputs, algo.mini_batches, order)]
+    return {**aggregate_metrics(per_mb), "train/optimizer_steps": float(len(per_mb))}
+
+
+Refill = Callable[[int], list[Group]]  # count -> that many new groups (new prompts), generated now
+
+
+class DynamicSamplingExhausted(PosttrainError):
+    """Dynamic sampling could not find enough groups with varied rewards within its rounds."""
+
+
+def keep_varied(scored: list[ScoredGroup]) -> tuple[list[ScoredGroup], int]:
+    """Groups whose valid rewards are not all equal (DAPO), and how many were filtered out."""
+    if not scored:
+        return [], 0
+    batch = build_rl_batch(scored, 0, False)
+    keep = [bool(k) for k in dynamic_sampling_keep(batch.rewards_NG, batch.sample_mask_NG.bool())]
+    return [sg for sg, k in zip(scored, keep, strict=True) if k], keep.count(False)
 
 
 def probe_sequences(scored: list[ScoredGroup]) -> list[list[int]]:
@@ -162,23 +206,66 @@ def batch_metrics(inputs: TrainInputs, groups: list[Group]) -> dict[str, float]:
 class Step:
     """Score, batch, train and publish one step's finished groups; its metrics."""
 
-    def __init__(self, algo: OnlineRLConfig, scorer: Scorer, trainers: Trainers, publisher: Publisher, ledger: Recorder, pad_id: int) -> None:
-        self.algo, self.scorer, self.trainers, self.publisher, self.ledger, self.pad_id = algo, scorer, trainers, publisher, ledger, pad_id
+    def __init__(self, algo: OnlineRLConfig, scorer: Scorer, trainers: Trainers, publisher: Publisher, ledger: Recorder,
+                 pad_id: int, seed: int = 0) -> None:  # fmt: skip
+        self.algo, self.scorer, self.trainers, self.publisher, self.ledger = algo, scorer, trainers, publisher, ledger
+        self.pad_id, self.seed = pad_id, seed
+        self.kl_ctl = algo.kl_controller()
 
-    def __call__(self, groups: list[Group], generate_s: float) -> dict[str, Any]:
-        timer = PhaseTimer(generate_s)
-        self.ledger.write(self.publisher.version + 1, groups)
+    def __call__(self, groups: list[Group], generate_s: float, refill: Refill | None = None) -> dict[str, Any]:
+        timer, step = PhaseTimer(generate_s), self.publisher.version + 1
+        if not self.algo.dynamic_sampling:
+            self.ledger.write(step, groups)
         with timer("reward"):
             scored, m_reward = self.scorer.score_groups_sync(groups)
+        m_dyn = self.dynamic_sampling(scored, refill, timer) if self.algo.dynamic_sampling else {}
+        if self.algo.dynamic_sampling:
+            scored = scored[: self.algo.prompts_per_step]
+            self.ledger.write(step, [sg.group for sg in scored])  # the groups that enter the step
+        self.ledger.scored(step, scored)
         with timer("prepare"):
             batch, m_batch = make_batch(scored, self.algo, self.pad_id, m_reward)
-            inputs = train_inputs(batch, self.algo, self.trainers)
+            inputs, m_kl = train_inputs(batch, scored, self.algo, self.trainers, self.kl_ctl)
         with timer("train"):
-            m_train = train(inputs, self.algo, self.trainers)
+            m_train = train(inputs, self.algo, self.trainers, self.seed + step)
         with timer("sync"):
             m_sync = self.publisher.publish(probe_sequences(scored))
-        return {**m_reward, **m_batch, **m_sync, **m_train, **batch_metrics(inputs, groups), **timer.metrics(),
+        groups = [sg.group for sg in scored]
+        return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, groups), **timer.metrics(),
                 **throughput(inputs.batch, timer.step_s), "policy_version": float(self.publisher.version)}  # fmt: skip
+
+    def dynamic_sampling(self, scored: list[ScoredGroup], refill: Refill | None, timer: PhaseTimer) -> dict[str, float]:
+        """Keep groups with varied rewards in ``scored`` (in place); generate and score new prompts
+        until there are ``prompts_per_step`` of them (at most ``dynamic_sampling_max_rounds`` rounds).
+        Filtered groups are counted as ``samples/filtered_*``, never as failures."""
+        want, rounds, filtered = self.algo.prompts_per_step, 0, 0
+        kept, dropped = keep_varied(scored)
+        filtered += dropped
+        while len(kept) < want:
+            if refill is None or rounds >= self.algo.dynamic_sampling_max_rounds:
+                raise DynamicSamplingExhausted(
+                    f"dynamic sampling: {len(kept)} of {want} groups have varied rewards after {rounds} refill rounds "
+                    f"({filtered} groups filtered: all their samples scored the same).\n  fix: raise "
+                    "algorithm.dynamic_sampling_max_rounds or rollout.sampling.n, or use prompts of mixed difficulty"
+                )
+            t0 = time.perf_counter()
+            more = refill(want - len(kept))
+            timer.add("generate", time.perf_counter() - t0)
+            with timer("reward"):
+                more_scored, _ = self.scorer.score_groups_sync(more)
+            varied, dropped = keep_varied(more_scored)
+            kept, filtered, rounds = kept + varied, filtered + dropped, rounds + 1
+        scored[:] = kept
+        n = len(scored[0].group.completions) if scored else 0
+        return {"samples/filtered_groups": float(filtered), "samples/filtered_samples": float(filtered * n),
+                "samples/refill_rounds": float(rounds)}  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
 
 
 def throughput(batch: RLBatch, step_s: float) -> dict[str, float]:

@@ -18,7 +18,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from posttrain.algorithms.logprobs import entropy_from_logits, token_logprobs
+from posttrain.algorithms.logprobs import processed_token_logprobs, token_logprobs
 from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -42,10 +42,33 @@ class TrainerSpec:
     sync: SyncConfig
     cpus: float  # CPUs this rank reserved: its torch threads
     collective_timeout_s: float | None = None
+    # The distribution the rollout engine sampled from (and reported behaviour logprobs of):
+    # logits / temperature, then top-p. The trainer's logprobs and entropy are of the same one.
+    temperature: float = 1.0
+    top_p: float = 1.0
 
 
 def _shifted_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+    """Raw (T=1) logprob of token t at position t (position 0: 0): what the probe compares."""
     return F.pad(token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:]), (1, 0))
+
+
+def critic_model(model_cfg: ModelConfig, policy_config: Any) -> torch.nn.Module:
+    """PPO's value model: a 1-label token-classification head on the policy's backbone, with every
+    dropout off (value clipping compares its values with the deterministic ones of the forward)."""
+    import copy
+
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    src = model_cfg.path
+    config = AutoConfig.from_pretrained(src, local_files_only=True) if src else copy.deepcopy(policy_config)
+    config.num_labels = 1
+    for name, value in list(vars(config).items()):
+        if "dropout" in name and isinstance(value, float):
+            setattr(config, name, 0.0)
+    if src:
+        return AutoModelForTokenClassification.from_pretrained(src, config=config, local_files_only=True)
+    return AutoModelForTokenClassification.from_config(config)
 
 
 class _Schedulers:
@@ -92,16 +115,10 @@ class TrainerWorker:
         self.model_config, self.model_class = policy.config, type(policy)
         self.policy = TrainEngine(policy, trainer_cfg, self.device)
         self.reference = TrainEngine(load_causal_lm(model_cfg), trainer_cfg, self.device, trainable=False) if algo.use_reference else None
+        self.temperature, self.top_p = spec.temperature, spec.top_p
         self.critic = None
         if algo.critic is not None:
-            from transformers import AutoModelForTokenClassification
-
-            src = model_cfg.path
-            critic = (
-                AutoModelForTokenClassification.from_pretrained(src, num_labels=1, local_files_only=True)
-                if src
-                else AutoModelForTokenClassification.from_config(policy.config, num_labels=1)
-            )
+            critic = critic_model(model_cfg, policy.config)
             ccfg = TrainerConfig(**{**trainer_cfg.__dict__, "optim": OptimConfig(lr=algo.critic.lr)})
             self.critic = TrainEngine(critic, ccfg, self.device)
         self.sender = WeightSender(bucket_bytes=spec.sync.bucket_mb << 20)
@@ -121,23 +138,27 @@ class TrainerWorker:
         ids, attn = ids.to(self.device), attn.to(self.device)
         out = {}
         if want_old:
-            out["old_logprobs_BT"] = self.policy.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
-        if self.reference is not None:
-            out["ref_logprobs_BT"] = self.reference.forward(lambda m: _shifted_logprobs(m(input_ids=ids, attention_mask=attn).logits, ids)).cpu()
+            out["old_logprobs_BT"] = self.policy.forward(lambda m: self._sampled(m(input_ids=ids, attention_mask=attn).logits, ids)[0]).cpu()
+        if self.reference is not None:  # the reference at the same temperature (as verl)
+            out["ref_logprobs_BT"] = self.reference.forward(lambda m: self._sampled(m(input_ids=ids, attention_mask=attn).logits, ids)[0]).cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
             v = self.critic.forward(lambda m: m(input_ids=ids, attention_mask=attn).logits[..., 0].float())
             out["values_BT"] = F.pad(v[:, :-1], (1, 0)).cpu()
         return out
 
+    def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logprob of token t at position t and the entropy there, under the distribution the
+        engine sampled from (``logits / temperature``, top-p filtered); position 0: 0."""
+        lp, ent = processed_token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:], self.temperature, 0, self.top_p)
+        return F.pad(lp, (1, 0)), F.pad(ent, (1, 0))
+
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
         logits = model(input_ids=mb["input_ids_BT"], attention_mask=mb["attention_mask_BT"]).logits
-        lp = _shifted_logprobs(logits, mb["input_ids_BT"])
-        ent = F.pad(entropy_from_logits(logits[:, :-1]), (1, 0)) if self.algo.loss.entropy_coef > 0 else None
-        if ent is None:
-            with torch.no_grad():
-                ent = F.pad(entropy_from_logits(logits[:, :-1].detach()), (1, 0))
+        lp, ent = self._sampled(logits, mb["input_ids_BT"])
+        if self.algo.loss.entropy_coef <= 0:
+            ent = ent.detach()  # a metric only
         # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
         old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()
         return policy_loss(

@@ -20,3 +20,12 @@ def flaky_reward(sample) -> float:
     if answer.endswith("7"):
         return float("nan")
     return 1.0
+
+
+@sample_reward
+def flat_on_even_answers(sample) -> float:
+    """The same reward for every sample of a prompt whose answer is even (DAPO filters those
+    groups), the length reward otherwise."""
+    if int(sample.fields["answer"]) % 2 == 0:
+        return 0.5
+    return min(len(sample.completion), 6) / 6.0

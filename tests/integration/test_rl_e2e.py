@@ -64,6 +64,36 @@ def test_ppo_two_steps_with_critic_and_kl(tmp_path, repo_root):
     assert all("critic/loss" in m for m in steps)
 
 
+def test_trainer_logprobs_follow_temperature_and_top_p(tmp_path, repo_root):
+    """At T=0.7, top_p=0.9 the trainer scores the distribution vLLM sampled from (processed logprobs)."""
+    extra = ["trainer.max_steps=1", "rollout.sampling.temperature=0.7", "rollout.sampling.top_p=0.9",
+             "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]"]  # fmt: skip
+    _, steps = _run(repo_root, _overrides(tmp_path, "temp", extra))
+    assert steps[0]["behaviour_kl"] < 1e-4
+    assert abs(steps[0]["is_weight_mean"] - 1.0) <= 0.01
+
+
+def test_dapo_recipe_filters_and_refills(tmp_path, repo_root):
+    """recipes/dapo_tiny_arith.yaml, 20 steps: groups of even-answer prompts all score the same, so
+    they are filtered (never counted as failures) and every step refills its batch."""
+    extra = ["reward.nodes=[{name: flat, fn: rl_rewards.flat_on_even_answers}, "
+             "{name: overlong, fn: posttrain.rewards.overlong.OverlongPenalty, kwargs: {max_tokens: 5, buffer_tokens: 2}, weight: 0.1}]",
+             "data.train.num_examples=400"]  # fmt: skip
+    _, steps = _run(repo_root, _overrides(tmp_path, "dapo", extra), recipe="recipes/dapo_tiny_arith.yaml")
+    assert [m["step"] for m in steps] == list(range(1, 21))
+    assert sum(m["samples/filtered_groups"] for m in steps) > 0 and sum(m["samples/refill_rounds"] for m in steps) > 0
+    assert all(m["samples/masked_fraction"] == 0.0 and m["reward/flat/errors"] == 0.0 for m in steps)
+    assert all(m["sync/worker_version"] == m["step"] for m in steps)
+
+
+def test_ppo_recipe_two_epochs_over_four_minibatches(tmp_path, repo_root):
+    extra = ["trainer.max_steps=2", "algorithm.prompts_per_step=8", "trainer.global_batch_size=32",
+             "reward.nodes=[{name: len, fn: rl_rewards.length_reward}]"]  # fmt: skip
+    _, steps = _run(repo_root, _overrides(tmp_path, "ppo_recipe", extra), recipe="recipes/ppo_tiny_arith.yaml")
+    assert [m["train/optimizer_steps"] for m in steps] == [8.0, 8.0]  # 2 epochs x 4 mini-batches
+    assert all("critic/loss" in m and m["sync/worker_version"] == m["step"] for m in steps)
+
+
 def test_probe_fails_when_sync_is_skipped(tmp_path, repo_root):
     from posttrain.weight_sync import WeightSyncProbeError
 

@@ -1,11 +1,12 @@
-"""Import rule: posttrain.rewards imports only posttrain.types, posttrain.models and posttrain.sandboxes."""
+"""Import rule: posttrain.rewards imports only posttrain.types, posttrain.models, posttrain.sandboxes and the
+shared user-error base (posttrain.config.errors: every user-facing error is a PosttrainError)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-ALLOWED = ("posttrain.rewards", "posttrain.types", "posttrain.models", "posttrain.sandboxes")
+ALLOWED = ("posttrain.rewards", "posttrain.types", "posttrain.models", "posttrain.sandboxes", "posttrain.config.errors")
 REWARDS = Path(__file__).resolve().parents[2] / "rewards"
 
 

@@ -46,8 +46,8 @@ def _imports(folder: str) -> list[tuple[str, str]]:
     [
         ("posttrain/engine", ["ray", "posttrain.rollout", "posttrain.rewards", "vllm"]),
         ("posttrain/kernels", ["posttrain.engine", "posttrain.rollout", "posttrain.rewards", "posttrain.offline", "posttrain.config"]),
-        ("rewards", ["posttrain.rollout", "posttrain.engine", "posttrain.offline", "posttrain.controller"]),
-        ("rollout", ["posttrain.rewards", "posttrain.engine", "posttrain.offline", "posttrain.controller"]),
+        ("rewards", ["posttrain.rollout", "posttrain.engine", "posttrain.offline", "posttrain.rl"]),
+        ("rollout", ["posttrain.rewards", "posttrain.engine", "posttrain.offline", "posttrain.rl"]),
     ],
 )
 def test_import_rules(repo_root, folder, forbidden):

@@ -105,6 +105,9 @@ class FakeLedger:
     def write(self, step, groups):
         self.rows.append((step, [g.prompt.ordinal for g in groups]))
 
+    def scored(self, step, scored):
+        self.rows.append((step, [sg.rewards for sg in scored]))
+
 
 def _step(rewards, **algo_kw):
     algo = OnlineRLConfig(advantage=GRPOAdvantage(), loss=GRPOLossConfig(), **algo_kw)
@@ -116,7 +119,7 @@ def test_step_trains_every_minibatch_with_global_counts_and_publishes():
     groups = [_group(0, [0, 0, 0], n=2), _group(1, [0, 0], n=2, tokens=2)]
     step, trainers, publisher, ledger = _step([[1.0, 0.0], [0.0, 0.0]], mini_batches=2)
     m = step(groups, generate_s=0.25)
-    assert ledger.rows == [(1, [0, 1])]  # written before training, as version 0 -> 1
+    assert ledger.rows == [(1, [0, 1]), (1, [[1.0, 0.0], [0.0, 0.0]])]  # written before training, as version 0 -> 1
     # mini_batches=2 needs old logprobs before the update: one forward, asking for them
     assert len(trainers.forwards) == 1 and trainers.forwards[0].want_old
     first, second = trainers.batches

@@ -22,7 +22,9 @@ class LoopParts:
     evaluation due, the metrics log and the after-step hook (checkpoints), in that order."""
 
     next_prompts: Callable[[], list[PromptRecord]]
-    step: Callable[[list[Group], float], dict[str, Any]]  # (groups, generate_s) -> metrics
+    refill_prompts: Callable[[int], list[PromptRecord]]  # more prompts for the current step (DAPO)
+    # (groups, generate_s, refill: count -> that many new generated groups) -> metrics
+    step: Callable[[list[Group], float, Callable[[int], list[Group]]], dict[str, Any]]
     evaluate_after: Callable[[int], dict[str, float]]
     log: Callable[[int, dict[str, Any]], None]
     after_step: Callable[[int, dict[str, Any]], None]

@@ -294,6 +294,19 @@ def admit(
     return admitted, {**metrics, "async/trainer_wait_s": waited}
 
 
+def _refill(loop: RolloutLoop, buffer: RolloutBuffer, parts: LoopParts, step: int) -> Callable[[int], list[Group]]:
+    """More groups for ``step`` from new prompts, generated now (dynamic sampling, k = 0 only)."""
+
+    def refill(count: int) -> list[Group]:
+        loop.regenerate(step, parts.refill_prompts(count))
+        got: list[Group] = []
+        while len(got) < count:
+            got += buffer.take(step, count - len(got))[0]
+        return sorted(got, key=lambda g: g.prompt.ordinal)
+
+    return refill
+
+
 def run_pipelined(
     parts: LoopParts, fleet: WorkerFleet, publisher: WeightPublisher, sampling: Any, decode: Callable[[list[int]], str], *,
     max_staleness: int, policy: str, prompts_per_step: int, chunk_tokens: int | None, start_step: int, max_steps: int,
@@ -312,7 +325,7 @@ def run_pipelined(
     try:
         for step in range(start_step + 1, max_steps + 1):
             groups, admit_m = admit(loop, buffer, step, bound, policy, prompts_per_step, sampling.n)
-            m = {**parts.step(groups, admit_m["async/trainer_wait_s"]), **admit_m}
+            m = {**parts.step(groups, admit_m["async/trainer_wait_s"], _refill(loop, buffer, parts, step)), **admit_m}
             parts.evaluate(step, m)
             loop.advance(publisher.version)
             idle = loop.take_idle() / max(1, len(fleet))
