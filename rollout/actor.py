@@ -54,6 +54,9 @@ class RolloutWorker:
     """The verbs of a rollout actor, delegating to one engine."""
 
     def __init__(self, config: EngineConfig) -> None:
+        from posttrain.metrics import quiet_library_logs
+
+        quiet_library_logs()  # in this actor process, before the engine imports vLLM (logging.verbose)
         self.engine = build_engine(config)
         self.asleep = False
 

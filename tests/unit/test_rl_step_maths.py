@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from posttrain.rewards import RewardGraph, RewardNode
 
 from posttrain.algorithms.advantages import GRPOAdvantage
 from posttrain.algorithms.policy_loss import GRPOLossConfig
-from posttrain.rewards import RewardGraph, RewardNode
 from posttrain.rl.config import OnlineRLConfig
 from posttrain.rl.step import DynamicSamplingExhausted, Step
 from posttrain.types import Completion, ForwardOutputs, Group, PromptRecord
