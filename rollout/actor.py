@@ -21,6 +21,7 @@ from typing import Any
 import ray
 
 from posttrain.diagnose import remote_class, where_now
+from posttrain.sync.group import GroupInfo
 from posttrain.types import Group, PromptRecord
 from posttrain.weight_sync import WeightBucket
 
@@ -71,6 +72,18 @@ class RolloutWorker:
         """Load a full version from buckets (or object refs to buckets), in order; ``restore``
         allows going back to an older version (the trainer resumed from a checkpoint)."""
         return self.engine.load_weights(_resolve(buckets), version, restore)
+
+    def join_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        """Join the model-update group (``posttrain.sync.group``); blocks until all members joined."""
+        self.engine.join_update_group(info, rank_offset)
+
+    def receive_weights(self, version: int, restore: bool = False) -> LoadReport:
+        """Load a full version broadcast by the sender over the update group."""
+        return self.engine.receive_weights(version, restore)
+
+    def weight_digest(self) -> tuple[int, int]:
+        """``(served version, digest of its buckets)``: the publisher compares it with the sender's."""
+        return self.engine.weight_digest()
 
     def version(self) -> int:
         return self.engine.version

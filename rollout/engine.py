@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from posttrain.sync.group import GroupInfo
 from posttrain.types import Group, PromptRecord
 from posttrain.weight_sync import WeightBucket
 
@@ -41,6 +42,7 @@ class LoadReport:
     num_buckets: int
     bytes: int
     load_s: float  # first bucket received -> new version servable
+    digest: int = 0  # fold_digest of the buckets' fingerprints (posttrain.weight_sync)
 
 
 @runtime_checkable
@@ -74,6 +76,19 @@ class RolloutEngine(Protocol):
 
         For a sequence of L tokens returns L-1 values: logprob of token t given tokens < t, t=1..L-1.
         """
+        ...
+
+    def join_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        """Join the model-update group (``posttrain.sync.group``) at ranks ``rank_offset``.. (one
+        per tensor-parallel rank); blocks until every member has joined."""
+        ...
+
+    def receive_weights(self, version: int, restore: bool = False) -> LoadReport:
+        """``load_weights`` with the buckets broadcast over the update group by the sender."""
+        ...
+
+    def weight_digest(self) -> tuple[int, int]:
+        """``(served version, digest of the buckets that made it)``; compared with the sender's."""
         ...
 
     def close(self) -> None: ...

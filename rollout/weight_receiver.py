@@ -16,7 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.weight_sync import WeightBucket, WeightSyncError, dtype_from_name, dtype_name
+from posttrain.weight_sync import (
+    WeightBucket,
+    WeightSyncError,
+    dtype_from_name,
+    dtype_name,
+    fold_digest,
+    payload_fingerprint,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,12 @@ class WeightUpdateSession:
         self._fingerprints: dict[str, torch.Tensor] = {}  # tied names -> cheap fingerprint
         self._tied_names = set(manifest.aliases) | set(manifest.aliases.values())
         self.bytes = 0
+        self.fingerprints: list[int] = []  # payload_fingerprint of each bucket, in order
+
+    @property
+    def digest(self) -> int:
+        """The version digest (``fold_digest``) of the buckets accepted so far."""
+        return fold_digest(self.fingerprints)
 
     def accept(self, bucket: WeightBucket) -> WeightBucket:
         """Check ``bucket``'s header; return the bucket to load (same payload, aliases dropped)."""
@@ -125,6 +138,14 @@ class WeightUpdateSession:
                 "(buckets must arrive in order, none missing)"
             )
         self._next_index += 1
+        fingerprint = payload_fingerprint(bucket.payload)
+        if bucket.fingerprint is not None and fingerprint != bucket.fingerprint:
+            raise WeightSyncError(
+                f"version {self.version}: bucket {bucket.index} arrived with different bytes than were sent "
+                f"(fingerprint {fingerprint:#x}, sender {bucket.fingerprint:#x}): the transport corrupted it"
+            )
+        if bucket.nbytes:  # an empty (END) bucket adds nothing to the digest
+            self.fingerprints.append(fingerprint)
         for meta in bucket.metas:
             if meta.name in self._received:
                 raise WeightSyncError(f"version {self.version}: parameter {meta.name!r} sent twice")

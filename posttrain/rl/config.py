@@ -93,12 +93,25 @@ class ClusterConfig:
 @dataclass
 class SyncConfig:
     """``sync:`` — how weights travel from the trainer to the rollout workers (infrastructure, not
-    algorithm). See posttrain/weight_sync.py for the invariants every update keeps."""
+    algorithm). See posttrain/weight_sync.py for the invariants every update keeps.
+
+    ``transport``: ``object_store`` — trainer rank 0 gathers the full state dict and puts every
+    bucket in Ray's object store, each worker fetches and loads them (the sender holds the model
+    plus its buckets); ``collective`` — a model-update group of trainer rank 0 and every rank of
+    every rollout worker (gloo on CPU, NCCL on GPU): one tensor gathered at a time, buckets
+    broadcast as they fill, loaded by the workers while the next is gathered (the sender holds
+    two buckets). The default stays ``object_store``: every engine and test worker takes it, and on
+    one CPU host it needs no sockets; GPU recipes set ``collective`` (bench/weight_sync.py).
+    """
 
     bucket_mb: int = 64  # weight-sync bucket size (MiB); a larger tensor travels alone
-    probe_tolerance: float | None = None  # nats; None: by dtype (posttrain.weight_sync.PROBE_TOLERANCE)
+    probe_tolerance: float | None = None  # nats; None: by the compute dtype (posttrain.weight_sync.PROBE_TOLERANCE)
+    transport: Literal["object_store", "collective"] = "object_store"
+    # dtype on the wire (float32 | bfloat16 | float16): the trainer's master weights are cast to it.
+    # null: the rollout engine's dtype (an fp32 trainer feeds a bf16 engine).
+    wire_dtype: str | None = None
     # Testing only: publish a new version without loading it into the workers, to prove that the
-    # probe catches an engine that serves stale weights.
+    # digest and the probe catch an engine that serves stale weights.
     skip_weight_sync: bool = False
 
     def validate(self) -> tuple[str, str, str] | None:
@@ -108,6 +121,11 @@ class SyncConfig:
             return ("probe_tolerance", f"{self.probe_tolerance} must be > 0", "set sync.probe_tolerance=null (by dtype)")
         return None
 
+        if self.transport not in ("object_store", "collective"):
+            return ("transport", f"{self.transport!r} is not a transport", "use object_store or collective")
+        if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
+            return ("wire_dtype", f"{self.wire_dtype!r} is not a wire dtype",
+                    "use float32, bfloat16, float16, or null (the rollout engine's dtype)")  # fmt: skip
 
 @dataclass
 class Deadlines:

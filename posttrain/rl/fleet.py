@@ -83,6 +83,13 @@ class WorkerFleet:
                 print(f"[posttrain] rollout worker {index} set aside: {reason}; its requests go to other workers", flush=True)
             self._aside.setdefault(index, []).append(ref)
 
+    def hold(self, index: int, reason: str) -> None:
+        """Set a worker aside that owes nothing (e.g. a replacement waiting for weights): it is
+        settled at once, and rejoins when the publisher has loaded the newest weights into it."""
+        with self._lock:
+            print(f"[posttrain] rollout worker {index} held out of service: {reason}", flush=True)
+            self._aside[index] = []
+
     def settled(self) -> list[int]:
         """Set-aside workers that have answered everything they owed (ready to be caught up)."""
         import ray

@@ -1,14 +1,20 @@
 """The weight publisher: the one path by which weights reach rollout workers.
 
-    push (trainer ranks gather, rank 0 packs versioned buckets)
+    push (trainer ranks gather; rank 0 packs versioned buckets)
       -> load (every usable worker, or one replacement, or one worker rejoining)
-      -> probe (the engine's logprobs on a fixed sequence equal the trainer's)
+      -> check (each worker's version digest == the sender's; then the logprob probe)
       -> advance (the run's policy version)
 
-It owns the newest weights ``(bucket refs, version)`` and the lock that keeps a replacement, a
-readmission and a sync from interleaving. Every wait has a deadline (the fleet's calls). The
+``sync.transport`` picks how push -> load travels: ``object_store`` (rank 0 packs every bucket
+into Ray's object store, the workers fetch them) or ``collective`` (a model-update group of
+trainer rank 0 and every rank of the target workers, rendezvous through a TCP store this object
+hosts; buckets are broadcast as they fill and loaded while the next is gathered). A group is
+rebuilt whenever its members change (a replaced worker, a trainer restart, a worker catching up).
+
+It owns the newest version (and, on the object store, its bucket refs) and the lock that keeps a
+replacement, a readmission and a sync from interleaving. Every wait has a deadline. The
 invariants of one update (coverage, dtypes, strictly increasing versions, no partial version
-served) are those of :mod:`posttrain.weight_sync`, checked on both sides.
+served, per-bucket fingerprints) are those of :mod:`posttrain.weight_sync`, checked on both sides.
 
 Used by: the step (``publish``), worker replacement (``replace``), a trainer restore
 (``restore``) and the pipelined loop's readmission of set-aside workers (``readmit``).
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import torch
 
@@ -25,34 +32,104 @@ from posttrain.diagnose import ActorLost, CallTimeout, wait_calls
 from posttrain.rl.config import SyncConfig
 from posttrain.rl.fleet import WorkerFleet
 from posttrain.rl.trainers import TrainerGroup
-from posttrain.weight_sync import check_probe
+from posttrain.weight_sync import PROBE_TOLERANCE, WeightSyncFingerprintError, check_probe, dtype_from_name
 
 
 class WeightPublisher:
     def __init__(self, trainers: TrainerGroup, fleet: WorkerFleet, sync: SyncConfig, dtype: torch.dtype) -> None:
         self.trainers, self.fleet, self.sync, self.dtype = trainers, fleet, sync, dtype
         self.version = 0  # the policy version the workers serve (after the last publish or restore)
-        self._latest: tuple[list, int] | None = None  # bucket refs and version of the newest push
+        self._latest: tuple[list, int] | None = None  # bucket refs (object store) and version of the newest push
         self._lock = threading.RLock()
+        engine_dtype = getattr(getattr(fleet, "engine_cfg", None), "dtype", None)
+        self.wire_dtype: str | None = sync.wire_dtype or engine_dtype  # None: each tensor's own dtype
+        # The probe compares engine and trainer: its tolerance is that of the coarser compute dtype.
+        mixed = getattr(getattr(getattr(trainers, "spec", None), "trainer", None), "mixed_precision", "none")
+        dtypes = [dtype] + ([dtype_from_name(engine_dtype)] if engine_dtype else []) + ([torch.bfloat16] if mixed == "bf16" else [])
+        self.probe_dtype = max(dtypes, key=lambda d: PROBE_TOLERANCE.get(d, 0.0))
+        self._store: Any = None  # posttrain.sync.group.UpdateStore, on first use
+        self._group_key: tuple | None = None  # who is in the current update group
 
-    def _load(self, indices: list[int], refs: list, version: int, restore: bool, what: str) -> list[int]:
-        """Load ``version`` into these workers; the ones that answered (others were set aside)."""
-        return list(self.fleet.call(indices, "update_weights", refs, version, restore, what=what))
+    # -- moving weights ------------------------------------------------------------------------
+    def _wire_kw(self) -> dict[str, str]:
+        return {} if self.wire_dtype is None else {"wire_dtype": self.wire_dtype}
 
+    def _push_and_load(self, targets: dict[int, Any], version: int, restore: bool, what: str) -> tuple[dict[str, float], list[int]]:
+        """Send ``version`` from the trainers to these workers (index -> handle); (sync stats, the
+        indices that loaded it). Object store: workers that time out are set aside (fleet rules)."""
+        if self.sync.transport == "collective" and not self.sync.skip_weight_sync:
+            self._ensure_group(targets)
+            receive = lambda: self._wait({i: w.receive_weights.remote(version, restore) for i, w in targets.items()}, targets, what)  # noqa: E731
+            stats, _ = self.trainers.broadcast_weights(version, self.wire_dtype, restore, receive)
+            self._latest = ([], version)
+            return stats, list(targets)
+        refs, stats = self.trainers.push_weights(version, **self._wire_kw())
+        self._latest = (refs, version)
+        if self.sync.skip_weight_sync:
+            return stats, list(targets)
+        if all(self.fleet.workers[i] is w for i, w in targets.items()):
+            return stats, list(self.fleet.call(list(targets), "update_weights", refs, version, restore, what=what))
+        self._wait({i: w.update_weights.remote(refs, version, restore) for i, w in targets.items()}, targets, what)
+        return stats, list(targets)
+
+    def _wait(self, refs: dict[int, Any], handles: dict[int, Any], what: str) -> dict[int, Any]:
+        named = {f"rollout worker {i}": (handles[i], ref) for i, ref in refs.items()}
+        out = wait_calls(named, what, self.fleet.deadlines.call_s)
+        return {i: out[f"rollout worker {i}"] for i in refs}
+
+    def _ensure_group(self, targets: dict[int, Any]) -> None:
+        """An update group of trainer rank 0 + every rank of these workers (rebuilt on change)."""
+        key = (self.trainers.restarts, tuple((i, getattr(w, "_actor_id", id(w))) for i, w in sorted(targets.items())))
+        if key == self._group_key:
+            return
+        import ray
+
+        from posttrain.sync.group import UpdateStore
+
+        timeout = self.fleet.deadlines.call_s or 1800.0
+        if self._store is None:
+            self._store = UpdateStore(ray.util.get_node_ip_address(), timeout)
+        tp = int(getattr(self.fleet.engine_cfg, "tensor_parallel_size", 1))
+        backend = "nccl" if self.trainers.plan.trainer_resources.get("GPU", 0) > 0 else "gloo"
+        info = self._store.next_group(1 + tp * len(targets), backend, timeout)
+        offsets = {i: 1 + k * tp for k, i in enumerate(sorted(targets))}
+        self._group_key = None
+        self.trainers.join_update_group(info, lambda: self._wait(
+            {i: w.join_update_group.remote(info, offsets[i]) for i, w in targets.items()}, targets, "join the update group"))  # fmt: skip
+        self._group_key = key
+
+    def _check_digests(self, indices: list[int], stats: dict[str, float], version: int) -> None:
+        """Every loaded worker serves ``version`` with the digest the sender computed."""
+        sent = stats.get("sync/digest")
+        if sent is None:
+            return
+        served = self.fleet.call(indices, "weight_digest", what="weight digest")
+        for i, (v, digest) in served.items():
+            if v != version or digest != int(sent):
+                raise WeightSyncFingerprintError(
+                    f"after step {version}: rollout worker {i} serves weight version {v} (digest {digest:#x}), but the trainer "
+                    f"sent version {version} (digest {int(sent):#x}): the worker does not serve the trainer's weights (a "
+                    "skipped, partial or stale sync; the logprob probe alone cannot see one optimizer step at a small lr).\n"
+                    "  fix: check the workers' logs for a failed weight update; remove sync.skip_weight_sync if it is set"
+                )
+
+    # -- the verbs -----------------------------------------------------------------------------
     def publish(self, probe_ids: list[list[int]]) -> dict[str, float]:
-        """Version v+1 from the trainers to every usable worker, then the probe; the sync stats."""
+        """Version v+1 from the trainers to every usable worker, then digest and probe; the sync stats."""
         t0 = time.perf_counter()
         self.fleet.wake(self.fleet.usable())  # weights load into awake engines
         version = self.version + 1
-        refs, stats = self.trainers.push_weights(version)
         with self._lock:
-            self._latest = (refs, version)
-            targets = self.fleet.usable()
-            if not self.sync.skip_weight_sync:
-                targets = self._load(targets, refs, version, False, "weight update")
+            indices = self.fleet.usable()
+            held = [i for i in self.fleet.settled() if i not in indices] if self.sync.transport == "collective" else []
+            # held workers (replacements, rejoiners that are behind) catch up here
+            stats, loaded = self._push_and_load({i: self.fleet.workers[i] for i in indices + held}, version, False, "weight update")
+            for i in held:
+                self.fleet.rejoin(i)
         stats["sync/time_s"] = time.perf_counter() - t0
         self.version = version
-        stats.update(self.probe(probe_ids, targets))
+        self._check_digests(loaded, stats, version)
+        stats.update(self.probe(probe_ids, loaded))
         return stats
 
     def probe(self, probe_ids: list[list[int]], targets: list[int]) -> dict[str, float]:
@@ -62,7 +139,7 @@ class WeightPublisher:
         engine_lps = self.fleet.call(targets, "score_tokens", probe_ids, what="probe")
         stats: dict[str, float] = {}
         for engine_lp in engine_lps.values():
-            gap = check_probe(engine_lp, trainer_lp, self.version, self.dtype, self.sync.probe_tolerance)
+            gap = check_probe(engine_lp, trainer_lp, self.version, self.probe_dtype, self.sync.probe_tolerance)
             stats["sync/probe_gap"] = max(stats.get("sync/probe_gap", 0.0), gap)
         versions = self.fleet.call(list(engine_lps), "version", what="version")
         stats["sync/worker_version"] = float(min(versions.values(), default=-1))
@@ -72,26 +149,40 @@ class WeightPublisher:
         """After the trainers loaded a checkpoint (or restarted from the initial model): every
         worker, set aside or not, goes back to ``version`` (possibly older than what it serves)."""
         self.fleet.rejoin_all()
-        refs, _ = self.trainers.push_weights(version)
         self.fleet.wake(self.fleet.usable())
         with self._lock:
-            self._latest = (refs, version)
-            self._load(self.fleet.usable(), refs, version, True, "weight update (restore)")
+            targets = {i: self.fleet.workers[i] for i in self.fleet.usable()}
+            self._push_and_load(targets, version, True, "weight update (restore)")
         self.version = version
 
-    def replace(self, index: int, err: Exception) -> None:
-        """Worker ``index`` died or hung: a new one in its bundle, serving the newest weights."""
+    def replace(self, index: int, err: Exception) -> bool:
+        """Worker ``index`` died or hung: a new one in its bundle, serving the newest weights.
+
+        Collective: the newest weights come from the trainers, which hold exactly the published
+        version unless they have stepped since; then the new worker is held out of service
+        until the next publish brings it in (returns False)."""
         with self._lock:
             worker = self.fleet.respawn(index, err)
-            if self._latest is not None:  # restore=True: the newest may be a restored older version
-                name = f"rollout worker {index} (replacement)"
+            if self._latest is None:  # nothing published: the new worker's initial weights are version 0
+                self.fleet.install(index, worker)
+                return True
+            name = f"rollout worker {index} (replacement)"
+            if self.sync.transport == "object_store":  # restore=True: the newest may be a restored older version
                 wait_calls({name: (worker, worker.update_weights.remote(*self._latest, True))}, "weight update", self.fleet.deadlines.call_s)
+            elif self.trainers.pushed_current:
+                self._push_and_load({index: worker}, self._latest[1], True, "weight update (replacement)")
+            else:
+                self.fleet.install(index, worker)
+                self.fleet.hold(index, "a replacement waits for the next weight publish")
+                return False
             self.fleet.install(index, worker)
+            return True
 
     def readmit(self) -> None:
         """Set-aside workers that answered everything they owed are caught up to the newest
         weights and rejoin. Each wait is bounded by ``rollout.request_timeout_s``: a worker still
-        stuck stays aside, owing that call; one that died is replaced."""
+        stuck stays aside, owing that call; one that died is replaced. Collective: one that is
+        behind stays aside until the next publish, which catches it up."""
         deadline = self.fleet.deadlines.aside_s or self.fleet.deadlines.call_s
         for index in self.fleet.settled():
             with self._lock:
@@ -101,10 +192,14 @@ class WeightPublisher:
                     served = wait_calls({name: (worker, ref)}, "version", deadline)[name]
                     # != and restore=True: after a trainer restart the newest version may be an older one
                     if self._latest is not None and served != self._latest[1]:
+                        if self.sync.transport == "collective":
+                            continue
                         ref = worker.update_weights.remote(*self._latest, True)
                         wait_calls({name: (worker, ref)}, "weight update (rejoin)", deadline)
                 except ActorLost as err:
-                    self.replace(index, err)
+                    if self.replace(index, err):
+                        self.fleet.rejoin(index)
+                    continue
                 except CallTimeout:
                     self.fleet.set_aside(index, ref, "it did not answer in time while rejoining")
                     continue

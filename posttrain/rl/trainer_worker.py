@@ -26,6 +26,9 @@ from posttrain.engine.dist import device_for_rank, init_rank
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, load_causal_lm, load_tokenizer
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
+from posttrain.sync.collective import CollectiveSender
+from posttrain.sync.group import GroupInfo, UpdateGroup
+from posttrain.sync.names import engine_tensors
 from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
 from posttrain.weight_sync import WeightSender, dtype_from_name
 
@@ -122,6 +125,7 @@ class TrainerWorker:
             ccfg = TrainerConfig(**{**trainer_cfg.__dict__, "optim": OptimConfig(lr=algo.critic.lr)})
             self.critic = TrainEngine(critic, ccfg, self.device)
         self.sender = WeightSender(bucket_bytes=spec.sync.bucket_mb << 20)
+        self.update_group: UpdateGroup | None = None  # rank 0, with sync.transport=collective
 
     # -- forward-only ------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> ForwardOutputs:
@@ -183,7 +187,7 @@ class TrainerWorker:
         return metrics
 
     # -- weights -----------------------------------------------------------------------------
-    def push_weights(self, version: int) -> tuple[list, dict[str, float]] | None:
+    def push_weights(self, version: int, wire_dtype: str | None = None) -> tuple[list, dict[str, float]] | None:
         """Collective gather; rank 0 packs buckets into Ray's object store and returns their refs."""
         import ray
 
@@ -192,9 +196,32 @@ class TrainerWorker:
         gather_s = time.perf_counter() - t0
         if self.rank != 0:
             return None
-        refs = [ray.put(b) for b in self.sender.buckets(full, version)]
+        self.sender.wire_dtype = None if wire_dtype is None else dtype_from_name(wire_dtype)
+        refs = [ray.put(b) for b in self.sender.buckets(engine_tensors(full.items()), version)]
         stats = self.sender.last_stats
-        return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes), "sync/buckets": float(stats.num_buckets)}
+        return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes),
+                      "sync/buckets": float(stats.num_buckets), "sync/digest": float(stats.digest)}  # fmt: skip
+
+    def join_update_group(self, info: GroupInfo) -> None:
+        """Rank 0 joins the model-update group as its sender (rank 0); the other ranks only gather."""
+        if self.rank == 0:
+            if self.update_group is not None:
+                self.update_group.close()
+            self.update_group = UpdateGroup(info, 0)
+
+    def broadcast_weights(self, version: int, wire_dtype: str | None, restore: bool = False) -> dict[str, float] | None:
+        """Collective: every rank gathers one tensor at a time; rank 0 sends bucket by bucket over
+        the update group (two buckets alive at most). Rank 0 returns the sync stats."""
+        sender = CollectiveSender(self.sender.bucket_bytes, None if wire_dtype is None else dtype_from_name(wire_dtype))
+        sender.last_version = self.sender.last_version
+        t0 = time.perf_counter()
+        stats = sender.send(self.update_group, engine_tensors(self.policy.model.state_dict().items()), version, restore)
+        self.sender.last_version = version
+        if self.rank != 0:
+            return None
+        return {"sync/gather_s": stats.gather_s, "sync/pack_s": stats.pack_s, "sync/send_wait_s": stats.wait_s,
+                "sync/send_s": time.perf_counter() - t0, "sync/bytes": float(stats.bytes), "sync/buckets": float(stats.num_buckets),
+                "sync/sender_peak_bytes": float(stats.peak_bytes), "sync/digest": float(stats.digest)}  # fmt: skip
 
     def probe(self, token_ids: list[list[int]]) -> list[list[float]]:
         """The trainer's per-token logprobs of fixed sequences (tokens 1..L-1), to compare with the engine."""

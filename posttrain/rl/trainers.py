@@ -7,7 +7,9 @@ Every verb runs on all ranks at once (the verbs are collectives) and waits at mo
 
     TrainerGroup.forward(ForwardBatch) -> ForwardOutputs   rows sharded rank::world, joined back
     TrainerGroup.train(TrainBatch)     -> metrics           one optimizer step per mini-batch
-    TrainerGroup.push_weights(version) -> (bucket refs, stats)
+    TrainerGroup.push_weights(version) -> (bucket refs, stats)      sync.transport=object_store
+    TrainerGroup.join_update_group / broadcast_weights(..., alongside)  sync.transport=collective:
+        the ranks' call runs while ``alongside()`` (the receivers' side of the collective) runs here
     TrainerGroup.probe / save / load / find / export
 """
 
@@ -16,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,6 +30,8 @@ from posttrain.rl.config import Deadlines
 from posttrain.rl.placement import Plan, actor_options
 from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
 from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
+
+T = TypeVar("T")
 
 
 class TrainerFailed(PosttrainError):
@@ -41,6 +47,10 @@ class TrainerGroup:
     def __init__(self, spec: TrainerSpec, pg: Any, plan: Plan, deadlines: Deadlines, store_root: str) -> None:
         self.spec, self.pg, self.plan, self.deadlines, self.store_root = spec, pg, plan, deadlines, store_root
         self.restarts = 0
+        # One verb at a time: both loops' threads may call (the rollout thread replaces a worker),
+        # and the ranks must see the same order of collectives.
+        self._lock = threading.RLock()
+        self.pushed_current = True  # no optimizer step or load since the last push (weights = last version sent)
         self.ranks = self._start()  # they load their models while the caller starts other actors
 
     def ready(self) -> None:
@@ -61,6 +71,7 @@ class TrainerGroup:
         """Kill every rank (the live ones may be stuck in a collective with a dead one) and start anew."""
         self.kill()
         self.restarts += 1
+        self.pushed_current = False
         self.ranks = self._start()
         self.ready()
 
@@ -73,15 +84,28 @@ class TrainerGroup:
 
     def _call(self, verb: str, *args: Any, per_rank: list[tuple] | None = None, startup: bool = False) -> list:
         """``verb`` on every rank at once; the ranks' results in rank order."""
-        calls = {
-            f"trainer rank {r}": (t, getattr(t, verb).remote(*(per_rank[r] if per_rank else args)))
-            for r, t in enumerate(self.ranks)
-        }
-        try:
-            out = wait_calls(calls, f"trainer.{verb}", self.deadlines.startup_s if startup else self.deadlines.call_s)
-        except (ActorLost, CallTimeout) as err:
-            raise TrainerFailed(str(err)) from err
-        return [out[name] for name in calls]
+        return self._alongside(verb, args, lambda: None, per_rank=per_rank, startup=startup)[0]
+
+    def _alongside(
+        self, verb: str, args: tuple, alongside: Callable[[], T], per_rank: list[tuple] | None = None, startup: bool = False
+    ) -> tuple[list, T]:
+        """``verb`` on every rank, and ``alongside()`` here while they run; (ranks' results, its result)."""
+        with self._lock:
+            calls = {
+                f"trainer rank {r}": (t, getattr(t, verb).remote(*(per_rank[r] if per_rank else args)))
+                for r, t in enumerate(self.ranks)
+            }
+            try:
+                other = alongside()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the ranks' half cannot finish without the other half
+                    wait_calls(calls, f"trainer.{verb}", 1.0)
+                raise
+            try:
+                out = wait_calls(calls, f"trainer.{verb}", self.deadlines.startup_s if startup else self.deadlines.call_s)
+            except (ActorLost, CallTimeout) as err:
+                raise TrainerFailed(str(err)) from err
+            return [out[name] for name in calls], other
 
     # -- typed verbs -------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> ForwardOutputs:
@@ -101,11 +125,29 @@ class TrainerGroup:
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step on a mini-batch (its counts already global); the reduced metrics."""
         world = len(self.ranks)
+        self.pushed_current = False
         return self._call("train", per_rank=[(batch.shard(r, world),) for r in range(world)])[0]
 
-    def push_weights(self, version: int) -> tuple[list, dict[str, float]]:
+    def push_weights(self, version: int, wire_dtype: str | None = None) -> tuple[list, dict[str, float]]:
         """Collective gather; rank 0's bucket refs (in Ray's object store) and sync stats."""
-        return self._call("push_weights", version)[0]
+        with self._lock:
+            out = self._call("push_weights", version, wire_dtype)[0]
+            self.pushed_current = True
+            return out
+
+    def join_update_group(self, info: Any, alongside: Callable[[], T]) -> T:
+        """Rank 0 joins the model-update group ``info`` while ``alongside()`` joins the receivers."""
+        return self._alongside("join_update_group", (info,), alongside)[1]
+
+    def broadcast_weights(
+        self, version: int, wire_dtype: str | None, restore: bool, alongside: Callable[[], T]
+    ) -> tuple[dict[str, float], T]:
+        """Rank 0 broadcasts ``version`` over the update group while ``alongside()`` receives it;
+        (rank 0's sync stats, its result)."""
+        with self._lock:
+            out, other = self._alongside("broadcast_weights", (version, wire_dtype, restore), alongside)
+            self.pushed_current = True
+            return out[0], other
 
     def probe(self, token_ids: list[list[int]]) -> list[list[float]]:
         return self._call("probe", token_ids)[0]
@@ -114,6 +156,7 @@ class TrainerGroup:
         return self._call("save", root, step, extra, keep_last)[0]
 
     def load(self, path: str) -> dict[str, Any]:
+        self.pushed_current = False
         return self._call("load", path)[0]
 
     def find(self, resume: str, root: str) -> str | None:

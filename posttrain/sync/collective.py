@@ -1,0 +1,215 @@
+"""One policy version over the model-update group, bucket by bucket.
+
+    every trainer rank   for (name, tensor) in the model's state dict (fixed order):
+                             full = tensor.full_tensor()            FSDP2 all-gather of one tensor
+    trainer rank 0           copy (cast to the wire dtype) into the open bucket's payload;
+                             bucket full -> wait for the previous bucket's send, send this one
+                             (async) and open the next: two buckets alive at most
+    every receiver rank  receive_version(group, on_bucket): header, payload -> on_bucket(bucket)
+                             (check it, load it into the engine) while the sender gathers on
+
+Messages, all broadcast from rank 0: ``head = int64[3] (kind, header bytes, payload bytes)``,
+the JSON header (version, index, tensor metas, fingerprint), then the payload (``uint8``, on the
+group's device: host memory for gloo, the GPU for nccl). The version ends with an END message
+carrying the tensor count, which the receiver turns into the last (empty) bucket so that
+``WeightUpdateSession`` checks coverage exactly as on the object-store path.
+
+A receiver whose check fails keeps receiving (without loading) until END and then raises, so
+the sender never blocks on a receiver that gave up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from posttrain.sync.group import UpdateGroup
+from posttrain.weight_sync import (
+    TensorMeta,
+    WeightBucket,
+    WeightSyncError,
+    dtype_name,
+    fold_digest,
+    payload_fingerprint,
+)
+
+_ALIGN = 64  # bytes, as in posttrain.weight_sync: every typed view stays aligned
+_BUCKET, _END = 1, 2
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _bytes_tensor(data: bytes, device: torch.device) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+@dataclass
+class SendStats:
+    """What one version cost the sender: bytes, seconds, and the peak bytes it held."""
+
+    version: int
+    num_tensors: int = 0
+    num_buckets: int = 0
+    bytes: int = 0  # tensor bytes on the wire
+    gather_s: float = 0.0  # materialising full tensors (FSDP all-gathers)
+    pack_s: float = 0.0  # copying (and casting) into payloads
+    wait_s: float = 0.0  # waiting for a previous bucket's send to finish
+    peak_bytes: int = 0  # payload buffers alive + the gathered tensor being packed, at most
+    fingerprints: list[int] = field(default_factory=list)
+
+    @property
+    def digest(self) -> int:
+        return fold_digest(self.fingerprints)
+
+
+class CollectiveSender:
+    """Sends versions over an :class:`UpdateGroup` (trainer rank 0); other ranks only gather.
+
+    Args:
+        bucket_bytes: payload capacity of a bucket; a tensor larger than this gets a bucket of its own.
+        wire_dtype: floating-point tensors are cast to this dtype while being packed (an fp32
+            trainer feeding a bf16 engine); None keeps each tensor's dtype.
+    """
+
+    def __init__(self, bucket_bytes: int, wire_dtype: torch.dtype | None = None) -> None:
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+        self.bucket_bytes, self.wire_dtype = bucket_bytes, wire_dtype
+        self.last_version: int | None = None
+
+    def send(
+        self, group: UpdateGroup | None, tensors: Iterable[tuple[str, torch.Tensor]], version: int, restore: bool = False
+    ) -> SendStats:
+        """Gather every tensor (all ranks, same order) and, where ``group`` is given, send them.
+
+        ``tensors`` yields ``(engine name, tensor)``; a DTensor is gathered here. Versions must
+        increase unless ``restore`` (the trainer went back to a checkpoint).
+        """
+        if self.last_version is not None and version <= self.last_version and not restore:
+            raise WeightSyncError(
+                f"weight version {version} is not above the last version sent ({self.last_version}); "
+                "versions must strictly increase (pass the trainer's step count + 1)"
+            )
+        self.last_version = version
+        stats = _Packer(self, group, version)
+        seen: set[str] = set()
+        for name, tensor in tensors:
+            if name in seen:
+                raise WeightSyncError(f"parameter {name!r} appears twice in the state dict of version {version}")
+            seen.add(name)
+            t0 = time.perf_counter()
+            full = getattr(tensor, "full_tensor", None)
+            full = full() if callable(full) else tensor
+            stats.stats.gather_s += time.perf_counter() - t0
+            if group is not None:
+                stats.add(name, full.detach())
+        return stats.finish()
+
+
+class _Packer:
+    """The open bucket of one version and the one in flight (rank 0 only)."""
+
+    def __init__(self, sender: CollectiveSender, group: UpdateGroup | None, version: int) -> None:
+        self.sender, self.group, self.version = sender, group, version
+        self.stats = SendStats(version)
+        self.payload: torch.Tensor | None = None
+        self.metas: list[TensorMeta] = []
+        self.cursor = 0
+        self.inflight: tuple[object, torch.Tensor] | None = None  # (work, payload)
+
+    def _alive(self) -> int:
+        return (0 if self.payload is None else self.payload.numel()) + (0 if self.inflight is None else self.inflight[1].numel())
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        wire = self.sender.wire_dtype if self.sender.wire_dtype is not None and tensor.is_floating_point() else tensor.dtype
+        nbytes = tensor.numel() * wire.itemsize
+        if self.metas and self.cursor + nbytes > self.payload.numel():
+            self._flush()
+        if self.payload is None:
+            capacity = _aligned(max(nbytes, self.sender.bucket_bytes))
+            self.payload = torch.empty(capacity, dtype=torch.uint8, device=self.group.device)
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self._alive() + tensor.numel() * tensor.element_size())
+        t0 = time.perf_counter()
+        view = self.payload[self.cursor : self.cursor + nbytes].view(wire).view(tensor.shape)
+        view.copy_(tensor)  # casts to the wire dtype and moves to the group's device in one pass
+        self.stats.pack_s += time.perf_counter() - t0
+        self.metas.append(TensorMeta(name, dtype_name(wire), tuple(tensor.shape), self.cursor, nbytes))
+        self.cursor = _aligned(self.cursor + nbytes)
+        self.stats.bytes += nbytes
+        self.stats.num_tensors += 1
+
+    def _wait(self) -> None:
+        if self.inflight is not None:
+            t0 = time.perf_counter()
+            self.inflight[0].wait()
+            self.stats.wait_s += time.perf_counter() - t0
+            self.inflight = None
+
+    def _header(self, kind: int, header: dict, payload_bytes: int) -> None:
+        data = json.dumps(header).encode()
+        device = self.group.device
+        self.group.broadcast(torch.tensor([kind, len(data), payload_bytes], dtype=torch.int64, device=device))
+        self.group.broadcast(_bytes_tensor(data, device))
+
+    def _flush(self) -> None:
+        payload = self.payload[: self.cursor]
+        fingerprint = payload_fingerprint(payload)
+        self.stats.fingerprints.append(fingerprint)
+        metas = [[m.name, m.dtype, list(m.shape), m.offset, m.nbytes] for m in self.metas]
+        self._wait()  # messages go out in order: the previous payload first
+        header = {"version": self.version, "index": self.stats.num_buckets, "metas": metas, "fingerprint": fingerprint}
+        self._header(_BUCKET, header, payload.numel())
+        self.inflight = (self.group.broadcast(payload, async_op=True), self.payload)
+        self.stats.num_buckets += 1
+        self.payload, self.metas, self.cursor = None, [], 0
+
+    def finish(self) -> SendStats:
+        if self.group is None:
+            return self.stats
+        if self.metas:
+            self._flush()
+        self._wait()
+        end = {"version": self.version, "index": self.stats.num_buckets, "total_tensors": self.stats.num_tensors}
+        self._header(_END, end, 0)
+        return self.stats
+
+
+def receive_version(group: UpdateGroup, on_bucket: Callable[[WeightBucket], None]) -> int:
+    """Receive one version, calling ``on_bucket`` for each bucket (the last one empty, with
+    ``is_last`` and ``total_tensors``); returns the number of buckets. If ``on_bucket`` raises,
+    the rest of the version is received and dropped, then the error is raised."""
+    device = group.device
+    error: BaseException | None = None
+    count = 0
+    while True:
+        head = torch.zeros(3, dtype=torch.int64, device=device)
+        group.broadcast(head)
+        kind, header_len, payload_len = (int(x) for x in head.tolist())
+        raw = torch.empty(header_len, dtype=torch.uint8, device=device)
+        group.broadcast(raw)
+        header = json.loads(bytes(raw.cpu().numpy()))
+        if kind == _END:
+            bucket = WeightBucket(header["version"], header["index"], [], torch.empty(0, dtype=torch.uint8),
+                                  is_last=True, total_tensors=header["total_tensors"])  # fmt: skip
+        else:
+            payload = torch.empty(payload_len, dtype=torch.uint8, device=device)
+            group.broadcast(payload)
+            metas = [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in header["metas"]]
+            bucket = WeightBucket(header["version"], header["index"], metas, payload, fingerprint=header["fingerprint"])
+        count += 1
+        if error is None:
+            try:
+                on_bucket(bucket)
+            except BaseException as err:  # keep the sender unblocked: drain to END, then raise
+                error = err
+        if kind == _END:
+            break
+    if error is not None:
+        raise error
+    return count
