@@ -29,12 +29,32 @@ class PromptRecord:
 
 
 @dataclass
+class Turn:
+    """One segment of a multi-turn completion: tokens ``[start, end)`` of ``Completion.token_ids``.
+
+    ``role`` is "policy" (sampled, trained) or "env" (an observation: tool output, feedback; never
+    trained). ``rewards`` are the reward parts the environment gave for a policy turn's action.
+    """
+
+    start: int
+    end: int
+    role: str  # "policy" | "env"
+    rewards: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class Completion:
     """One sampled completion of a prompt.
 
     ``logprobs`` are the behaviour policy's per-token logprobs as reported by the engine;
     ``versions[i]`` is the policy version that generated token i (a completion may span versions
     when weights are updated in flight).
+
+    Multi-turn trajectories (``posttrain.rollout.env``) interleave policy and environment tokens:
+    ``loss_mask[i]`` is 1 for a sampled policy token and 0 for an observation token (whose logprob
+    is 0.0 and whose version is that of the policy turn before it); ``turns`` lists the segments;
+    ``env_error`` is set when the environment raised (the sample is then masked, never scored).
+    ``loss_mask`` None: every token is a policy token (single-turn generation).
     """
 
     prompt: PromptRecord
@@ -43,7 +63,10 @@ class Completion:
     text: str
     logprobs: list[float]
     versions: list[int]
-    finish_reason: str  # "stop" | "length" | "abort"
+    finish_reason: str  # "stop" | "length" | "abort" | "env_error"
+    loss_mask: list[int] | None = None
+    turns: list[Turn] | None = None
+    env_error: str | None = None
 
     @property
     def v_min(self) -> int:
@@ -53,6 +76,11 @@ class Completion:
     @property
     def truncated(self) -> bool:
         return self.finish_reason == "length"
+
+    @property
+    def policy_mask(self) -> list[int]:
+        """1 per trained (sampled) token, 0 per observation token."""
+        return list(self.loss_mask) if self.loss_mask is not None else [1] * len(self.token_ids)
 
 
 @dataclass

@@ -115,3 +115,35 @@ class CountdownTask:
     def is_correct(self, row: dict[str, Any], completion: str) -> bool:
         value = eval_expression(first_line(completion), list(row["numbers"]))
         return value is not None and abs(value - row["target"]) < 1e-9
+
+
+@dataclass
+class ToolArithmeticTask:
+    """Multi-step arithmetic a small model cannot do in its head, but can with the code tool.
+
+    ``a*b+c =`` with ``digits``-digit operands. The SFT response is a tool-use demonstration in
+    the format of ``posttrain.rollout.env_tools`` (one tool call, its output, the answer)::
+
+        <tool>print(347*29+158)</tool><output>10231</output>10231
+
+    For RL the observation comes from the real tool (``CodeToolEnv``), and the final answer is
+    checked against ``answer``. ``is_correct`` reads the answer after the last tool output.
+    """
+
+    digits: int = 3
+    ops: str = "*+"  # the two operators, in order
+
+    def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
+        rng = random.Random(seed)
+        lo, hi = 10 ** (self.digits - 1), 10**self.digits - 1
+        rows = []
+        for _ in range(n):
+            a, b, c = rng.randint(lo, hi), rng.randint(2, 99), rng.randint(lo, hi)
+            expr = f"{a}{self.ops[0]}{b}{self.ops[1]}{c}"
+            value = str(_OPS[self.ops[1]](_OPS[self.ops[0]](a, b), c))
+            response = f"<tool>print({expr})</tool><output>{value}</output>{value}"
+            rows.append({"prompt": f"{expr}=", "response": response, "answer": value})
+        return rows
+
+    def is_correct(self, row: dict[str, Any], completion: str) -> bool:
+        return first_line(completion.rsplit("</output>", 1)[-1]) == str(row["answer"])

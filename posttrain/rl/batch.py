@@ -50,12 +50,12 @@ def build_rl_batch(scored: list[ScoredGroup], pad_id: int, overlong_filter: bool
         for c, r in zip(sg.group.completions, sg.rewards, strict=True):
             p = sg.group.prompt.token_ids
             seqs.append(p + c.token_ids)
-            masks.append([0] * len(p) + [1] * len(c.token_ids))
+            masks.append([0] * len(p) + c.policy_mask)  # observation tokens of a trajectory: 0
             blps.append([0.0] * len(p) + list(c.logprobs))
             vers.append([-1] * len(p) + list(c.versions))
             lens.append(len(c.token_ids))
             ords.append(sg.group.prompt.ordinal)
-            ok = r is not None and math.isfinite(r) and len(c.token_ids) > 0 and not (overlong_filter and c.truncated)
+            ok = r is not None and math.isfinite(r) and any(c.policy_mask) and not (overlong_filter and c.truncated)
             row_r.append(float(r) if ok else float("nan"))
             row_m.append(1.0 if ok else 0.0)
         rewards.append(row_r)

@@ -14,6 +14,7 @@ from posttrain.algorithms.advantages import GRPOAdvantage, ReinforcePlusPlusBase
 from posttrain.algorithms.kl import AdaptiveKLController, FixedKLController, KLEstimator, check_kl_in_reward
 from posttrain.algorithms.policy_loss import GRPOLossConfig, PolicyLossConfig
 from posttrain.config.targets import build_dataclass
+from posttrain.rollout.env import SYNC_ONLY, AgentConfig, describe
 from posttrain.rollout.sampling import SamplingConfig
 
 
@@ -43,6 +44,7 @@ class RolloutSection:
     # loaded with the newest weights, and its requests re-dispatched; past this many replacements
     # in a run, the run stops.
     max_worker_restarts: int = 3
+    agent: AgentConfig = field(default_factory=AgentConfig)  # multi-turn: env + turn limits (posttrain/rl/agent.py)
 
     def validate(self) -> tuple[str, str, str] | None:
         if self.num_workers < 1:
@@ -283,6 +285,7 @@ class OnlineRLConfig:
             "reward_nodes": [node.name for node in cfg.reward.nodes],
             "staleness_contract": self.staleness_contract(cfg),
             "expected_overlap": self.expected_overlap(cfg),
+            **({"environment": describe(cfg.rollout.agent)} if cfg.rollout.agent.env else {}),
         }
 
     @property
@@ -363,6 +366,8 @@ class OnlineRLConfig:
                 f"{cfg.trainer.global_batch_size} != algorithm.prompts_per_step x rollout.sampling.n = {samples}",
                 f"set trainer.global_batch_size={samples} (samples per step)",
             )
+        if cfg.rollout.agent.env and (self.max_staleness or cfg.rollout.request_timeout_s or cfg.rollout.chunk_tokens):
+            return ("rollout.agent.env", SYNC_ONLY, "set algorithm.max_staleness=0, rollout.request_timeout_s/chunk_tokens=null")
         asynchronous = (
             self.max_staleness > 0
             or cfg.rollout.chunk_tokens is not None

@@ -36,6 +36,7 @@ from posttrain.models.factory import save_tiny_model
 from posttrain.models.loading import ModelConfig, load_tokenizer
 from posttrain.offline.runner import make_checker
 from posttrain.rewards.config import build_reward_graph
+from posttrain.rl.agent import build_agent
 from posttrain.rl.checkpointing import Checkpointer
 from posttrain.rl.config import Deadlines
 from posttrain.rl.evaluation import Evaluator
@@ -68,6 +69,7 @@ class Rooms:
     step: Step
     decode: Any
     pg: Any
+    agent: Any = None  # multi-turn rollouts (posttrain.rl.agent), with rollout.agent.env
 
     def close(self) -> None:
         import ray
@@ -104,7 +106,8 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     tok = load_tokenizer(cfg.model)
     train = prompt_records(load_rows(d.train, "data.train"), tok, "data.train", d.max_bad_fraction)
     held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction) if d.eval else []
-    graph = build_reward_graph(cfg.reward)
+    agent = build_agent(cfg.rollout.agent, tok, cfg.run.seed, cfg.rollout.engine, run_dir)  # None: single-turn
+    graph = build_reward_graph(cfg.reward) if cfg.reward.nodes or not agent else None  # an env may score alone
     path = model_dir(cfg, run_dir)
     engine_cfg = build_target({**cfg.rollout.engine, "model_path": path}, "rollout.engine", "recipe")
     worker_cls = remote_class(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
@@ -126,26 +129,26 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     publisher = WeightPublisher(trainers, fleet, cfg.sync, dtype_from_name(cfg.model.dtype))
 
     stream = PromptStream(train, algo.prompts_per_step, cfg.run.seed, d.shuffle)
-    generate = functools.partial(fleet.generate, on_lost=publisher.replace)
+    generate = agent.bind(fleet, publisher.replace).generate if agent else functools.partial(fleet.generate, on_lost=publisher.replace)
     evaluator = Evaluator(held_out, make_checker(d.eval), generate, cfg.rollout.eval_max_tokens, algo.eval_every_steps,
                           cfg.trainer.max_steps)  # fmt: skip
     checkpoints = Checkpointer(cfg.checkpoint, run_dir, trainers, publisher, stream, cfg.trainer.max_steps)
     recovery = Recovery(trainers, checkpoints, cfg.cluster.max_trainer_restarts)
     ledger = Ledger(run_dir, functools.partial(log.log_samples, seed=cfg.run.seed))
-    step = Step(algo, graph, trainers, publisher, ledger, tok.pad_token_id, cfg.run.seed)
+    step = Step(algo, agent.scorer(graph) if agent else graph, trainers, publisher, ledger, tok.pad_token_id, cfg.run.seed)
     decode = functools.partial(tok.decode, skip_special_tokens=True)
-    return Rooms(stream, evaluator, trainers, fleet, publisher, checkpoints, recovery, step, decode, pg)
+    return Rooms(stream, evaluator, trainers, fleet, publisher, checkpoints, recovery, step, decode, pg, agent)
 
 
 def is_asynchronous(cfg: RecipeConfig) -> bool:
     """The bounded-staleness loop runs unless placement is colocated (rollouts cannot overlap training)."""
-    return cfg.cluster.placement != "colocated"
+    return cfg.cluster.placement != "colocated" and not cfg.rollout.agent.env  # trajectories: synchronous loop
 
 
 def run_loop(rooms: Rooms, cfg: RecipeConfig, parts: LoopParts, start: int, asynchronous: bool) -> None:
     algo, sampling = cfg.algorithm, cfg.rollout.sampling
     if not asynchronous:
-        generate = functools.partial(rooms.fleet.generate, on_lost=rooms.publisher.replace)
+        generate = rooms.agent.generate if rooms.agent else functools.partial(rooms.fleet.generate, on_lost=rooms.publisher.replace)
         run_sync(parts, generate, sampling, start, cfg.trainer.max_steps)
         return
     run_pipelined(

@@ -46,6 +46,8 @@ class Ledger:
                     runs = [[v, len(list(same))] for v, same in itertools.groupby(c.versions)]
                     digest = hashlib.sha1(json.dumps(c.token_ids).encode()).hexdigest()[:16]
                     row = {"step": step, "ordinal": g.prompt.ordinal, "sample": c.sample_index, "tokens_sha1": digest, "versions": runs}
+                    if c.loss_mask is not None:  # a multi-turn trajectory: its loss mask, run-length encoded
+                        row["loss_mask"] = [[m, len(list(same))] for m, same in itertools.groupby(c.loss_mask)]
                     f.write(json.dumps(row) + "\n")
 
 

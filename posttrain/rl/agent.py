@@ -1,0 +1,278 @@
+"""Multi-turn rollouts: trajectories of policy turns and environment observations (``rollout.agent.env``).
+
+One call of :meth:`AgentRollouts.generate` (it replaces ``WorkerFleet.generate`` in the loop)::
+
+    prompts x n ─► one env per trajectory (rollout.agent.env) ─► env.reset(row) ─► observation tokens
+      ─► TurnDispatcher: the trajectory's turn request (prefix = prompt + tokens so far) joins its
+         worker's next batch; a batch goes out as soon as the worker's previous one returned
+         (WorkerFleet.submit, content-seeded) ─► policy tokens (mask 1, logprobs, version)
+      ─► env.step(action) in the event loop: tool calls (the sandbox) of some trajectories run
+         while other trajectories' turns generate ─► observation tokens (mask 0) ─► ... done
+      ─► Completion(token_ids, loss_mask, logprobs, versions, turns) per trajectory, in order
+
+It consumes prompts and the served policy, waits for every trajectory, and unblocks the step
+(``Step`` scores and trains them with :class:`~posttrain.rl.agent_scoring.TrajectoryScorer`).
+
+Invariants: the trainer gets the sampled ids (never re-encoded text: each turn's ids are appended
+as the engine returned them, the observation's ids as encoded once); a trajectory stays on one
+worker, so its prefix stays in that engine's prefix cache (per-request seeds: nothing resets it);
+each turn's seed is a function of the run seed and the trajectory's tokens so far (the same
+tokens however often a turn is re-run, e.g. after its worker died and was replaced). The seed
+travels as the turn request's ordinal: engines seed a request ``sampling.seed + ordinal * n``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from posttrain.rl.agent_scoring import TrajectoryScorer
+from posttrain.rl.fleet import OnLost, batch_seed
+from posttrain.rollout.env import AgentConfig, StepResult, env_class
+from posttrain.types import Completion, Group, PromptRecord, Turn
+
+
+class EnvFailed(Exception):
+    """The environment's ``reset`` or ``step`` raised (its trajectory is masked, the step goes on)."""
+
+
+@dataclass
+class Trajectory:
+    """A trajectory being built: completion tokens with their mask, logprobs, versions, turns."""
+
+    key: int  # ordinal * n + sample index: the trajectory's identity in seeds
+    prompt: PromptRecord
+    sample_index: int
+    worker: int
+    ids: list[int] = field(default_factory=list)
+    mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    finish: str = "length"
+    error: str | None = None
+
+    def add(self, ids: list[int], role: str, logprobs: list[float] | None = None, version: int | None = None) -> Turn:
+        start = len(self.ids)
+        v = version if version is not None else (self.versions[-1] if self.versions else -1)
+        self.ids += ids
+        self.mask += [1 if role == "policy" else 0] * len(ids)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(ids)
+        self.versions += [v] * len(ids)
+        self.turns.append(Turn(start, len(self.ids), role))
+        return self.turns[-1]
+
+    def completion(self, decode: Callable[[list[int]], str]) -> Completion:
+        return Completion(self.prompt, self.sample_index, self.ids, decode(self.ids), self.logprobs, self.versions,
+                          "env_error" if self.error else self.finish, self.mask, self.turns, self.error)  # fmt: skip
+
+
+class TurnDispatcher:
+    """Per-worker batching of turn requests: a worker gets everything that waited while its last
+    batch generated. ``lockstep`` (the benchmark's baseline): a batch goes out only when every
+    live trajectory waits, so no tool call overlaps generation."""
+
+    def __init__(self, fleet: Any, on_lost: OnLost, sampling: Any, lockstep: bool = False) -> None:
+        self.fleet, self.on_lost, self.sampling, self.lockstep = fleet, on_lost, sampling, lockstep
+        self.pending: dict[int, list[tuple[PromptRecord, int, asyncio.Future]]] = defaultdict(list)
+        self.busy: set[int] = set()
+        self.live = 0  # trajectories not finished (lockstep waits for all of them)
+        self.generate_s = 0.0  # summed wall time of the batches (per worker)
+        self.scheduled = False
+
+    async def turn(self, worker: int, record: PromptRecord, max_tokens: int) -> Completion:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[worker].append((record, max_tokens, fut))
+        self.kick()
+        return await fut
+
+    def finished(self) -> None:
+        self.live -= 1
+        self.kick()
+
+    def kick(self) -> None:
+        """Dispatch soon: after the trajectories that are ready now have queued their turns too."""
+        if not self.scheduled:
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self.dispatch)
+
+    def dispatch(self) -> None:
+        self.scheduled = False
+        waiting = sum(len(v) for v in self.pending.values())
+        if self.lockstep and (self.busy or waiting < self.live):
+            return
+        for worker, items in list(self.pending.items()):
+            if items and worker not in self.busy:
+                self.busy.add(worker)
+                self.pending[worker] = []
+                asyncio.get_running_loop().create_task(self.run(worker, items))
+
+    async def run(self, worker: int, items: list[tuple[PromptRecord, int, asyncio.Future]]) -> None:
+        try:
+            by_len: dict[int, list] = defaultdict(list)
+            for item in items:
+                by_len[item[1]].append(item)
+            t0 = time.perf_counter()
+            for max_tokens, batch in by_len.items():
+                groups = await self.submit(worker, [r for r, _, _ in batch], max_tokens)
+                for (_, _, fut), group in zip(batch, groups, strict=True):
+                    fut.set_result(group.completions[0])
+            self.generate_s += time.perf_counter() - t0
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting trajectories
+            for _, _, fut in items:
+                if not fut.done():
+                    fut.set_exception(err)
+        finally:
+            self.busy.discard(worker)
+            self.kick()
+
+    async def submit(self, worker: int, records: list[PromptRecord], max_tokens: int) -> list[Group]:
+        """One batch on ``worker``; a worker that dies or misses its deadline is replaced and the batch
+        re-run (same content seeds, so the same tokens)."""
+        import ray
+
+        sampling = dataclasses.replace(self.sampling, n=1, seed=0, batch_seed=None, max_tokens=max_tokens)
+        while True:
+            handle = self.fleet.workers[worker]
+            ref = self.fleet.submit(worker, records, sampling)
+            try:
+                return await asyncio.wait_for(asyncio.wrap_future(ref.future()), self.fleet.deadlines.request_s)
+            except (ray.exceptions.RayActorError, asyncio.TimeoutError) as err:
+                if self.fleet.workers[worker] is handle:  # not replaced yet by another batch
+                    await asyncio.to_thread(self.on_lost, worker, err)
+
+
+class AgentRollouts:
+    """Multi-turn generation for the loops: ``generate(prompts, sampling) -> list[Group]``.
+
+    ``counters`` accumulate per-run agent metrics until :meth:`take_counters` (the scorer's)."""
+
+    def __init__(self, limits: AgentConfig, tokenizer: Any, run_seed: int, max_model_len: int, source: str = "recipe") -> None:
+        self.env_cls, self.env_kwargs = env_class(limits.env or {}, source)
+        self.limits, self.tok, self.run_seed, self.max_model_len = limits, tokenizer, run_seed, max_model_len
+        self.fleet: Any = None
+        self.on_lost: OnLost | None = None
+        self.lockstep = False
+        self.trajectories_path: str | None = None
+        self.counters: dict[str, float] = defaultdict(float)
+
+    def bind(self, fleet: Any, on_lost: OnLost) -> AgentRollouts:
+        self.fleet, self.on_lost = fleet, on_lost
+        return self
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def take_counters(self) -> dict[str, float]:
+        out, self.counters = dict(self.counters), defaultdict(float)
+        return out
+
+    def generate(self, prompts: list[PromptRecord], sampling: Any) -> list[Group]:
+        """Every prompt's ``sampling.n`` trajectories, on the usable workers; groups in prompt order."""
+        usable = self.fleet.usable()
+        self.fleet.wake(usable)
+        try:
+            return asyncio.run(self._generate(prompts, sampling, usable))
+        finally:
+            self.fleet.sleep(usable)
+
+    async def _generate(self, prompts: list[PromptRecord], sampling: Any, usable: list[int]) -> list[Group]:
+        dispatcher = TurnDispatcher(self.fleet, self.on_lost, sampling, self.lockstep)
+        trajs = [Trajectory(p.ordinal * sampling.n + i, p, i, usable[(k * sampling.n + i) % len(usable)])
+                 for k, p in enumerate(prompts) for i in range(sampling.n)]  # fmt: skip
+        dispatcher.live = len(trajs)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(self.run_one(t, dispatcher, sampling) for t in trajs))
+        self.counters["agent/generate_busy_s"] += dispatcher.generate_s
+        self.counters["agent/wall_s"] += time.perf_counter() - t0
+        done = [t.completion(self.decode) for t in trajs]
+        n = sampling.n
+        return [Group(p, done[k * n : (k + 1) * n]) for k, p in enumerate(prompts)]
+
+    async def run_one(self, traj: Trajectory, dispatcher: TurnDispatcher, sampling: Any) -> None:
+        """One trajectory to its end; an env that raises ends it with ``error`` (the scorer masks it)."""
+        env = self.env_cls(**self.env_kwargs)
+        try:
+            await self.episode(env, traj, dispatcher, sampling)
+        except EnvFailed as failed:  # the environment's fault masks this trajectory only
+            err = failed.__cause__
+            traj.error = f"{type(err).__name__}: {err}"[:300]
+            self.counters["agent/env_errors"] += 1
+        finally:
+            dispatcher.finished()
+            close = getattr(env, "close", None)
+            if close is not None:
+                result = close()
+                if asyncio.iscoroutine(result):
+                    await result
+
+    def observe(self, traj: Trajectory, text: str) -> bool:
+        """Append an observation's tokens (cut to the limits); False when the token budget is spent."""
+        if not text:
+            return True
+        ids = self.tok.encode(text, add_special_tokens=False)
+        if len(ids) > self.limits.max_observation_tokens:
+            ids = ids[: self.limits.max_observation_tokens]
+            self.counters["agent/observations_cut"] += 1
+        room = self.limits.max_total_tokens - len(traj.ids)
+        traj.add(ids[:room], "env")
+        return len(ids) < room
+
+    async def episode(self, env: Any, traj: Trajectory, dispatcher: TurnDispatcher, sampling: Any) -> None:
+        lim = self.limits
+        try:
+            first = await env.reset(dict(traj.prompt.fields))
+        except Exception as err:
+            raise EnvFailed from err
+        if not self.observe(traj, first):
+            return
+        for _ in range(lim.max_turns):
+            prefix = traj.prompt.token_ids + traj.ids
+            budget = min(sampling.max_tokens, lim.max_total_tokens - len(traj.ids), self.max_model_len - len(prefix))
+            if budget < 1:
+                return  # finish "length"
+            seed = batch_seed(self.run_seed, [PromptRecord(traj.key, "", prefix)])
+            out = await dispatcher.turn(traj.worker, PromptRecord(seed, "", prefix), budget)
+            turn = traj.add(list(out.token_ids), "policy", list(out.logprobs), out.versions[0] if out.versions else None)
+            self.counters["agent/policy_turns"] += 1
+            result = await self.step(env, self.decode(out.token_ids))
+            turn.rewards = dict(result.rewards)
+            for k, v in result.info.items():
+                self.counters[f"agent/{k}"] += v
+            if result.done:
+                traj.finish = "stop"
+                return
+            if not self.observe(traj, result.observation):
+                return
+
+    async def step(self, env: Any, action: str) -> StepResult:
+        """``env.step`` within ``rollout.agent.tool_timeout_s``; past it, an observation says so."""
+        t0 = time.perf_counter()
+        try:
+            return await asyncio.wait_for(env.step(action), self.limits.tool_timeout_s)
+        except asyncio.TimeoutError:
+            self.counters["agent/step_timeouts"] += 1
+            return StepResult(f"<output>error: tool call timed out after {self.limits.tool_timeout_s:g}s</output>")
+        except Exception as err:
+            raise EnvFailed from err
+        finally:
+            self.counters["agent/env_step_s"] += time.perf_counter() - t0
+
+    def scorer(self, graph: Any) -> TrajectoryScorer:
+        """The step's scorer: ``graph`` (None: the environment's rewards only) plus env rewards/failures."""
+        return TrajectoryScorer(graph, self, self.trajectories_path)
+
+
+def build_agent(cfg: AgentConfig, tokenizer: Any, run_seed: int, engine: dict[str, Any], run_dir: str) -> AgentRollouts | None:
+    """The multi-turn rollouts of a recipe with ``rollout.agent.env``; None without (single-turn)."""
+    if not cfg.env:
+        return None
+    agent = AgentRollouts(cfg, tokenizer, run_seed, int(engine.get("max_model_len", 2048)))
+    agent.trajectories_path = os.path.join(run_dir, cfg.trajectories_file) if cfg.trajectories_file else None
+    return agent

@@ -1,0 +1,244 @@
+"""Environments, trajectories and their masks (posttrain.rollout.env, posttrain.rl.agent).
+
+The agent loop is driven here by a small in-process fleet (a fake inside this unit test only: the
+real fleet, vLLM and the sandbox run in tests/integration/test_agent_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import time
+
+import pytest
+import torch
+from posttrain.rollout.env import AgentConfig, SingleTurnEnv, StepResult, describe, env_class
+from posttrain.rollout.env_tools import CodeToolEnv, final_answer, tool_call
+from posttrain.rollout.sampling import SamplingConfig
+
+from posttrain.algorithms.advantages import GRPOAdvantage, gae
+from posttrain.config.errors import ConfigError
+from posttrain.models.tokenizer import build_char_tokenizer
+from posttrain.rl.agent import AgentRollouts
+from posttrain.rl.agent_scoring import TrajectoryScorer, turn_token_rewards
+from posttrain.rl.batch import advantage_inputs, build_rl_batch
+from posttrain.rl.step import token_rewards
+from posttrain.types import Completion, Group, PromptRecord, ScoredGroup, Turn
+
+TOK = build_char_tokenizer()
+
+
+def enc(text: str) -> list[int]:
+    return TOK.encode(text, add_special_tokens=False)
+
+
+def trajectory(prompt: PromptRecord, parts: list[tuple[str, str, dict]], error: str | None = None) -> Completion:
+    ids, mask, lps, vers, turns = [], [], [], [], []
+    for role, text, rewards in parts:
+        t = enc(text)
+        turns.append(Turn(len(ids), len(ids) + len(t), role, rewards))
+        ids += t
+        mask += [int(role == "policy")] * len(t)
+        lps += [-0.5 if role == "policy" else 0.0] * len(t)
+        vers += [3] * len(t)
+    return Completion(prompt, 0, ids, TOK.decode(ids), lps, vers, "stop", mask, turns, error)
+
+
+PROMPT = PromptRecord(0, "1+2=", enc("1+2="), {"answer": "3"})
+
+
+def test_batch_uses_sampled_ids_and_masks_observations() -> None:
+    c = trajectory(PROMPT, [("policy", "<tool>print(1+2)</tool>", {}), ("env", "<output>3</output>", {}), ("policy", "3", {"correct": 1.0})])
+    batch = build_rl_batch([ScoredGroup(Group(PROMPT, [c]), [1.0])], pad_id=0, overlong_filter=False)
+    p = len(PROMPT.token_ids)
+    assert batch.input_ids_BT[0].tolist() == PROMPT.token_ids + c.token_ids  # never re-encoded
+    assert batch.loss_mask_BT[0].tolist() == [0.0] * p + [float(m) for m in c.loss_mask]
+    env = [i for i, m in enumerate(c.loss_mask) if m == 0]
+    assert env and all(batch.behaviour_logprobs_BT[0, p + i] == 0.0 for i in env)
+    assert batch.versions_BT[0, p:].tolist() == [3] * len(c.token_ids)
+
+
+def test_single_turn_trajectory_batch_equals_todays_batch() -> None:
+    ids = enc("42")
+    plain = Completion(PROMPT, 0, ids, "42", [-0.1, -0.2], [0, 0], "stop")
+    traj = Completion(PROMPT, 0, ids, "42", [-0.1, -0.2], [0, 0], "stop", [1, 1], [Turn(0, 2, "policy")])
+    a = build_rl_batch([ScoredGroup(Group(PROMPT, [plain]), [1.0])], 0, False)
+    b = build_rl_batch([ScoredGroup(Group(PROMPT, [traj]), [1.0])], 0, False)
+    for name in ("input_ids_BT", "loss_mask_BT", "behaviour_logprobs_BT", "versions_BT", "rewards_NG"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert asyncio.run(SingleTurnEnv().step("42")).done
+
+
+def test_turn_rewards_reach_group_and_gae_advantages() -> None:
+    good = trajectory(PROMPT, [("policy", "<tool>x</tool>", {"tool_error": -0.5}), ("env", "<output>e</output>", {}),
+                               ("policy", "3", {"correct": 1.0})])  # fmt: skip
+    bad = trajectory(PROMPT, [("policy", "7", {"correct": 0.0})])
+    values = turn_token_rewards(good)
+    assert len(values) == sum(good.loss_mask)
+    assert values[len(enc("<tool>x</tool>")) - 1] == -0.5 and values[-1] == 1.0 and sum(values) == 0.5
+    scorer = TrajectoryScorer(None, None, None)
+    scored, metrics = scorer.score_groups_sync([Group(PROMPT, [good, bad])])
+    assert scored[0].breakdown["env/correct"] == [1.0, 0.0] and scored[0].breakdown["env/tool_error"] == [-0.5, 0.0]
+    batch = build_rl_batch(scored, 0, False)
+    tr = token_rewards(scored, batch)
+    adv = GRPOAdvantage().compute(advantage_inputs(batch, tr, None)).advantages_BT
+    assert adv[0][batch.loss_mask_BT[0] > 0].min() > 0 > adv[1][batch.loss_mask_BT[1] > 0].max()  # 0.5 vs 0.0
+    assert metrics["agent/turns_max"] == 2.0
+
+
+def test_env_error_masks_only_that_trajectory() -> None:
+    ok = trajectory(PROMPT, [("policy", "3", {"correct": 1.0})])
+    broken = trajectory(PROMPT, [("policy", "<tool>1</tool>", {})], error="RuntimeError: boom")
+    scored, metrics = TrajectoryScorer(None, None, None).score_groups_sync([Group(PROMPT, [ok, broken])])
+    assert scored[0].rewards == [0.0, None] and metrics["agent/masked_env_errors"] == 1.0
+    batch = build_rl_batch(scored, 0, False)
+    assert batch.sample_mask_NG.tolist() == [[1.0, 0.0]] and batch.loss_mask_BT[1].sum() == 0
+
+
+def test_gae_over_a_trajectory_documents_the_gap() -> None:
+    """GAE treats masked positions as the episode's end: across an observation the advantage does not
+    carry (the recipe uses GRPO; PPO on trajectories needs gae to skip masked tokens, see README)."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    adv, _ = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), mask, 1.0, 1.0)
+    assert adv[0, 3] == 1.0 and adv[0, 1] == 0.0
+
+
+def test_tool_call_format_and_final_answer() -> None:
+    assert tool_call("<tool>print(1)</tool>") == "print(1)"
+    assert tool_call("<tool>python\nprint(2)</tool>") == "print(2)"
+    assert tool_call("<tool>unterminated") is None and tool_call("42") is None
+    assert final_answer("10221<|im_end|>") == "10221"
+
+
+def test_env_spec_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="rollout.agent.env._target_"):
+        env_class({"_target_": "posttrain.rollout.env.NoSuchEnv"})
+    with pytest.raises(ConfigError, match="keyword arguments of CodeToolEnv"):
+        env_class({"_target_": "posttrain.rollout.env_tools.CodeToolEnv", "wal_s": 1})
+    cls, kwargs = env_class({"_target_": "posttrain.rollout.env_tools.CodeToolEnv", "wall_s": 1.0})
+    assert cls is CodeToolEnv and kwargs == {"wall_s": 1.0}
+    shown = describe(AgentConfig(env={"_target_": "posttrain.rollout.env.SingleTurnEnv"}, max_turns=3))
+    assert shown["turn_limits"]["max_turns"] == 3 and "mask 0" in shown["mask_policy"]
+
+
+# -- the agent loop on a small in-process fleet ------------------------------------------------
+
+class EchoWorkerFleet:
+    """Answers each turn with a scripted text after ``delay`` seconds; records batch sizes."""
+
+    def __init__(self, script: list[str], delay: float = 0.05) -> None:
+        self.script, self.delay, self.batches = script, delay, []
+        self.workers = ["w0"]
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.deadlines = type("D", (), {"request_s": 30.0})()
+
+    def usable(self) -> list[int]:
+        return [0]
+
+    def wake(self, _):
+        pass
+
+    sleep = wake
+
+    def submit(self, index: int, records: list[PromptRecord], sampling: SamplingConfig):
+        self.batches.append(len(records))
+
+        def run() -> list[Group]:
+            time.sleep(self.delay)
+            out = []
+            for r in records:
+                turn = TOK.decode(r.token_ids).count("<output>")
+                ids = enc(self.script[min(turn, len(self.script) - 1)])[: sampling.max_tokens]
+                out.append(Group(r, [Completion(r, 0, ids, "", [-1.0] * len(ids), [7] * len(ids), "stop")]))
+            return out
+
+        fut = self.pool.submit(run)
+        return type("Ref", (), {"future": lambda self: fut})()
+
+
+class SlowToolEnv:
+    """Every tool call sleeps ``nap`` seconds (or the row's ``naps[call]``); ``raise_on`` makes step raise."""
+
+    def __init__(self, nap: float = 0.2, raise_on: str = "") -> None:
+        self.nap, self.raise_on, self.naps, self.calls = nap, raise_on, None, 0
+
+    async def reset(self, row):
+        self.naps = row.get("naps")
+        return ""
+
+    async def step(self, action: str) -> StepResult:
+        if self.raise_on and self.raise_on in action:
+            raise RuntimeError("env bug")
+        if "<tool>" in action:
+            self.calls += 1
+            await asyncio.sleep(self.naps[(self.calls - 1) % len(self.naps)] if self.naps else self.nap)
+            return StepResult("<output>3</output>", info={"tool_calls": 1.0})
+        return StepResult(rewards={"correct": float(action.strip() == "3")}, done=True)
+
+
+def agent(env: dict, fleet, **limits) -> AgentRollouts:
+    return AgentRollouts(AgentConfig(env=env, **limits), TOK, 0, 512).bind(fleet, lambda i, e: None)
+
+
+def test_agent_records_turns_masks_and_limits() -> None:
+    fleet = EchoWorkerFleet(["<tool>print(1+2)</tool>", "3"])
+    a = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0}, fleet)
+    groups = a.generate([PROMPT], SamplingConfig(n=2, max_tokens=32))
+    c = groups[0].completions[0]
+    assert [t.role for t in c.turns] == ["policy", "env", "policy"] and c.finish_reason == "stop"
+    assert TOK.decode(c.token_ids) == "<tool>print(1+2)</tool><output>3</output>3"
+    assert [c.loss_mask[i] for t in c.turns for i in range(t.start, t.end)] == c.loss_mask
+    assert all(m == (1 if lp == -1.0 else 0) for m, lp in zip(c.loss_mask, c.logprobs, strict=True))
+    assert set(c.versions) == {7} and c.turns[2].rewards == {"correct": 1.0}
+    # max_turns: a policy that never stops calling the tool
+    looping = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0}, EchoWorkerFleet(["<tool>1</tool>"]), max_turns=3)
+    c = looping.generate([PROMPT], SamplingConfig(n=1, max_tokens=32))[0].completions[0]
+    assert sum(t.role == "policy" for t in c.turns) == 3 and c.finish_reason == "length"
+    # total-token budget: turns are cut to what is left
+    short = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0}, EchoWorkerFleet(["<tool>1</tool>"]), max_total_tokens=20)
+    c = short.generate([PROMPT], SamplingConfig(n=1, max_tokens=32))[0].completions[0]
+    assert len(c.token_ids) == 20 and c.finish_reason == "length"
+
+
+def test_env_that_raises_or_hangs() -> None:
+    fleet = EchoWorkerFleet(["<tool>boom</tool>", "3"])
+    a = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0, "raise_on": "boom"}, fleet)
+    c = a.generate([PROMPT], SamplingConfig(n=1, max_tokens=32))[0].completions[0]
+    assert c.env_error == "RuntimeError: env bug" and c.finish_reason == "env_error"
+    slow = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 5.0}, EchoWorkerFleet(["<tool>1</tool>", "3"]), tool_timeout_s=0.2)
+    c = slow.generate([PROMPT], SamplingConfig(n=1, max_tokens=32))[0].completions[0]
+    assert "timed out after 0.2s" in TOK.decode(c.token_ids) and c.env_error is None
+    assert slow.take_counters()["agent/step_timeouts"] == 1.0
+
+
+def test_tool_calls_overlap_generation() -> None:
+    """Overlapped: a trajectory's tool call runs while others generate; lockstep waits for all."""
+    env = {"_target_": f"{__name__}.SlowToolEnv"}
+    naps = [[0.3, 0.0, 0.0], [0.0, 0.3, 0.0], [0.0, 0.0, 0.3], [0.0, 0.0, 0.0]]  # each slow once, at a different turn
+    prompts = [PromptRecord(i, "", enc(f"{i}+2="), {"naps": naps[i]}) for i in range(4)]
+    times = {}
+    for lockstep in (False, True):
+        a = agent(env, EchoWorkerFleet(["<tool>1</tool>", "<tool>2</tool>", "<tool>3</tool>", "3"], delay=0.05))
+        a.lockstep = lockstep
+        t0 = time.perf_counter()
+        groups = a.generate(prompts, SamplingConfig(n=2, max_tokens=32))
+        times[lockstep] = time.perf_counter() - t0
+        assert all(len(c.turns) == 7 for g in groups for c in g.completions)
+    # lockstep: 4 generations + 3 x 0.3 s of tools; overlapped: each trajectory waits 0.3 s once
+    assert times[False] < times[True] - 0.3, times
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None, reason="the sandbox needs root and bwrap")
+def test_code_tool_in_the_sandbox_crash_hang_flood() -> None:
+    async def run() -> list[StepResult]:
+        env = CodeToolEnv(wall_s=1.0, max_output_chars=40)
+        await env.reset({"answer": "10221"})
+        actions = ["<tool>print(347*29+158)</tool>", "<tool>1/0</tool>", "<tool>while True: pass</tool>",
+                   "<tool>print('x' * 100)</tool>", "10221<|im_end|>"]  # fmt: skip
+        return [await env.step(a) for a in actions]
+
+    ok, crash, hang, flood, final = asyncio.run(run())
+    assert ok.observation == "<output>10063</output>".replace("10063", str(347 * 29 + 158)) and not ok.done
+    assert "ZeroDivisionError" in crash.observation and "timed out after 1s" in hang.observation
+    assert "more chars]" in flood.observation and final.done and final.rewards == {"correct": 1.0}
