@@ -40,13 +40,15 @@ def runs(values: list[int]) -> list[list[int]]:
     return [[v, len(list(same))] for v, same in itertools.groupby(values)]
 
 
-def trajectory_row(c: Completion, reward: float | None) -> dict[str, Any]:
-    """One line of trajectories.jsonl: ids, mask and versions of every token, turns, reward."""
+def trajectory_row(c: Completion, reward: float | None, decode: Any = None) -> dict[str, Any]:
+    """One line of trajectories.jsonl: ids, mask and versions of every token, turns (with their text
+    when ``decode`` is given), reward."""
+    turns = [[t.start, t.end, t.role, t.rewards] + ([decode(c.token_ids[t.start : t.end])] if decode else []) for t in c.turns or []]
     return {
         "ordinal": c.prompt.ordinal, "sample": c.sample_index, "version": c.v_min, "reward": reward,
         "finish_reason": c.finish_reason, "env_error": c.env_error, "prompt_ids": c.prompt.token_ids,
         "token_ids": c.token_ids, "loss_mask": c.policy_mask, "versions": runs(c.versions),
-        "turns": [[t.start, t.end, t.role, t.rewards] for t in c.turns or []],
+        "turns": turns,
         "tokens_sha1": hashlib.sha1(json.dumps(c.token_ids).encode()).hexdigest()[:16],
     }  # fmt: skip
 
@@ -78,7 +80,7 @@ class TrajectoryScorer:
                 if c.env_error is not None:
                     sg.rewards[i], masked = None, masked + 1
                 turns.append(sum(t.role == "policy" for t in c.turns or []))
-                rows.append(trajectory_row(c, sg.rewards[i]))
+                rows.append(trajectory_row(c, sg.rewards[i], getattr(self.agent, "decode", None)))
             sg.token_rewards = lists
             sg.breakdown.update(parts)
         self.write(rows)
