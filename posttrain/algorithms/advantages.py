@@ -90,9 +90,10 @@ def gae(
 
     ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``, where
     ``V_{t+1}`` and ``A_{t+1}`` are 0 past the last valid token (the episode ends there).
-    The valid tokens of a row must be contiguous (prompt masked on the left, padding on the right);
-    packed rows with several responses are not supported. Returns ``(advantages_BT, returns_BT)``
-    with ``returns = advantages + values``; both are 0 at masked positions.
+    Masked positions inside a row (the observation tokens of a multi-turn trajectory) are skipped:
+    ``t+1`` is the next valid token, so the advantage carries across a tool's output. Packed rows
+    with several responses are not supported. Returns ``(advantages_BT, returns_BT)`` with
+    ``returns = advantages + values``; both are 0 at masked positions.
     """
     valid = mask_BT.to(torch.bool)
     r = zero_masked(rewards_BT.float(), valid)
@@ -104,8 +105,8 @@ def gae(
         delta_B = r[:, t] + gamma * next_value_B - v[:, t]
         a_B = torch.where(valid[:, t], delta_B + gamma * lam * next_adv_B, 0.0)
         adv[:, t] = a_B
-        next_adv_B = a_B
-        next_value_B = v[:, t]  # already 0 at masked positions
+        next_adv_B = torch.where(valid[:, t], a_B, next_adv_B)  # masked positions are skipped
+        next_value_B = torch.where(valid[:, t], v[:, t], next_value_B)
     returns = zero_masked(adv + v, valid)
     return adv, returns
 
@@ -113,15 +114,16 @@ def gae(
 def discounted_returns(rewards_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
     """Reward-to-go ``G_t = r_t + gamma G_{t+1}`` over each row's valid tokens (0 past the last).
 
-    Same layout rules as ``gae`` (valid tokens contiguous). Returns ``returns_BT``, 0 where masked.
+    Same layout rules as ``gae`` (masked positions inside a row are skipped). Returns
+    ``returns_BT``, 0 where masked.
     """
     valid = mask_BT.to(torch.bool)
     r = zero_masked(rewards_BT.float(), valid)
     out = torch.zeros_like(r)
     next_B = torch.zeros_like(r[:, 0])
     for t in reversed(range(r.shape[1])):
-        next_B = torch.where(valid[:, t], r[:, t] + gamma * next_B, 0.0)
-        out[:, t] = next_B
+        next_B = torch.where(valid[:, t], r[:, t] + gamma * next_B, next_B)
+        out[:, t] = torch.where(valid[:, t], next_B, 0.0)
     return out
 
 

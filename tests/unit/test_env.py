@@ -17,7 +17,7 @@ from posttrain.rollout.env import AgentConfig, SingleTurnEnv, StepResult, descri
 from posttrain.rollout.env_tools import CodeToolEnv, final_answer, tool_call
 from posttrain.rollout.sampling import SamplingConfig
 
-from posttrain.algorithms.advantages import GRPOAdvantage, gae
+from posttrain.algorithms.advantages import GRPOAdvantage, discounted_returns, gae
 from posttrain.config.errors import ConfigError
 from posttrain.models.tokenizer import build_char_tokenizer
 from posttrain.rl.agent import AgentRollouts
@@ -96,12 +96,18 @@ def test_env_error_masks_only_that_trajectory() -> None:
     assert batch.sample_mask_NG.tolist() == [[1.0, 0.0]] and batch.loss_mask_BT[1].sum() == 0
 
 
-def test_gae_over_a_trajectory_documents_the_gap() -> None:
-    """GAE treats masked positions as the episode's end: across an observation the advantage does not
-    carry (the recipe uses GRPO; PPO on trajectories needs gae to skip masked tokens, see README)."""
-    mask = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
-    adv, _ = gae(torch.tensor([[0.0, 0.0, 0.0, 1.0]]), torch.zeros(1, 4), mask, 1.0, 1.0)
-    assert adv[0, 3] == 1.0 and adv[0, 1] == 0.0
+def test_gae_and_reward_to_go_carry_across_observation_tokens() -> None:
+    """PPO / REINFORCE++ on a trajectory: the masked observation tokens are skipped, so the final
+    reward reaches the first turn's tokens as if the observation were not there."""
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])  # turn, observation, turn, padding
+    packed = torch.tensor([[1.0, 1.0, 1.0]])
+    values, values_packed = torch.tensor([[0.1, 0.2, 9.0, 9.0, 0.3, 9.0]]), torch.tensor([[0.1, 0.2, 0.3]])
+    rewards, rewards_packed = torch.tensor([[0.0, -0.5, 0.0, 0.0, 1.0, 0.0]]), torch.tensor([[0.0, -0.5, 1.0]])
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    adv_p, ret_p = gae(rewards_packed, values_packed, packed, 0.9, 0.8)
+    assert torch.allclose(adv[0, [0, 1, 4]], adv_p[0]) and torch.allclose(ret[0, [0, 1, 4]], ret_p[0])
+    assert adv[0, [2, 3, 5]].abs().sum() == 0 and adv[0, 0] != 0
+    assert torch.allclose(discounted_returns(rewards, mask, 0.9)[0, [0, 1, 4]], discounted_returns(rewards_packed, packed, 0.9)[0])
 
 
 def test_tool_call_format_and_final_answer() -> None:
