@@ -20,6 +20,7 @@ reward part ``tool_error`` on each turn whose program failed.
 
 from __future__ import annotations
 
+import atexit
 import re
 import threading
 from typing import Any
@@ -40,6 +41,8 @@ def shared_sandbox(slots: int, wall_s: float, memory_mb: int, output_bytes: int,
     with _LOCK:
         if key not in _SANDBOXES:
             limits = Limits(wall_s=wall_s, cpu_s=max(1, int(wall_s) + 1), memory_mb=memory_mb, output_bytes=output_bytes)
+            if not _SANDBOXES:
+                atexit.register(close_shared_sandboxes)  # slots, cgroups and the uid lease go with the process
             _SANDBOXES[key] = Sandbox(SandboxConfig(slots=slots, limits=limits, allow_weaker=allow_weaker,
                                                     cgroup_name="posttrain-tool-sandbox"))  # fmt: skip
         return _SANDBOXES[key]

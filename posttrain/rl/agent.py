@@ -78,8 +78,10 @@ class TurnDispatcher:
     batch generated. ``lockstep`` (the benchmark's baseline): a batch goes out only when every
     live trajectory waits, so no tool call overlaps generation."""
 
-    def __init__(self, fleet: Any, on_lost: OnLost, sampling: Any, lockstep: bool = False) -> None:
-        self.fleet, self.on_lost, self.sampling, self.lockstep = fleet, on_lost, sampling, lockstep
+    def __init__(self, fleet: Any, on_lost: OnLost, sampling: Any, stop: list[str], lockstep: bool = False) -> None:
+        self.fleet, self.on_lost, self.lockstep = fleet, on_lost, lockstep
+        # a turn ends at the tool-call marker (the engine keeps the marker's tokens in token_ids)
+        self.sampling = dataclasses.replace(sampling, stop=list(sampling.stop) + [s for s in stop if s not in sampling.stop])
         self.pending: dict[int, list[tuple[PromptRecord, int, asyncio.Future]]] = defaultdict(list)
         self.busy: set[int] = set()
         self.live = 0  # trajectories not finished (lockstep waits for all of them)
@@ -183,7 +185,7 @@ class AgentRollouts:
             self.fleet.sleep(usable)
 
     async def _generate(self, prompts: list[PromptRecord], sampling: Any, usable: list[int]) -> list[Group]:
-        dispatcher = TurnDispatcher(self.fleet, self.on_lost, sampling, self.lockstep)
+        dispatcher = TurnDispatcher(self.fleet, self.on_lost, sampling, self.limits.stop, self.lockstep)
         trajs = [Trajectory(p.ordinal * sampling.n + i, p, i, usable[(k * sampling.n + i) % len(usable)])
                  for k, p in enumerate(prompts) for i in range(sampling.n)]  # fmt: skip
         dispatcher.live = len(trajs)

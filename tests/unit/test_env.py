@@ -149,6 +149,7 @@ class EchoWorkerFleet:
 
     def submit(self, index: int, records: list[PromptRecord], sampling: SamplingConfig):
         self.batches.append(len(records))
+        assert "</tool>" in sampling.stop and sampling.n == 1  # every turn stops at the tool-call marker
 
         def run() -> list[Group]:
             time.sleep(self.delay)
