@@ -249,3 +249,42 @@ def test_code_tool_in_the_sandbox_crash_hang_flood() -> None:
     assert ok.observation == "<output>10063</output>".replace("10063", str(347 * 29 + 158)) and not ok.done
     assert "ZeroDivisionError" in crash.observation and "timed out after 1s" in hang.observation
     assert "more chars]" in flood.observation and final.done and final.rewards == {"correct": 1.0}
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None, reason="the sandbox needs root and bwrap")
+def test_hostile_tool_calls_stay_in_the_sandbox(tmp_path) -> None:
+    """The sandbox's adversarial cases, arriving as tool calls: each comes back as an observation
+    and leaves the host untouched (the full suite on the same Sandbox: tests/sandboxes/)."""
+    import secrets
+    import socket
+
+    token = secrets.token_hex(8)
+    secret = tmp_path / "secret"
+    secret.write_text(token)
+    target = f"/etc/posttrain_tool_probe_{token}"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.3)
+    programs = {
+        "write": f"open({target!r}, 'w').write('x')",
+        "read": f"print(open({str(secret)!r}).read())",
+        "net": f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}), timeout=1)\nprint('CONNECTED')",
+        "memory": "x = bytearray(2 << 30)\nprint('ALLOCATED')",
+        "fork": "import os\nwhile True:\n    os.fork()",
+    }
+
+    async def run() -> dict[str, str]:
+        env = CodeToolEnv(wall_s=2.0, memory_mb=128, max_output_chars=200)
+        await env.reset({})
+        return {k: (await env.step(f"<tool>{p}</tool>")).observation for k, p in programs.items()}
+
+    try:
+        obs = asyncio.run(run())
+        with pytest.raises(socket.timeout):
+            listener.accept()
+    finally:
+        listener.close()
+    assert all(o.startswith("<output>error: ") for o in obs.values()), obs
+    assert not os.path.exists(target) and token not in obs["read"] and "CONNECTED" not in obs["net"]
+    assert "ALLOCATED" not in obs["memory"]
