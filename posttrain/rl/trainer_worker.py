@@ -197,7 +197,7 @@ class TrainerWorker:
         if self.rank != 0:
             return None
         self.sender.wire_dtype = None if wire_dtype is None else dtype_from_name(wire_dtype)
-        refs = [ray.put(b) for b in self.sender.buckets(engine_tensors(full.items()), version)]
+        refs = [ray.put(b) for b in self.sender.buckets(engine_tensors(full.items(), self.model_config.model_type), version)]
         stats = self.sender.last_stats
         return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes),
                       "sync/buckets": float(stats.num_buckets), "sync/digest": float(stats.digest)}  # fmt: skip
@@ -215,7 +215,7 @@ class TrainerWorker:
         sender = CollectiveSender(self.sender.bucket_bytes, None if wire_dtype is None else dtype_from_name(wire_dtype))
         sender.last_version = self.sender.last_version
         t0 = time.perf_counter()
-        stats = sender.send(self.update_group, engine_tensors(self.policy.model.state_dict().items()), version, restore)
+        stats = sender.send(self.update_group, engine_tensors(self.policy.model.state_dict().items(), self.model_config.model_type), version, restore)
         self.sender.last_version = version
         if self.rank != 0:
             return None
