@@ -24,7 +24,7 @@ from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
-from posttrain.models.loading import ModelConfig, load_causal_lm, load_tokenizer
+from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
 from posttrain.sync.collective import CollectiveSender
 from posttrain.sync.group import GroupInfo, UpdateGroup
@@ -66,12 +66,16 @@ def critic_model(model_cfg: ModelConfig, policy_config: Any) -> torch.nn.Module:
     src = model_cfg.path
     config = AutoConfig.from_pretrained(src, local_files_only=True) if src else copy.deepcopy(policy_config)
     config.num_labels = 1
+    config.classifier_dropout = 0.0  # token-classification heads default to 0.1 when the config has none
     for name, value in list(vars(config).items()):
         if "dropout" in name and isinstance(value, float):
             setattr(config, name, 0.0)
     if src:
-        return AutoModelForTokenClassification.from_pretrained(src, config=config, local_files_only=True)
-    return AutoModelForTokenClassification.from_config(config)
+        critic = AutoModelForTokenClassification.from_pretrained(src, config=config, local_files_only=True)
+    else:
+        critic = AutoModelForTokenClassification.from_config(config)
+    apply_moe_kernels(critic, model_cfg.moe_kernels)  # an MoE backbone runs the same experts as the policy
+    return critic
 
 
 class _Schedulers:
