@@ -50,7 +50,7 @@ from posttrain.config.errors import PosttrainError
 _ALIGN_BYTES = 64
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(PosttrainError, RuntimeError):
     """A weight update broke one of the invariants in this module's docstring."""
 
 
@@ -58,7 +58,7 @@ class WeightSyncProbeError(WeightSyncError):
     """After a sync, the engine's logprobs disagree with the trainer's beyond tolerance."""
 
 
-class WeightSyncFingerprintError(WeightSyncProbeError, PosttrainError):
+class WeightSyncFingerprintError(WeightSyncProbeError):
     """After a sync, a worker's version digest is not the one the trainer sent."""
 
 
