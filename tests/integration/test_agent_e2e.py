@@ -19,6 +19,7 @@ from posttrain.metrics import read_metrics
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.timeout(2400),  # the module's SFT + Ray/vLLM start-up land in the first test (slow on a shared 2-core host)
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None, reason="the tool sandbox needs root and bwrap"),
 ]
 N, PROMPTS = 4, 2
@@ -29,7 +30,7 @@ def sft_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("agent")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = main(["run", os.path.join(root, "recipes/sft_tiny_tool.yaml"), f"run.output_dir={out}", "trainer.max_steps=60",
-                 "trainer.global_batch_size=32", "trainer.micro_batch_size=32", "trainer.schedule.warmup_steps=5",
+                 "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.schedule.warmup_steps=5",
                  "eval.every_steps=1000", "data.eval.num_examples=4", "checkpoint.every_steps=1000",
                  "logging.wandb.enabled=false", "logging.progress=false"])  # fmt: skip
     assert code == 0
