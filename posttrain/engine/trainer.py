@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from posttrain.engine.packing import MicroPlan, equalize, plan
 from posttrain.engine.schedule import ScheduleConfig, build_scheduler
 from posttrain.metrics import metric_reduction
 
@@ -55,6 +56,10 @@ class TrainerConfig:
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     mixed_precision: Literal["auto", "none", "bf16"] = "auto"  # auto: bf16 on GPU, none on CPU
     grad_clip: float = 1.0  # max global grad norm; 0 disables
+    # Sequence packing (posttrain.engine.packing): rows packed into micro-batches of at most this
+    # many tokens, micro_batch_size then unused by the update. None: padded micro-batches of
+    # micro_batch_size rows.
+    max_tokens_per_micro_batch: int | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -68,6 +73,12 @@ class TrainerConfig:
             )
         if self.max_steps <= 0:
             return ("max_steps", "must be positive", "set trainer.max_steps >= 1")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch <= 0:
+            return (
+                "max_tokens_per_micro_batch",
+                f"{self.max_tokens_per_micro_batch} must be positive",
+                "set it to a token budget (e.g. 4096), or null for padded micro-batches",
+            )
         return None
 
     @property
@@ -124,6 +135,14 @@ class TrainEngine:
         if dist.is_initialized():
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t.tolist()
+
+    def plan_micro_batches(self, lengths: list[int]) -> list[MicroPlan]:
+        """Packed micro-batches of this rank's rows (``trainer.max_tokens_per_micro_batch``), as many on
+        every rank (collective): FSDP's per-forward all-gathers must pair up across ranks."""
+        assert self.cfg.max_tokens_per_micro_batch is not None
+        plans = plan(lengths, self.cfg.max_tokens_per_micro_batch)
+        (target,) = self._all_reduce([float(len(plans))], dist.ReduceOp.MAX)
+        return equalize(plans, int(target))
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches. Returns globally reduced metrics.

@@ -24,6 +24,7 @@ from posttrain.data.sources import DatasetSource, load_rows
 from posttrain.data.tasks import first_line
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, launch
+from posttrain.engine.packing import packed_micro_batches, row_lengths
 from posttrain.engine.trainer import TrainEngine
 from posttrain.metrics import MetricsLogger
 from posttrain.models.loading import load_tokenizer
@@ -75,6 +76,15 @@ class DivergedError(PosttrainError):
             f"training diverged after step {step}: {n} steps in a row had a non-finite loss or gradient norm and were "
             "skipped (no checkpoint was written for them).\n  fix: lower trainer.optim.lr or set trainer.grad_clip, "
             "check the data for empty or broken rows, and resume from the last checkpoint (checkpoint.resume=auto)"
+        )
+
+
+class PackingUnsupportedError(PosttrainError):
+    def __init__(self, algo: str) -> None:
+        super().__init__(
+            f"trainer.max_tokens_per_micro_batch: {algo} does not support sequence packing (its rows are not "
+            "independent: chosen and rejected of a pair share a micro-batch).\n  fix: remove "
+            "trainer.max_tokens_per_micro_batch (padded micro-batches of trainer.micro_batch_size), or use SFT"
         )
 
 
@@ -131,7 +141,11 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
     skipped_in_a_row = 0
     while engine.step < t.max_steps:
         mine = sampler.take(t.global_batch_size)[rank::world]
-        micro = [algo.collate([train_ex[i] for i in mine[j : j + t.micro_batch_size]], tok.pad_token_id) for j in range(0, len(mine), t.micro_batch_size)]
+        if t.max_tokens_per_micro_batch is None:
+            micro = [algo.collate([train_ex[i] for i in mine[j : j + t.micro_batch_size]], tok.pad_token_id) for j in range(0, len(mine), t.micro_batch_size)]
+        else:  # packed micro-batches of at most max_tokens_per_micro_batch tokens (posttrain.engine.packing)
+            rows = algo.collate([train_ex[i] for i in mine], tok.pad_token_id)
+            micro = packed_micro_batches(rows, engine.plan_micro_batches(row_lengths(rows["attention_mask_BT"]).tolist()))
         metrics = engine.train_step(micro, algo.loss, algo.count)
         metrics["epoch"] = sampler.epoch
         step = engine.step
@@ -157,6 +171,8 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
 def preflight(cfg: RecipeConfig) -> None:
     """Fail before any rank starts: model path, tokenizer, data files and bad-row limits."""
     algo, tok, d = cfg.algorithm.build(), load_tokenizer(cfg.model), cfg.data
+    if cfg.trainer.max_tokens_per_micro_batch is not None and not getattr(algo, "packs", False):
+        raise PackingUnsupportedError(type(algo).__name__)
     for key, src in (("data.train", d.train), ("data.eval", d.eval)):
         if src is not None:
             algo.prepare(load_rows(src, key), tok, d.max_length, d.max_bad_fraction, key)

@@ -6,10 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.algorithms.offline_losses import sft_loss
 from posttrain.data.formatting import make_sft_example, pad_batch, sft_row_problem
 from posttrain.data.sources import build_examples
+from posttrain.engine.packing import model_inputs, per_row, token_ids
 from posttrain.models.loading import load_causal_lm
 from posttrain.offline.common import Batch, greedy_accuracy, sequence_token_logprobs
 
@@ -26,6 +29,7 @@ class SFTConfig:
 
 class SFT:
     needs_reference = False
+    packs = True  # rows are independent: trainer.max_tokens_per_micro_batch may pack them
 
     def __init__(self, cfg: SFTConfig) -> None:
         self.cfg = cfg
@@ -43,7 +47,10 @@ class SFT:
         return float(batch["loss_mask_BT"].sum())
 
     def loss(self, model, batch: Batch, global_count: float):
-        lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
+        """Padded or packed (``posttrain.engine.packing``) micro-batch; the loss sees [B, T] either way."""
+        logits = model(**model_inputs(model, batch)).logits
+        ids = token_ids(batch)
+        lp = per_row(F.pad(token_logprobs(logits[:, :-1], ids[:, 1:]), (1, 0)), batch)
         return sft_loss(lp, batch["loss_mask_BT"], global_count)
 
     def evaluate(self, model, examples, rows, tokenizer, checker) -> dict[str, float]:

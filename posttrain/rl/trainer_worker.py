@@ -23,6 +23,7 @@ from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
+from posttrain.engine.packing import model_inputs, packed_micro_batches, per_row, row_lengths, token_ids
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
@@ -134,25 +135,40 @@ class TrainerWorker:
     # -- forward-only ------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> ForwardOutputs:
         """Old (current policy, if ``batch.want_old``), reference logprobs and critic values of this
-        rank's rows, in micro-batches of ``trainer.micro_batch_size`` rows: the logits of one
-        micro-batch are alive at a time, never [B, T, V] for the whole batch."""
-        size = self.trainer_cfg.micro_batch_size
-        parts = [self._forward_micro(batch.input_ids_BT[i : i + size], batch.attention_mask_BT[i : i + size], batch.want_old)
-                 for i in range(0, batch.input_ids_BT.shape[0], size)]  # fmt: skip
-        joined = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+        rank's rows, in micro-batches of ``trainer.micro_batch_size`` rows (or packed ones of
+        ``trainer.max_tokens_per_micro_batch`` tokens): the logits of one micro-batch are alive at a
+        time, never [B, T, V] for the whole batch."""
+        rows = {"input_ids_BT": batch.input_ids_BT, "attention_mask_BT": batch.attention_mask_BT}
+        if self.trainer_cfg.max_tokens_per_micro_batch is None:
+            size = self.trainer_cfg.micro_batch_size
+            parts = [self._forward_micro({k: v[i : i + size] for k, v in rows.items()}, batch.want_old)
+                     for i in range(0, batch.input_ids_BT.shape[0], size)]  # fmt: skip
+            joined = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
+            return ForwardOutputs(**joined)
+        plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist())
+        joined = {}
+        for p, mb in zip(plans, packed_micro_batches(rows, plans, loss_keys=()), strict=True):
+            part = self._forward_micro(mb, batch.want_old)
+            if p.dummy:
+                continue
+            for k, v in part.items():  # back to the rows' places, zeros on padding
+                joined.setdefault(k, v.new_zeros(batch.input_ids_BT.shape))[p.rows, : v.shape[1]] = v
         return ForwardOutputs(**joined)
 
-    def _forward_micro(self, ids: torch.Tensor, attn: torch.Tensor, want_old: bool) -> dict[str, torch.Tensor]:
-        ids, attn = ids.to(self.device), attn.to(self.device)
+    def _forward_micro(self, mb: dict[str, torch.Tensor], want_old: bool) -> dict[str, torch.Tensor]:
+        mb = {k: v.to(self.device) for k, v in mb.items()}
+        ids = token_ids(mb)
         out = {}
         if want_old:
-            out["old_logprobs_BT"] = self.policy.forward(lambda m: self._sampled(m(input_ids=ids, attention_mask=attn).logits, ids)[0]).cpu()
+            lp = self.policy.forward(lambda m: self._sampled(m(**model_inputs(m, mb)).logits, ids)[0])
+            out["old_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.reference is not None:  # the reference at the same temperature (as verl)
-            out["ref_logprobs_BT"] = self.reference.forward(lambda m: self._sampled(m(input_ids=ids, attention_mask=attn).logits, ids)[0]).cpu()
+            lp = self.reference.forward(lambda m: self._sampled(m(**model_inputs(m, mb)).logits, ids)[0])
+            out["ref_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
-            v = self.critic.forward(lambda m: m(input_ids=ids, attention_mask=attn).logits[..., 0].float())
-            out["values_BT"] = F.pad(v[:, :-1], (1, 0)).cpu()
+            v = self.critic.forward(lambda m: m(**model_inputs(m, mb)).logits[..., 0].float())
+            out["values_BT"] = per_row(F.pad(v[:, :-1], (1, 0)), mb).cpu()
         return out
 
     def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +179,8 @@ class TrainerWorker:
 
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
-        logits = model(input_ids=mb["input_ids_BT"], attention_mask=mb["attention_mask_BT"]).logits
-        lp, ent = self._sampled(logits, mb["input_ids_BT"])
+        logits = model(**model_inputs(model, mb)).logits
+        lp, ent = (per_row(x, mb) for x in self._sampled(logits, token_ids(mb)))
         if self.algo.loss.entropy_coef <= 0:
             ent = ent.detach()  # a metric only
         # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
@@ -175,14 +191,18 @@ class TrainerWorker:
         )
 
     def _value_loss(self, model, mb: dict[str, Any], _count: float):
-        v = model(input_ids=mb["input_ids_BT"], attention_mask=mb["attention_mask_BT"]).logits[..., 0].float()
-        values = F.pad(v[:, :-1], (1, 0))
+        v = model(**model_inputs(model, mb)).logits[..., 0].float()
+        values = per_row(F.pad(v[:, :-1], (1, 0)), mb)
         return value_loss(values, mb["values_BT"], mb["returns_BT"], mb["loss_mask_BT"], self.algo.critic.value_clip, mb["num_tokens"])
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
         """One optimizer step (policy, and critic for PPO) on this rank's rows of a mini-batch."""
-        size = self.trainer_cfg.micro_batch_size
-        micro = [batch.select(slice(i, i + size)).tensors() for i in range(0, batch.size, size)]
+        if self.trainer_cfg.max_tokens_per_micro_batch is None:
+            size = self.trainer_cfg.micro_batch_size
+            micro = [batch.select(slice(i, i + size)).tensors() for i in range(0, batch.size, size)]
+        else:  # packed: the loss still sees [B, T] tensors and the global counts (see packing.per_row)
+            plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist())
+            micro = packed_micro_batches(batch.tensors(), plans)
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)
         if self.critic is not None:
