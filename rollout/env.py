@@ -79,7 +79,7 @@ class AgentConfig:
     max_total_tokens: int = 256
     tool_timeout_s: float = 10.0
     stop: list[str] = field(default_factory=lambda: ["</tool>"])
-    max_observation_tokens: int = 64
+    max_observation_tokens: int = 96
     trajectories_file: str = "trajectories.jsonl"
 
     def validate(self) -> tuple[str, str, str] | None:

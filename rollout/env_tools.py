@@ -62,7 +62,11 @@ def tool_call(action: str) -> str | None:
 
 
 def cap(text: str, limit: int) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}...[{len(text) - limit} more chars]"
+    """``text`` in at most ``limit`` characters; a longer one is cut, ending ``...[N more chars]``."""
+    if len(text) <= limit:
+        return text
+    keep = max(0, limit - len(f"...[{len(text)} more chars]"))
+    return f"{text[:keep]}...[{len(text) - keep} more chars]"
 
 
 def observation_of(verdict: Verdict, wall_s: float, max_chars: int) -> tuple[str, bool]:

@@ -239,7 +239,7 @@ def test_tool_calls_overlap_generation() -> None:
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("bwrap") is None, reason="the sandbox needs root and bwrap")
 def test_code_tool_in_the_sandbox_crash_hang_flood() -> None:
     async def run() -> list[StepResult]:
-        env = CodeToolEnv(wall_s=1.0, max_output_chars=40)
+        env = CodeToolEnv(wall_s=1.0, max_output_chars=60)
         await env.reset({"answer": "10221"})
         actions = ["<tool>print(347*29+158)</tool>", "<tool>1/0</tool>", "<tool>while True: pass</tool>",
                    "<tool>print('x' * 100)</tool>", "10221<|im_end|>"]  # fmt: skip
