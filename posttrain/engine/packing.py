@@ -3,15 +3,17 @@
 ``plan`` groups rows (by their unpadded lengths) into micro-batches of at most ``max_tokens``
 tokens (dynamic batching: the number of rows per micro-batch varies). ``pack`` concatenates one
 group's rows into ``packed_ids_1N`` with ``packed_pos_1N`` restarting at 0 for every row and
-``packed_cu_R1`` (cumulative row lengths, R+1 entries). The model sees them through
-``model_inputs``; packed rows never attend to each other:
+``packed_cu_R1`` (cumulative row lengths, R+1 entries). ``forward`` runs the model on them so that
+packed rows never attend to each other:
 
-- a block-diagonal causal 4-D boolean mask [1, 1, N, N] (eager / SDPA, the CPU path). Verified
-  against per-row forwards for the tiny Llama and Qwen2 models. ``position_ids`` alone are NOT
-  enough there: transformers 5.19's SDPA path ignores the restarts and lets rows attend across
-  (max logit error 0.8 on the tiny Llama), so the mask is always built;
-- flash-attention varlen when the model runs ``flash_attention_2/3`` on a GPU: no mask, the
-  restarting ``position_ids`` give transformers the row boundaries (cu_seqlens).
+- flash-attention varlen when the model runs ``flash_attention_2/3`` on a GPU (``cu_seq_lens``);
+- otherwise ``row_attention``: causal SDPA on each row alone (a registered transformers attention
+  function, selected for the packed forward only), so attention costs sum(len^2), not N^2;
+- with activation checkpointing, a block-diagonal causal 4-D boolean mask [1, 1, N, N].
+
+All three verified against per-row forwards for the tiny Llama and Qwen2 models (CPU). Note that
+``position_ids`` alone are NOT enough under SDPA: transformers 5.19 ignores the restarts there
+and lets rows attend across (max logit error 0.8 on the tiny Llama).
 
 Per-token outputs come back to the unpacked [R, T] layout with ``per_row``, so losses and their
 aggregation (with the global token / sequence counts) run on exactly the tensors the padded path
@@ -20,11 +22,14 @@ gives them: packing changes the forward, never the loss.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 
 PACKED_KEYS = ("packed_ids_1N", "packed_pos_1N", "packed_cu_R1")
 
@@ -108,15 +113,58 @@ def is_packed(batch: dict[str, Any]) -> bool:
     return "packed_cu_R1" in batch
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Keyword arguments of the model's forward for a packed or a padded micro-batch."""
+ROW_ATTENTION = "posttrain_packed_rows"
+
+
+def row_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+                  cu_seq_lens_q: torch.Tensor | None = None, **kwargs):  # fmt: skip
+    """Varlen attention without flash-attn: causal SDPA on each packed row alone.
+
+    query [1, H, N, D], key / value [1, Hkv, N, D] -> ([1, N, H, D], None), as transformers'
+    attention functions. Exact (no cross-row terms) and, unlike one N x N masked SDPA, costs
+    sum(len^2) rather than N^2."""
+    if cu_seq_lens_q is None:
+        raise RuntimeError(f"attention {ROW_ATTENTION!r} needs cu_seq_lens_q (use posttrain.engine.packing.forward)")
+    bounds = cu_seq_lens_q.tolist()
+    outs = [
+        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+                                       dropout_p=dropout, scale=scaling, enable_gqa=True)  # fmt: skip
+        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ROW_ATTENTION, row_attention)
+
+
+@contextmanager
+def _attention(model: torch.nn.Module, impl: str) -> Iterator[None]:
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def forward(model: torch.nn.Module, batch: dict[str, Any]) -> Any:
+    """The model's output for a padded or a packed micro-batch (``[1, N, ...]`` when packed).
+
+    Packed, in order of preference: flash-attention varlen (GPU, model loaded with flash_attention_*);
+    per-row SDPA (``row_attention``, selected for this forward only); the block-diagonal 4-D mask
+    when activation checkpointing is on (its recomputation in backward runs outside this call, so
+    the attention must not depend on a temporarily selected implementation)."""
     if not is_packed(batch):
-        return {"input_ids": batch["input_ids_BT"], "attention_mask": batch["attention_mask_BT"]}
-    ids = batch["packed_ids_1N"]
-    out = {"input_ids": ids, "position_ids": batch["packed_pos_1N"]}
-    if not uses_varlen(model, ids.device):
-        out["attention_mask"] = block_causal_mask(batch["packed_cu_R1"], ids.device)
-    return out
+        return model(input_ids=batch["input_ids_BT"], attention_mask=batch["attention_mask_BT"])
+    ids, pos, cu = batch["packed_ids_1N"], batch["packed_pos_1N"], batch["packed_cu_R1"]
+    if uses_varlen(model, ids.device):
+        cu_dev, longest = cu.to(ids.device), int((cu[1:] - cu[:-1]).max())
+        return model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu_dev, cu_seq_lens_k=cu_dev, max_length_q=longest, max_length_k=longest)
+    if getattr(model, "is_gradient_checkpointing", False):
+        return model(input_ids=ids, position_ids=pos, attention_mask=block_causal_mask(cu, ids.device))
+    with _attention(model, ROW_ATTENTION):
+        return model(input_ids=ids, position_ids=pos, cu_seq_lens_q=cu.cpu())
 
 
 def token_ids(batch: dict[str, Any]) -> torch.Tensor:

@@ -23,7 +23,8 @@ from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
-from posttrain.engine.packing import model_inputs, packed_micro_batches, per_row, row_lengths, token_ids
+from posttrain.engine.packing import forward as packed_forward
+from posttrain.engine.packing import packed_micro_batches, per_row, row_lengths, token_ids
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
@@ -160,14 +161,14 @@ class TrainerWorker:
         ids = token_ids(mb)
         out = {}
         if want_old:
-            lp = self.policy.forward(lambda m: self._sampled(m(**model_inputs(m, mb)).logits, ids)[0])
+            lp = self.policy.forward(lambda m: self._sampled(packed_forward(m, mb).logits, ids)[0])
             out["old_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.reference is not None:  # the reference at the same temperature (as verl)
-            lp = self.reference.forward(lambda m: self._sampled(m(**model_inputs(m, mb)).logits, ids)[0])
+            lp = self.reference.forward(lambda m: self._sampled(packed_forward(m, mb).logits, ids)[0])
             out["ref_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
-            v = self.critic.forward(lambda m: m(**model_inputs(m, mb)).logits[..., 0].float())
+            v = self.critic.forward(lambda m: packed_forward(m, mb).logits[..., 0].float())
             out["values_BT"] = per_row(F.pad(v[:, :-1], (1, 0)), mb).cpu()
         return out
 
@@ -179,7 +180,7 @@ class TrainerWorker:
 
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
-        logits = model(**model_inputs(model, mb)).logits
+        logits = packed_forward(model, mb).logits
         lp, ent = (per_row(x, mb) for x in self._sampled(logits, token_ids(mb)))
         if self.algo.loss.entropy_coef <= 0:
             ent = ent.detach()  # a metric only
@@ -191,7 +192,7 @@ class TrainerWorker:
         )
 
     def _value_loss(self, model, mb: dict[str, Any], _count: float):
-        v = model(**model_inputs(model, mb)).logits[..., 0].float()
+        v = packed_forward(model, mb).logits[..., 0].float()
         values = per_row(F.pad(v[:, :-1], (1, 0)), mb)
         return value_loss(values, mb["values_BT"], mb["returns_BT"], mb["loss_mask_BT"], self.algo.critic.value_clip, mb["num_tokens"])
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from posttrain.algorithms.advantages import GRPOAdvantage
 from posttrain.algorithms.policy_loss import PolicyLossConfig
 from posttrain.engine import packing
-from posttrain.engine.packing import MicroPlan, equalize, model_inputs, pack, plan, unpack
+from posttrain.engine.packing import MicroPlan, block_causal_mask, equalize, pack, plan, unpack
 from posttrain.engine.trainer import OptimConfig, TrainerConfig
 from posttrain.models.factory import TinyModelSpec, build_tiny_model
 from posttrain.models.loading import ModelConfig
@@ -79,14 +79,21 @@ def test_pack_positions_restart_and_unpack_round_trips():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_packed_logits_equal_per_row_logits(arch):
+    """Both CPU paths: per-row SDPA (the default) and the block-diagonal mask (checkpointing)."""
     model = build_tiny_model(dataclasses.replace(SPEC, arch=arch)).eval()
     ids, attn = _padded(LENGTHS)
     rows = {"input_ids_BT": ids, "attention_mask_BT": attn, **pack(ids, attn)}
+    impl = model.config._attn_implementation
     with torch.no_grad():
-        packed = unpack(model(**model_inputs(model, rows)).logits, rows["packed_cu_R1"], ids.shape[1])
-        for b, n in enumerate(LENGTHS):
-            alone = model(input_ids=ids[b : b + 1, :n]).logits[0]
-            torch.testing.assert_close(packed[b, :n], alone, atol=1e-5, rtol=1e-5)
+        by_rows = packing.forward(model, rows).logits
+        assert model.config._attn_implementation == impl  # selected for the packed forward only
+        masked = model(input_ids=rows["packed_ids_1N"], position_ids=rows["packed_pos_1N"],
+                       attention_mask=block_causal_mask(rows["packed_cu_R1"])).logits  # fmt: skip
+        for packed in (by_rows, masked):
+            packed = unpack(packed, rows["packed_cu_R1"], ids.shape[1])
+            for b, n in enumerate(LENGTHS):
+                alone = model(input_ids=ids[b : b + 1, :n]).logits[0]
+                torch.testing.assert_close(packed[b, :n], alone, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- RL trainer rank
@@ -187,8 +194,8 @@ def test_rl_packing_really_packs(workers, monkeypatch):
     """The packed rank runs fewer, fuller micro-batches (20-token budget over 75 tokens: 4)."""
     packed = workers(PolicyLossConfig(), 20)
     seen: list[int] = []
-    real = packing.model_inputs
-    monkeypatch.setattr("posttrain.rl.trainer_worker.model_inputs", lambda m, b: seen.append(b["packed_ids_1N"].shape[1]) or real(m, b))
+    real = packing.forward
+    monkeypatch.setattr("posttrain.rl.trainer_worker.packed_forward", lambda m, b: seen.append(b["packed_ids_1N"].shape[1]) or real(m, b))
     packed.train(_batch(PolicyLossConfig()))
     assert sum(seen) == sum(LENGTHS) and max(seen) <= 20 and len(seen) == 4
 
@@ -207,8 +214,12 @@ def test_ppo_value_loss_packed_equals_padded(workers):
 
 
 # ---------------------------------------------------------------- SFT
-def test_sft_packed_loss_and_grads_equal_padded():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_sft_packed_loss_and_grads_equal_padded(checkpointing):
     model = build_tiny_model(SPEC)
+    if checkpointing:  # the packed forward then takes the block-diagonal mask path
+        model.gradient_checkpointing_enable()
+    model.train()
     sft = SFT(SFTConfig())
     ids, attn = _padded(LENGTHS)
     loss_mask = attn.float()
