@@ -54,7 +54,8 @@ def main() -> None:  # noqa: PLR0915 - one straight script
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg, _ = load_recipe(os.path.join(root, "recipes/grpo_tiny_tool.yaml"), [f"model.path={os.path.abspath(args.model)}",
-                         f"rollout.sampling.n={args.n}", f"data.train.num_examples={args.prompts}"])  # fmt: skip
+                         f"rollout.sampling.n={args.n}", f"data.train.num_examples={args.prompts}",
+                         f"trainer.global_batch_size={8 * args.n}", f"trainer.micro_batch_size={8 * args.n}"])  # fmt: skip
     tok = load_tokenizer(cfg.model)
     prompts = prompt_records(load_rows(cfg.data.train, "data.train"), tok, "data.train", 0.0)[: args.prompts]
     start_ray(cfg.cluster)

