@@ -34,8 +34,8 @@ def main() -> None:  # noqa: PLR0915 - one straight script
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tool-wall-s", type=float, default=2.0)
     ap.add_argument("--out", default=None, help="result path (default bench/results/agentic_overlap.json)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more recipe overrides, e.g. rollout.agent.env.slots=4")
     args = ap.parse_args()
 
     from common import write_result
@@ -55,7 +55,7 @@ def main() -> None:  # noqa: PLR0915 - one straight script
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg, _ = load_recipe(os.path.join(root, "recipes/grpo_tiny_tool.yaml"), [f"model.path={os.path.abspath(args.model)}",
                          f"rollout.sampling.n={args.n}", f"data.train.num_examples={args.prompts}",
-                         f"trainer.global_batch_size={8 * args.n}", f"trainer.micro_batch_size={8 * args.n}"])  # fmt: skip
+                         f"trainer.global_batch_size={8 * args.n}", f"trainer.micro_batch_size={8 * args.n}", *args.extra])  # fmt: skip
     tok = load_tokenizer(cfg.model)
     prompts = prompt_records(load_rows(cfg.data.train, "data.train"), tok, "data.train", 0.0)[: args.prompts]
     start_ray(cfg.cluster)
@@ -94,7 +94,7 @@ def main() -> None:  # noqa: PLR0915 - one straight script
     close_shared_sandboxes()
     value = statistics.median(r["trajectories_per_s"] for r in runs["overlapped"])
     base = statistics.median(r["trajectories_per_s"] for r in runs["lockstep"])
-    raw = {"model": args.model, "prompts": args.prompts, "n": args.n, "repeats": args.repeats,
+    raw = {"model": args.model, "prompts": args.prompts, "n": args.n, "repeats": args.repeats, "overrides": args.extra,
            "task": "ToolArithmeticTask (a*b+c, 3 digits), CodeToolEnv in the sandbox, max_turns 3", "runs": runs,
            "note": "2 shared CPU cores: vLLM, the sandbox and other engineers' jobs compete for them"}  # fmt: skip
     path = write_result("agentic_overlap", "lockstep turns (no tool call overlaps generation)", value, base,
