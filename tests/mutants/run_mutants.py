@@ -120,8 +120,8 @@ MUTANTS = [
     ),
     Mutant(
         "reinforce_pp_gamma_ignored", "posttrain/algorithms/advantages.py",
-        "next_B = torch.where(valid[:, t], r[:, t] + gamma * next_B, 0.0)",
-        "next_B = torch.where(valid[:, t], r[:, t] + next_B, 0.0)",
+        "next_B = torch.where(valid[:, t], r[:, t] + gamma * next_B, next_B)",
+        "next_B = torch.where(valid[:, t], r[:, t] + next_B, next_B)",
         ADV_TESTS, "REINFORCE++ reward-to-go ignores gamma",
     ),
     Mutant(

@@ -61,5 +61,7 @@ def test_generic_folders_are_not_top_level_packages(tmp_path):
 
     code = "import importlib.util as u; print([n for n in ('rollout', 'rewards', 'sandboxes') if u.find_spec(n)]," \
         " [n for n in ('posttrain.rollout', 'posttrain.rewards', 'posttrain.sandboxes') if u.find_spec(n)])"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    # the installation alone decides (an in-process `posttrain` call may have put a checkout on PYTHONPATH)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == "[] ['posttrain.rollout', 'posttrain.rewards', 'posttrain.sandboxes']"
