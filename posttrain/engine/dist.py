@@ -1,7 +1,9 @@
 """Process groups for the trainer: N ranks on one machine (spawned processes) or a torchrun job.
 
 No Ray here: the RL controller wraps ranks in Ray actors; offline runs spawn them directly.
-Rendezvous goes through a FileStore in the run directory, so no TCP port is opened.
+Rendezvous: ``store`` is either ``tcp://host:port/prefix`` (a TCP store someone hosts and hands
+out: the RL driver, so that ranks on other nodes can join) or a file path (a FileStore: spawned
+ranks on one machine, no port opened).
 """
 
 from __future__ import annotations
@@ -27,11 +29,24 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+def open_store(store: str, world_size: int, timeout_s: float | None = None) -> dist.Store:
+    """The rendezvous store named by ``store``: ``tcp://host:port/prefix`` (a client of a TCP
+    store hosted elsewhere, keys under ``prefix``) or a FileStore path."""
+    if not store.startswith("tcp://"):
+        return dist.FileStore(store, world_size)
+    address, _, prefix = store.removeprefix("tcp://").partition("/")
+    host, _, port = address.rpartition(":")
+    timeout = timedelta(seconds=timeout_s if timeout_s is not None else 1800)
+    client = dist.TCPStore(host, int(port), is_master=False, timeout=timeout)
+    return dist.PrefixStore(prefix, client) if prefix else client
+
+
 def init_rank(
     rank: int, world_size: int, store_path: str, backend: str = "auto", timeout_s: float | None = None
 ) -> None:
-    """Join the trainer process group as ``rank`` (idempotent). ``timeout_s`` bounds every
-    collective (torch's default: 10 min for NCCL, 30 min for gloo)."""
+    """Join the trainer process group as ``rank`` (idempotent) through the store ``store_path``
+    (see :func:`open_store`). ``timeout_s`` bounds every collective (torch's default: 10 min for
+    NCCL, 30 min for gloo)."""
     if dist.is_initialized():
         return
     backend = default_backend() if backend == "auto" else backend
@@ -40,7 +55,7 @@ def init_rank(
     else:
         # Ranks share the cores: oversubscribing threads makes every rank slower.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    store = dist.FileStore(store_path, world_size)
+    store = open_store(store_path, world_size, timeout_s)
     kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
 

@@ -12,8 +12,10 @@ are woken before they generate or load weights and put to sleep after they gener
 (:meth:`WorkerFleet.wake`, :meth:`WorkerFleet.sleep`, the only place that does either).
 
 A worker whose process died is replaced in its bundle by :meth:`WorkerFleet.respawn` (no
-weights: the publisher loads the newest into it); past ``rollout.max_worker_restarts`` the run
-stops with :class:`RolloutWorkerLost`.
+weights: the publisher loads the newest into it), whatever it was doing: generating, loading
+weights, being probed, woken or put to sleep (``call`` replaces it through ``on_lost`` and runs
+the verb again on the replacement). Past ``rollout.max_worker_restarts`` the run stops with
+:class:`RolloutWorkerLost`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,7 +48,8 @@ def batch_seed(run_seed: int, prompts: list[PromptRecord]) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
-OnLost = Callable[[int, Exception], None]  # replace worker i (it died or timed out), then retry
+OnLost = Callable[[int, Exception], None]
+_LOADS = ("update_weights", "receive_weights")  # verbs a replacement need not run again  # replace worker i (it died or timed out), then retry
 
 
 class WorkerFleet:
@@ -61,6 +65,9 @@ class WorkerFleet:
         self._aside: dict[int, list] = {}  # worker index -> refs it still owes
         self.set_aside_count = 0
         self.replaced = 0
+        # Replaces a worker that died during a call (set by the weight publisher, which loads it);
+        # returns False when the replacement is held out of service until the next publish.
+        self.on_lost: Callable[[int, Exception], bool | None] | None = None
         self.workers = [self._spawn(b) for b in plan.rollout_bundle]
         health = {f"rollout worker {i}": (w, w.health.remote()) for i, w in enumerate(self.workers)}
         wait_calls(health, "start", deadlines.startup_s)
@@ -111,21 +118,46 @@ class WorkerFleet:
 
         With ``rollout.request_timeout_s``, a worker that does not answer in time is set aside and
         left out of the result; without it, :class:`~posttrain.diagnose.CallTimeout` (after
-        ``cluster.call_timeout_s``) or :class:`~posttrain.diagnose.ActorLost` is raised.
+        ``cluster.call_timeout_s``) is raised. A worker that dies meanwhile is replaced through
+        ``on_lost`` (the publisher loads the newest weights into the replacement) and the verb
+        runs again on the replacement (not a weight update: the replacement has them); without ``on_lost``,
+        :class:`~posttrain.diagnose.ActorLost` is raised.
         """
         import ray
 
         refs = {i: getattr(self.workers[i], verb).remote(*args) for i in indices}
+        out: dict[int, Any] = {}
         if self.deadlines.aside_s is None:
-            named = {f"rollout worker {i}": (self.workers[i], ref) for i, ref in refs.items()}
-            out = wait_calls(named, what, self.deadlines.call_s)
-            return {i: out[f"rollout worker {i}"] for i in refs}
+            deadline = None if self.deadlines.call_s is None else time.monotonic() + self.deadlines.call_s
+            for i, ref in refs.items():
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    out[i] = wait_calls({f"rollout worker {i}": (self.workers[i], ref)}, what, left)[f"rollout worker {i}"]
+                except ActorLost as err:
+                    self._lost(i, err, verb, args, what, out)
+            return out
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.deadlines.aside_s)
-        done = {i: ray.get(ref) for i, ref in refs.items() if ref in ready}
         for i, ref in refs.items():
-            if i not in done:
+            if ref not in ready:
                 self.set_aside(i, ref, f"{what} took over rollout.request_timeout_s={self.deadlines.aside_s}")
-        return done
+                continue
+            try:
+                out[i] = ray.get(ref)
+            except ray.exceptions.RayActorError as cause:
+                self._lost(i, ActorLost(f"rollout worker {i}", what, cause), verb, args, what, out)
+        return out
+
+    def _lost(self, i: int, err: ActorLost, verb: str, args: tuple, what: str, out: dict[int, Any]) -> None:
+        """Worker ``i`` died during ``verb``: replace it; run the verb on the replacement if asked."""
+        if self.on_lost is None:
+            raise err
+        if self.on_lost(i, err) is False:  # held out of service until the next publish
+            return
+        if verb in _LOADS:  # the replacement was loaded with the newest weights already
+            out[i] = None
+            return
+        worker, name = self.workers[i], f"rollout worker {i} (replacement)"
+        out[i] = wait_calls({name: (worker, getattr(worker, verb).remote(*args))}, what, self.deadlines.call_s)[name]
 
     def wake(self, indices: list[int]) -> None:
         """Colocated: the trainer is idle now, the workers take the devices back (before generate

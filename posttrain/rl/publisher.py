@@ -31,7 +31,7 @@ import torch
 from posttrain.diagnose import ActorLost, CallTimeout, wait_calls
 from posttrain.rl.config import SyncConfig
 from posttrain.rl.fleet import WorkerFleet
-from posttrain.rl.trainers import TrainerGroup
+from posttrain.rl.trainers import TrainerFailed, TrainerGroup
 from posttrain.weight_sync import PROBE_TOLERANCE, WeightSyncFingerprintError, check_probe, dtype_from_name
 
 
@@ -49,6 +49,7 @@ class WeightPublisher:
         self.probe_dtype = max(dtypes, key=lambda d: PROBE_TOLERANCE.get(d, 0.0))
         self._store: Any = None  # posttrain.sync.group.UpdateStore, on first use
         self._group_key: tuple | None = None  # who is in the current update group
+        fleet.on_lost = self.replace  # a worker dying in any fleet call is replaced with the newest weights
 
     # -- moving weights ------------------------------------------------------------------------
     def _wire_kw(self) -> dict[str, str]:
@@ -58,11 +59,17 @@ class WeightPublisher:
         """Send ``version`` from the trainers to these workers (index -> handle); (sync stats, the
         indices that loaded it). Object store: workers that time out are set aside (fleet rules)."""
         if self.sync.transport == "collective" and not self.sync.skip_weight_sync:
-            self._ensure_group(targets)
-            receive = lambda: self._wait({i: w.receive_weights.remote(version, restore) for i, w in targets.items()}, targets, what)  # noqa: E731
-            stats, _ = self.trainers.broadcast_weights(version, self.wire_dtype, restore, receive)
             self._latest = ([], version)
-            return stats, list(targets)
+            calls: dict[int, Any] = {}
+            try:
+                return self._broadcast(targets, version, restore, what, calls), list(targets)
+            except TrainerFailed:  # the sender died: its sockets closed, the receivers fail by themselves
+                raise
+            except Exception:  # a worker died mid-broadcast (the sender aborted): replace it, send again
+                fresh = self._replace_failed(targets, calls)
+                if fresh == targets:
+                    raise
+                return self._broadcast(fresh, version, restore, what, {}), list(fresh)
         refs, stats = self.trainers.push_weights(version, **self._wire_kw())
         self._latest = (refs, version)
         if self.sync.skip_weight_sync:
@@ -71,6 +78,53 @@ class WeightPublisher:
             return stats, list(self.fleet.call(list(targets), "update_weights", refs, version, restore, what=what))
         self._wait({i: w.update_weights.remote(refs, version, restore) for i, w in targets.items()}, targets, what)
         return stats, list(targets)
+
+    def _broadcast(self, targets: dict[int, Any], version: int, restore: bool, what: str, calls: dict[int, Any]) -> dict[str, float]:
+        """Rank 0 broadcasts ``version`` while the targets receive it; ``calls`` gets their refs."""
+        self._ensure_group(targets)
+
+        def receive() -> None:
+            calls.update({i: w.receive_weights.remote(version, restore) for i, w in targets.items()})
+            self._wait_fail_fast(calls, targets, what)
+
+        stats, _ = self.trainers.broadcast_weights(version, self.wire_dtype, restore, receive)
+        return stats
+
+    def _wait_fail_fast(self, refs: dict[int, Any], handles: dict[int, Any], what: str) -> None:
+        """Wait for every call, but raise as soon as one fails (the others cannot finish then)."""
+        import ray
+
+        deadline = None if self.fleet.deadlines.call_s is None else time.monotonic() + self.fleet.deadlines.call_s
+        pending = dict(refs)
+        while pending:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = ray.wait(list(pending.values()), num_returns=1, timeout=left)
+            if not ready:
+                self._wait(pending, handles, what)  # raises CallTimeout naming the silent workers
+            for i in [i for i, ref in pending.items() if ref in ready]:
+                self._wait({i: pending.pop(i)}, handles, what)  # raises ActorLost or the worker's error
+
+    def _replace_failed(self, targets: dict[int, Any], calls: dict[int, Any], grace_s: float = 10.0) -> dict[int, Any]:
+        """After a failed broadcast: the targets with every dead worker, and every one still stuck
+        receiving after ``grace_s`` (it waits on a sender that gave up), replaced in its bundle."""
+        import ray
+
+        self._group_key = None
+        if calls:
+            ray.wait(list(calls.values()), num_returns=len(calls), timeout=grace_s)
+        out = {}
+        for i, worker in targets.items():
+            ref = calls.get(i)
+            stuck = ref is not None and not ray.wait([ref], timeout=0)[0]
+            try:
+                if stuck:
+                    raise ActorLost(f"rollout worker {i}", "weight update", RuntimeError("stuck after the sender aborted"))
+                wait_calls({f"rollout worker {i}": (worker, worker.health.remote())}, "health", self.fleet.deadlines.call_s)
+                out[i] = worker
+            except ActorLost as err:
+                out[i] = self.fleet.respawn(i, err)  # kills the old actor first
+                self.fleet.install(i, out[i])
+        return out
 
     def _wait(self, refs: dict[int, Any], handles: dict[int, Any], what: str) -> dict[int, Any]:
         named = {f"rollout worker {i}": (handles[i], ref) for i, ref in refs.items()}

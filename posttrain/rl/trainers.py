@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -39,8 +38,26 @@ class TrainerFailed(PosttrainError):
     The driver restarts the trainers from the newest checkpoint (``cluster.max_trainer_restarts``)."""
 
 
+class StoreHost:
+    """Serves the trainers' TCP rendezvous store from rank 0's node (a Ray actor, no CPU)."""
+
+    def __init__(self, timeout_s: float | None) -> None:
+        from datetime import timedelta
+
+        import ray
+        import torch.distributed as dist
+
+        self.host = ray.util.get_node_ip_address()
+        self.store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=timeout_s or 1800))  # fmt: skip
+
+    def address(self) -> tuple[str, int]:
+        return self.host, self.store.port
+
+
 class TrainerGroup:
-    """``spec.world`` trainer ranks as Ray actors in their placement bundles."""
+    """``spec.world`` trainer ranks as Ray actors in their placement bundles, joined through a TCP
+    store on rank 0's node (``store_root`` is no longer used for rendezvous)."""
 
     trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
 
@@ -51,15 +68,29 @@ class TrainerGroup:
         # and the ranks must see the same order of collectives.
         self._lock = threading.RLock()
         self.pushed_current = True  # no optimizer step or load since the last push (weights = last version sent)
+        self._store_host: Any = None  # StoreHost actor on rank 0's node, started with the first ranks
         self.ranks = self._start()  # they load their models while the caller starts other actors
 
     def ready(self) -> None:
         """Wait until every rank has started (model loaded, process group joined)."""
         self._call("pid", startup=True)
 
+    def _store(self) -> str:
+        """Where this start's ranks rendezvous: a TCP store served on rank 0's node (by a small
+        actor in rank 0's bundle; its address and port handed to every rank), so ranks on any
+        node can join; a fresh key prefix after every restart."""
+        import ray
+
+        if self._store_host is None:
+            options = actor_options(self.pg, self.plan.trainer_bundle[0], {"CPU": 0.0})
+            self._store_host = ray.remote(StoreHost).options(**options).remote(self.deadlines.startup_s)
+        host, port = wait_calls({"trainer rendezvous store": (self._store_host, self._store_host.address.remote())},
+                                "start", self.deadlines.startup_s)["trainer rendezvous store"]  # fmt: skip
+        return f"tcp://{host}:{port}/trainers{self.restarts}"
+
     def _start(self) -> list:
         """One actor per rank, in a fresh process group (its own rendezvous store); not waited for."""
-        spec = dataclasses.replace(self.spec, store_path=os.path.join(self.store_root, f"store{self.restarts}"))
+        spec = dataclasses.replace(self.spec, store_path=self._store())
         cls = remote_class(type(self).trainer_class)
         ranks = [
             cls.options(**actor_options(self.pg, self.plan.trainer_bundle[r], self.plan.trainer_resources)).remote(r, spec)
@@ -78,7 +109,7 @@ class TrainerGroup:
     def kill(self) -> None:
         import ray
 
-        for actor in self.ranks:
+        for actor in self.ranks:  # the store host stays: the next start uses a fresh key prefix
             with contextlib.suppress(Exception):  # already dead: nothing to stop
                 ray.kill(actor, no_restart=True)
 

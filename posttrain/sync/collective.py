@@ -97,19 +97,30 @@ class CollectiveSender:
                 "versions must strictly increase (pass the trainer's step count + 1)"
             )
         self.last_version = version
-        stats = _Packer(self, group, version)
+        packer = _Packer(self, group, version)
         seen: set[str] = set()
+        error: BaseException | None = None
         for name, tensor in tensors:
             if name in seen:
                 raise WeightSyncError(f"parameter {name!r} appears twice in the state dict of version {version}")
             seen.add(name)
             t0 = time.perf_counter()
             full = getattr(tensor, "full_tensor", None)
-            full = full() if callable(full) else tensor
-            stats.stats.gather_s += time.perf_counter() - t0
-            if group is not None:
-                stats.add(name, full.detach())
-        return stats.finish()
+            full = full() if callable(full) else tensor  # every rank, even after a failed send: gathers are collectives
+            packer.stats.gather_s += time.perf_counter() - t0
+            if group is not None and error is None:
+                try:
+                    packer.add(name, full.detach())
+                except Exception as err:  # a receiver died: abort, so that the others stop waiting
+                    error = err
+                    group.abort()
+        if error is None:
+            try:
+                return packer.finish()
+            except Exception as err:
+                error = err
+                group.abort()
+        raise WeightSyncError(f"sending weight version {version} over the update group failed: {error}") from error
 
 
 class _Packer:

@@ -88,6 +88,12 @@ class UpdateGroup:
         work.wait()
         return None
 
+    def abort(self) -> None:
+        """Drop the group at once (its peers' pending operations fail instead of waiting)."""
+        pg, self._pg = getattr(self, "_pg", None), None
+        if pg is not None:
+            pg.abort() if hasattr(pg, "abort") else pg.shutdown()
+
     def close(self) -> None:
         pg, self._pg = getattr(self, "_pg", None), None
         if pg is not None and hasattr(pg, "shutdown"):
