@@ -21,7 +21,6 @@ import contextlib
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +121,7 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
         cfg.trainer, algo, cfg.sync, plan.trainer_resources["CPU"], cfg.cluster.call_timeout_s,
         *sampled_distribution(cfg),
     )  # fmt: skip
-    trainers = TrainerGroup(spec, pg, plan, deadlines, tempfile.mkdtemp(prefix="posttrain_rl_"))
+    trainers = TrainerGroup(spec, pg, plan, deadlines)
     fleet = WorkerFleet(worker_cls, engine_cfg, pg, plan, deadlines, colocated=cfg.cluster.placement == "colocated",
                         max_restarts=cfg.rollout.max_worker_restarts, run_seed=cfg.run.seed)  # fmt: skip
     trainers.ready()

@@ -57,12 +57,12 @@ class StoreHost:
 
 class TrainerGroup:
     """``spec.world`` trainer ranks as Ray actors in their placement bundles, joined through a TCP
-    store on rank 0's node (``store_root`` is no longer used for rendezvous)."""
+    store on rank 0's node."""
 
     trainer_class: type = TrainerWorker  # a test may substitute a subclass (fault injection)
 
-    def __init__(self, spec: TrainerSpec, pg: Any, plan: Plan, deadlines: Deadlines, store_root: str) -> None:
-        self.spec, self.pg, self.plan, self.deadlines, self.store_root = spec, pg, plan, deadlines, store_root
+    def __init__(self, spec: TrainerSpec, pg: Any, plan: Plan, deadlines: Deadlines) -> None:
+        self.spec, self.pg, self.plan, self.deadlines = spec, pg, plan, deadlines
         self.restarts = 0
         # One verb at a time: both loops' threads may call (the rollout thread replaces a worker),
         # and the ranks must see the same order of collectives.
