@@ -197,6 +197,7 @@ class AgentRollouts:
 
     def generate(self, prompts: list[PromptRecord], sampling: Any) -> list[Group]:
         """Every prompt's ``sampling.n`` trajectories, on the usable workers; groups in prompt order."""
+        self.counters = defaultdict(float)  # this call's (an evaluation before a step must not count in it)
         usable = self.fleet.usable()
         self.fleet.wake(usable)
         try:
