@@ -63,6 +63,28 @@ def load_demo(overrides: list[str]):
     return load_recipe(RECIPE, [f"model.path={SFT_EXPORT}", *overrides])[0]
 
 
+def curve_from_metrics(rows: list[dict[str, Any]]) -> tuple[list[tuple[float, float]], list[float]]:
+    """(training seconds, held-out accuracy) points and per-step training seconds from a posttrain
+    run's metrics rows, evaluations left out (see the module docstring)."""
+    before = rows[0]  # logged right after the first evaluation
+    steps = [r for r in rows if "time/step_s" in r]
+    intervals = step_intervals([before["time_s"]] + [r["time_s"] for r in steps])
+    plain = [iv - r["time/step_s"] for iv, r in zip(intervals, steps, strict=True) if "eval/accuracy" not in r]
+    overhead = median(plain) if plain else 0.0
+    # a step whose row carries an evaluation: its timed phases plus the usual overhead
+    train_s = [
+        r["time/step_s"] + overhead if "eval/accuracy" in r else iv for iv, r in zip(intervals, steps, strict=True)
+    ]
+    curve, elapsed = [(0.0, before["eval/accuracy"])], 0.0
+    for r, s in zip(steps, train_s, strict=True):
+        elapsed += s
+        if "eval/accuracy" in r:
+            curve.append((elapsed, r["eval/accuracy"]))
+    final = [r for r in rows if "eval/accuracy" in r and "time/step_s" not in r][-1]  # the "after" evaluation
+    curve.append((elapsed, final["eval/accuracy"]))
+    return curve, train_s
+
+
 def gain_per_minute(curve: list[tuple[float, float]]) -> float:
     """(final accuracy - initial accuracy) per minute of training, from (train_s, accuracy) points."""
     (_, first), (t_end, last) = curve[0], curve[-1]
@@ -90,29 +112,16 @@ def posttrain_run(overrides: list[str]) -> dict[str, Any]:
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end_to_end = time.perf_counter() - t0
     rows = read_metrics(os.path.join(out, "posttrain"))
-    before = rows[0]  # logged right after the first evaluation
+    curve, train_s = curve_from_metrics(rows)
     steps = [r for r in rows if "time/step_s" in r]
-    ends = [before["time_s"]] + [r["time_s"] for r in steps]
-    intervals = step_intervals(ends)
-    plain = [iv - r["time/step_s"] for iv, r in zip(intervals, steps, strict=True) if "eval/accuracy" not in r]
-    overhead = median(plain) if plain else 0.0
-    # a step whose row carries an evaluation: its timed phases plus the usual overhead
-    train_s = [
-        r["time/step_s"] + overhead if "eval/accuracy" in r else iv for iv, r in zip(intervals, steps, strict=True)
-    ]
-    curve, elapsed = [(0.0, before["eval/accuracy"])], 0.0
-    for r, s in zip(steps, train_s, strict=True):
-        elapsed += s
-        if "eval/accuracy" in r:
-            curve.append((elapsed, r["eval/accuracy"]))
-    final = [r for r in rows if "eval/accuracy" in r and "time/step_s" not in r][-1]  # the "after" evaluation
-    curve.append((elapsed, final["eval/accuracy"]))
+    elapsed = sum(train_s)
+    final_t, before_t = rows[-1]["time_s"], rows[0]["time_s"]
     return {
         "curve": curve,
         "train_s": elapsed,
         "step_s": train_s,
         "end_to_end_s": end_to_end,
-        "startup_s": end_to_end - (final["time_s"] - before["time_s"]),
+        "startup_s": end_to_end - (final_t - before_t),
         "reward_mean": [r["reward/mean"] for r in steps],
         "phase_median_s": {
             p: median([r[f"time/{p}_s"] for r in steps]) for p in ("generate", "reward", "train", "sync")
