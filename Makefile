@@ -24,12 +24,14 @@ $(VENV)/.installed: pyproject.toml
 sandbox-setup:
 	bash sandboxes/setup.sh
 
+# SFT imitates a teacher who forgets the carry; GRPO on the true sum fixes it (`make demo SEED=1`).
+SEED ?= 0
 demo: install
-	rm -rf runs/sft_tiny_arith runs/grpo_tiny_arith
-	$(BIN)/posttrain run recipes/sft_tiny_arith.yaml
-	$(BIN)/posttrain run recipes/grpo_tiny_arith.yaml
-	$(BIN)/posttrain plot runs/sft_tiny_arith
-	$(BIN)/posttrain plot runs/grpo_tiny_arith
+	rm -rf runs/sft_tiny_carry runs/grpo_tiny_carry
+	$(BIN)/posttrain run recipes/sft_tiny_carry.yaml run.seed=$(SEED)
+	$(BIN)/posttrain run recipes/grpo_tiny_carry.yaml run.seed=$(SEED)
+	$(BIN)/posttrain plot runs/sft_tiny_carry
+	$(BIN)/posttrain plot runs/grpo_tiny_carry
 
 test: install sandbox-setup
 	$(BIN)/pytest -q

@@ -30,15 +30,26 @@ class ArithmeticTask:
     ``answer_format: python`` makes it a code task: the response is a Python program that prints
     the result (``print(95)``), each row carries ``io_cases`` ([stdin, expected stdout] pairs) for
     the sandboxed test-harness reward node, and ``is_correct`` accepts only the canonical program.
+
+    ``teacher_drops_carry: p`` makes the SFT demonstrations come from a flawed teacher: when the
+    units column carries (``57+68``), the ``response`` forgets the carry with probability ``p``
+    (``115`` becomes ``105``). ``answer`` stays the true result, so evaluation and rewards check
+    the truth: a model that imitates the teacher answers carry problems wrongly by greedy decoding
+    yet still samples the right answer, which is what RL on the checkable answer can exploit.
     """
 
     digits: int = 2
     ops: str = "+"
     answer_format: str = "number"  # number | python
+    teacher_drops_carry: float = 0.0  # probability, per carry problem, of a demonstration without the carry
 
     def __post_init__(self) -> None:
         if self.answer_format not in ("number", "python"):
             raise ValueError(f"ArithmeticTask answer_format={self.answer_format!r}; use 'number' or 'python'")
+        if not 0.0 <= self.teacher_drops_carry <= 1.0:
+            raise ValueError(f"ArithmeticTask teacher_drops_carry={self.teacher_drops_carry}; use a probability in [0, 1]")
+        if self.teacher_drops_carry > 0 and self.ops != "+":
+            raise ValueError(f"ArithmeticTask teacher_drops_carry needs ops='+' (got {self.ops!r}): carries are an addition error")
 
     def _render(self, value: int) -> str:
         return f"print({value})" if self.answer_format == "python" else str(value)
@@ -51,7 +62,11 @@ class ArithmeticTask:
             a, b, op = rng.randint(lo, hi), rng.randint(lo, hi), rng.choice(self.ops)
             value = _OPS[op](a, b)
             answer, wrong = self._render(value), self._render(value + rng.choice([-11, -10, -2, -1, 1, 2, 10, 11]))
-            row = {"prompt": f"{a}{op}{b}=", "response": answer, "answer": answer, "chosen": answer, "rejected": wrong}
+            response = answer
+            # drawn only when the flaw is on, so the rows of flawless tasks stay what they were
+            if self.teacher_drops_carry > 0 and rng.random() < self.teacher_drops_carry and a % 10 + b % 10 >= 10:
+                response = self._render(value - 10)
+            row = {"prompt": f"{a}{op}{b}=", "response": response, "answer": answer, "chosen": answer, "rejected": wrong}
             if self.answer_format == "python":
                 row["io_cases"] = [["", str(value)]]
             rows.append(row)
