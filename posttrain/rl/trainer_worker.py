@@ -18,7 +18,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from posttrain.algorithms.logprobs import processed_token_logprobs, token_logprobs
+from posttrain.algorithms.logprobs import entropy_from_logits, processed_token_logprobs, token_logprobs
 from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -172,18 +172,28 @@ class TrainerWorker:
             out["values_BT"] = per_row(F.pad(v[:, :-1], (1, 0)), mb).cpu()
         return out
 
-    def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprob of token t at position t and the entropy there, under the distribution the
-        engine sampled from (``logits / temperature``, top-p filtered); position 0: 0."""
-        lp, ent = processed_token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:], self.temperature, 0, self.top_p)
+        engine sampled from (``logits / temperature``, top-p filtered); position 0: 0. The entropy
+        carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss)."""
+        logits, ids = logits_BTV[:, :-1], ids_BT[:, 1:]
+        if self.top_p < 1.0:  # a filtered distribution: vLLM's top-p rules
+            lp, ent = processed_token_logprobs(logits, ids, self.temperature, 0, self.top_p)
+            ent = ent if entropy_grad else ent.detach()
+        else:  # softmax(logits / T) unfiltered: the same values on the plain path, at half the cost
+            scaled = logits if self.temperature in (0.0, 1.0) else logits / self.temperature
+            lp = token_logprobs(scaled, ids)
+            if entropy_grad:
+                ent = entropy_from_logits(scaled)
+            else:
+                with torch.no_grad():
+                    ent = entropy_from_logits(scaled.detach())
         return F.pad(lp, (1, 0)), F.pad(ent, (1, 0))
 
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
         logits = packed_forward(model, mb).logits
-        lp, ent = (per_row(x, mb) for x in self._sampled(logits, token_ids(mb)))
-        if self.algo.loss.entropy_coef <= 0:
-            ent = ent.detach()  # a metric only
+        lp, ent = (per_row(x, mb) for x in self._sampled(logits, token_ids(mb), entropy_grad=self.algo.loss.entropy_coef > 0))
         # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
         old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()
         return policy_loss(
