@@ -92,6 +92,7 @@ def _child_candidate(code: str, req_fd: int, rep_fd: int) -> None:
     try:
         exec(compile(code, "<solution>", "exec"), g)
     except BaseException as exc:  # noqa: BLE001 - the program failing is reported to T
+        _flush()
         write(rep_fd, (dumps({"load_error": _format_exc(exc)}) + "\n").encode())
         return
     refs: list = []
@@ -108,6 +109,9 @@ def _child_candidate(code: str, req_fd: int, rep_fd: int) -> None:
             names[name] = encode(value) if not callable(value) else ["callable"]
         except NotPlainError:
             names[name] = ["callable"]  # an object: reachable through a ref proxy
+    # What the program printed is in the pipe before T hears from it: R kills this process as soon
+    # as T is done, and output still in a buffer would be lost.
+    _flush()
     write(rep_fd, (dumps({"names": names}) + "\n").encode())
     reader = _Lines(req_fd)
     while True:
@@ -135,6 +139,7 @@ def _child_candidate(code: str, req_fd: int, rep_fd: int) -> None:
         except BaseException as exc:  # noqa: BLE001 - the candidate's exception crosses as its name
             reply.pop("value", None)
             reply["raise"] = [type(exc).__name__, str(exc)[:500]]
+        _flush()
         write(rep_fd, (dumps(reply) + "\n").encode())
 
 
