@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from posttrain.algorithms.advantages import AdvantageInputs, dynamic_sampling_keep
+from posttrain.algorithms.advantages import AdvantageInputs
 from posttrain.types import ScoredGroup
 
 
@@ -76,15 +76,6 @@ def build_rl_batch(scored: list[ScoredGroup], pad_id: int, overlong_filter: bool
     smask_NG = torch.tensor(smask)
     lmask = lmask * smask_NG.reshape(-1, 1)  # masked samples carry no loss
     return RLBatch(ids, attn, lmask, blp, ver, torch.tensor(rewards), smask_NG, torch.tensor(lens), torch.tensor(ords))
-
-
-def apply_dynamic_sampling(batch: RLBatch) -> int:
-    """Mask groups whose valid rewards all agree (their advantages are zero). Returns groups dropped."""
-    keep_N = dynamic_sampling_keep(batch.rewards_NG, batch.sample_mask_NG.bool())
-    dropped = int((~keep_N.bool()).sum())
-    batch.sample_mask_NG = batch.sample_mask_NG * keep_N.float().unsqueeze(1)
-    batch.loss_mask_BT = batch.loss_mask_BT * batch.sample_mask_NG.reshape(-1, 1)
-    return dropped
 
 
 def advantage_inputs(batch: RLBatch, token_rewards_BT: torch.Tensor | None, values_BT: torch.Tensor | None) -> AdvantageInputs:
