@@ -16,6 +16,7 @@ from transformers import (
 
 from posttrain.config.errors import ModelLoadError
 from posttrain.models.factory import TinyModelSpec, build_config, build_tiny_model
+from posttrain.models.lora import LoRAConfig, apply_lora
 from posttrain.models.tokenizer import build_char_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,6 +32,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     activation_checkpointing: bool = False
     moe_kernels: Literal["triton", "grouped_mm", "eager"] = "eager"
+    lora: LoRAConfig | None = None  # train low-rank adapters only (posttrain.models.lora); None: full fine-tuning
 
     def validate(self) -> tuple[str, str, str] | None:
         if (self.path is None) == (self.factory is None):
@@ -85,6 +87,8 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a causal LM from '{cfg.path}': {exc}\n  fix: check the checkpoint (safetensors weights)") from None
     apply_moe_kernels(model, cfg.moe_kernels)
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)
     return model
 
 
