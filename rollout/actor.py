@@ -91,13 +91,20 @@ class RolloutWorker:
     def score_tokens(self, token_ids_list: list[list[int]]) -> list[list[float]]:
         return self.engine.score_tokens(token_ids_list)
 
-    def sleep(self, level: int = 1) -> None:
-        """Colocated mode: release accelerator memory for the trainer (no-op with a log on CPU)."""
-        self.engine.sleep(level)
+    def sleep(self, level: int = 1) -> dict[str, float] | None:
+        """Colocated mode: release accelerator memory for the trainer (a no-op where the engine
+        has no sleep mode, e.g. vLLM on CPU); the engine's report (bytes released). Asleep
+        already: nothing to do."""
+        if self.asleep:
+            return None
+        report = self.engine.sleep(level)
         self.asleep = True
+        return report
 
     def wake_up(self) -> None:
-        self.engine.wake_up()
+        """Take the devices back (before generating or loading weights); awake already: nothing."""
+        if self.asleep:
+            self.engine.wake_up()
         self.asleep = False
 
     def health(self) -> dict[str, Any]:
@@ -106,6 +113,7 @@ class RolloutWorker:
             "engine": type(self.engine).__name__,
             "version": self.engine.version,
             "asleep": self.asleep,
+            "sleep_unavailable": getattr(self.engine, "sleep_unavailable", None),  # why sleep frees nothing
             "pid": os.getpid(),
         }
 

@@ -66,7 +66,11 @@ class VLLMEngineConfig:
             actually sampled (after temperature / top_p), "raw_logprobs" = of the raw model.
         weight_transfer_backend: None -> posttrain_buckets (CPU and GPU); "nccl" / "ipc" -> vLLM's
             GPU engines, driven from the trainer through ``native_transfer_client()``.
-        enable_sleep_mode: GPU only: allow sleep()/wake_up() to free device memory (colocated).
+        enable_sleep_mode: allow sleep()/wake_up() to free device memory: weights offloaded to
+            host memory, KV cache discarded (vLLM sleep level 1). None: on with
+            ``cluster.placement: colocated`` (the fleet sets it), off otherwise. Where vLLM has no
+            sleep mode (its CPU platform) the engine starts without it, logs why once, and
+            sleep()/wake_up() release nothing (``sleep_unavailable`` holds the reason).
         distributed_executor_backend: how vLLM runs tensor-parallel workers. None: "mp" (worker
             processes started by the engine) when tensor_parallel_size > 1; vLLM's own choice is
             "ray" inside a Ray placement group, which CPU refuses and which on CUDA needs more
@@ -85,7 +89,7 @@ class VLLMEngineConfig:
     seed: int = 0
     logprobs_mode: str = "processed_logprobs"
     weight_transfer_backend: str | None = None
-    enable_sleep_mode: bool = False
+    enable_sleep_mode: bool | None = None
     distributed_executor_backend: str | None = None
     warmup: bool = True
 
@@ -124,6 +128,24 @@ def _split_cores(parts: int) -> str:
     return binding
 
 
+def sleep_unavailable(config: VLLMEngineConfig, platform: Any) -> str | None:
+    """Why this engine runs without sleep mode (None: it has it). Logged once per engine."""
+    if not config.enable_sleep_mode:
+        reason = "rollout.engine.enable_sleep_mode is off"
+    elif not platform.is_sleep_mode_available():
+        reason = f"vLLM has no sleep mode on the {platform.device_name} platform; the engine keeps its memory while asleep"
+    else:
+        return None
+    (log.warning if config.enable_sleep_mode else log.info)("vLLM sleep()/wake_up() release nothing: %s", reason)
+    return reason
+
+
+def _free_device_bytes() -> int:
+    import torch
+
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+
+
 class VLLMEngine:
     """A :class:`~posttrain.rollout.engine.RolloutEngine` backed by ``vllm.LLM``."""
 
@@ -141,7 +163,8 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * (1 << 30))
             if config.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = _split_cores(config.tensor_parallel_size)
-        elif config.enable_sleep_mode:
+        self.sleep_unavailable = sleep_unavailable(config, current_platform)
+        if config.enable_sleep_mode and self.sleep_unavailable is None:
             kwargs["enable_sleep_mode"] = True
         executor = config.distributed_executor_backend or ("mp" if config.tensor_parallel_size > 1 else None)
         if executor is not None:
@@ -336,18 +359,19 @@ class VLLMEngine:
         return NativeTransferClient(self)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def sleep(self, level: int = 1) -> None:
-        """Free device memory while the trainer runs (colocated mode); a logged no-op on CPU."""
-        if self.on_cpu or not self.config.enable_sleep_mode:
-            log.info("vLLM sleep skipped (%s)", "CPU" if self.on_cpu else "enable_sleep_mode=False")
-            return
+    def sleep(self, level: int = 1) -> dict[str, float]:
+        """Free device memory while the trainer runs (colocated): level 1 moves the weights to host
+        memory and drops the KV cache. A no-op without sleep mode (``sleep_unavailable`` says
+        why). Returns the device bytes released (CUDA: free memory after - before; else 0)."""
+        if self.sleep_unavailable is not None:
+            return {"released_bytes": 0.0}
+        before = _free_device_bytes()
         self._llm.sleep(level=level)
+        return {"released_bytes": float(_free_device_bytes() - before)}
 
     def wake_up(self) -> None:
-        if self.on_cpu or not self.config.enable_sleep_mode:
-            log.info("vLLM wake_up skipped (%s)", "CPU" if self.on_cpu else "enable_sleep_mode=False")
-            return
-        self._llm.wake_up()
+        if self.sleep_unavailable is None:
+            self._llm.wake_up()
 
     def close(self) -> None:
         llm, self._llm = getattr(self, "_llm", None), None

@@ -60,6 +60,10 @@ class TrainerConfig:
     # many tokens, micro_batch_size then unused by the update. None: padded micro-batches of
     # micro_batch_size rows.
     max_tokens_per_micro_batch: int | None = None
+    # Online RL with cluster.placement=colocated: parameters and optimizer state go to host memory
+    # while the rollout engines generate and come back before the trainer's next verb
+    # (posttrain/rl/offload.py). On a CPU rank both are host memory: the calls run, nothing moves.
+    offload: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 

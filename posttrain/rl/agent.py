@@ -199,7 +199,7 @@ class AgentRollouts:
         """Every prompt's ``sampling.n`` trajectories, on the usable workers; groups in prompt order."""
         self.counters = defaultdict(float)  # this call's (an evaluation before a step must not count in it)
         usable = self.fleet.usable()
-        self.fleet.wake(usable)
+        self.fleet.wake(usable, generate=True)
         try:
             return asyncio.run(self._generate(prompts, sampling, usable))
         finally:

@@ -349,6 +349,10 @@ class OnlineRLConfig:
                 "rollouts cannot overlap training (max_staleness > 0, rollout.chunk_tokens, rollout.request_timeout_s)",
                 "use cluster.placement=disaggregated, or max_staleness=0 with chunk_tokens/request_timeout_s null",
             )
+        if cfg.trainer.offload and cfg.cluster.placement != "colocated":
+            return ("trainer.offload", "offloading frees the trainer's devices for rollout engines that share them, "
+                    f"but cluster.placement={cfg.cluster.placement}: no engine shares them",
+                    "set cluster.placement=colocated, or trainer.offload=false")  # fmt: skip
         per_mini = samples // self.mini_batches
         if samples % self.mini_batches or per_mini % (cfg.trainer.micro_batch_size * cfg.trainer.world_size):
             return (

@@ -7,9 +7,13 @@ then catches it up and it rejoins (``WeightPublisher.readmit``). Without ``reque
 nothing is set aside: a call that runs past ``cluster.call_timeout_s`` raises, naming the worker
 and where it is.
 
-Colocated placement (``cluster.placement: colocated``) shares devices with the trainer: workers
+Colocated placement (``cluster.placement: colocated``) shares devices with the trainer: the
+engines run in sleep mode (``rollout.engine.enable_sleep_mode`` left unset turns on), workers
 are woken before they generate or load weights and put to sleep after they generate
-(:meth:`WorkerFleet.wake`, :meth:`WorkerFleet.sleep`, the only place that does either).
+(:meth:`WorkerFleet.wake`, :meth:`WorkerFleet.sleep`, the only place that does either). Before
+the engines wake to generate, ``before_generate`` runs (the trainers' offload, with
+``trainer.offload``); a weight load wakes them with the trainer still on its devices (both hold
+the weights while they travel).
 
 A worker whose process died is replaced in its bundle by :meth:`WorkerFleet.respawn` (no
 weights: the publisher loads the newest into it), whatever it was doing: generating, loading
@@ -59,6 +63,8 @@ class WorkerFleet:
         self, worker_cls: Any, engine_cfg: Any, pg: Any, plan: Plan, deadlines: Deadlines, *,
         colocated: bool, max_restarts: int, run_seed: int,
     ) -> None:  # fmt: skip
+        if colocated and getattr(engine_cfg, "enable_sleep_mode", False) is None:  # unset: colocated sleeps
+            engine_cfg = dataclasses.replace(engine_cfg, enable_sleep_mode=True)
         self.worker_cls, self.engine_cfg, self.pg, self.plan = worker_cls, engine_cfg, pg, plan
         self.deadlines, self.colocated, self.max_restarts, self.run_seed = deadlines, colocated, max_restarts, run_seed
         self._lock = threading.RLock()
@@ -68,6 +74,9 @@ class WorkerFleet:
         # Replaces a worker that died during a call (set by the weight publisher, which loads it);
         # returns False when the replacement is held out of service until the next publish.
         self.on_lost: Callable[[int, Exception], bool | None] | None = None
+        # Colocated: what leaves the devices before the engines wake to generate (the trainers'
+        # offload; set by the weight publisher, which holds both).
+        self.before_generate: Callable[[], Any] | None = None
         self.workers = [self._spawn(b) for b in plan.rollout_bundle]
         health = {f"rollout worker {i}": (w, w.health.remote()) for i, w in enumerate(self.workers)}
         wait_calls(health, "start", deadlines.startup_s)
@@ -159,10 +168,13 @@ class WorkerFleet:
         worker, name = self.workers[i], f"rollout worker {i} (replacement)"
         out[i] = wait_calls({name: (worker, getattr(worker, verb).remote(*args))}, what, self.deadlines.call_s)[name]
 
-    def wake(self, indices: list[int]) -> None:
+    def wake(self, indices: list[int], *, generate: bool = False) -> None:
         """Colocated: the trainer is idle now, the workers take the devices back (before generate
-        or a weight load). Disaggregated: nothing to do."""
+        or a weight load; ``generate``: the trainers leave them first, ``before_generate``).
+        Disaggregated: nothing to do."""
         if self.colocated:
+            if generate and self.before_generate is not None:
+                self.before_generate()
             self.call(indices, "wake_up", what="wake up")
 
     def sleep(self, indices: list[int]) -> None:
@@ -189,7 +201,7 @@ class WorkerFleet:
         ``on_lost`` and its shard generated again with the same seed (no prompt lost, none twice).
         """
         usable = self.usable()
-        self.wake(usable)
+        self.wake(usable, generate=True)
         shards = {i: prompts[k :: len(usable)] for k, i in enumerate(usable)}
         refs = {i: self.submit(i, s, sampling) for i, s in shards.items() if s}
         results = []

@@ -50,6 +50,9 @@ class WeightPublisher:
         self._store: Any = None  # posttrain.sync.group.UpdateStore, on first use
         self._group_key: tuple | None = None  # who is in the current update group
         fleet.on_lost = self.replace  # a worker dying in any fleet call is replaced with the newest weights
+        # Colocated with trainer.offload: the trainers' weights leave the devices while the engines
+        # generate, and come back with the next trainer verb (a push or load included).
+        fleet.before_generate = getattr(trainers, "offload", None)
 
     # -- moving weights ------------------------------------------------------------------------
     def _wire_kw(self) -> dict[str, str]:

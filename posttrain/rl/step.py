@@ -231,6 +231,7 @@ class Step:
         with timer("sync"):
             m_sync = self.publisher.publish(probe_sequences(scored))
         groups = [sg.group for sg in scored]
+        m_sync.update(getattr(self.trainers, "offload_stats", {}))  # trainer.offload: rank 0's last moves
         return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, groups), **timer.metrics(),
                 **throughput(inputs.batch, timer.step_s), "policy_version": float(self.publisher.version)}  # fmt: skip
 

@@ -27,6 +27,7 @@ from posttrain.engine.packing import forward as packed_forward
 from posttrain.engine.packing import packed_micro_batches, per_row, row_lengths, token_ids
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
+from posttrain.rl import offload
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
 from posttrain.sync.collective import CollectiveSender
 from posttrain.sync.group import GroupInfo, UpdateGroup
@@ -270,6 +271,17 @@ class TrainerWorker:
     def export(self, out_dir: str) -> str:
         export_hf(out_dir, self.policy, self.model_config, load_tokenizer(self.model_cfg), self.model_class)
         return out_dir
+
+    # -- colocated: devices shared with the rollout engines (posttrain.rl.offload) ---------------
+    def offload(self) -> dict[str, float]:
+        return offload.offload(e for e in (self.policy, self.reference, self.critic) if e is not None)
+
+    def onload(self) -> dict[str, float]:
+        return offload.onload((e for e in (self.policy, self.reference, self.critic) if e is not None), self.device)
+
+    def node(self) -> dict[str, str]:
+        """Where this rank runs: Ray node id and address."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address()}
 
     # -- checkpoints -------------------------------------------------------------------------
     def _state(self) -> _TrainState:

@@ -11,6 +11,8 @@ Every verb runs on all ranks at once (the verbs are collectives) and waits at mo
     TrainerGroup.join_update_group / broadcast_weights(..., alongside)  sync.transport=collective:
         the ranks' call runs while ``alongside()`` (the receivers' side of the collective) runs here
     TrainerGroup.probe / save / load / find / export
+    TrainerGroup.offload / onload      trainer.offload (colocated): weights and optimizer state to
+        host memory while the engines generate; every other verb onloads first
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
 from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
 
 T = TypeVar("T")
+
+
+_OFF_DEVICE = ("pid", "node", "offload", "onload", "find")  # verbs that do not touch the weights
 
 
 class TrainerFailed(PosttrainError):
@@ -69,11 +74,17 @@ class TrainerGroup:
         self._lock = threading.RLock()
         self.pushed_current = True  # no optimizer step or load since the last push (weights = last version sent)
         self._store_host: Any = None  # StoreHost actor on rank 0's node, started with the first ranks
+        self.offloaded = False  # trainer.offload: the ranks' weights are in host memory now
+        self.offload_stats: dict[str, float] = {}  # rank 0's, of the latest offload and onload
+        self.nodes: list[dict[str, str]] = []  # where each rank runs (Ray node id, address)
         self.ranks = self._start()  # they load their models while the caller starts other actors
 
     def ready(self) -> None:
-        """Wait until every rank has started (model loaded, process group joined)."""
+        """Wait until every rank has started (model loaded, process group joined); say where each runs."""
         self._call("pid", startup=True)
+        self.nodes = self._call("node")
+        hosts = ", ".join(f"rank {r}: node {n['node_id'][:12]} ({n['ip']})" for r, n in enumerate(self.nodes))
+        print(f"[posttrain] trainer ranks on {len({n['node_id'] for n in self.nodes})} node(s): {hosts}", flush=True)
 
     def _store(self) -> str:
         """Where this start's ranks rendezvous: a TCP store served on rank 0's node (by a small
@@ -102,7 +113,7 @@ class TrainerGroup:
         """Kill every rank (the live ones may be stuck in a collective with a dead one) and start anew."""
         self.kill()
         self.restarts += 1
-        self.pushed_current = False
+        self.pushed_current = self.offloaded = False
         self.ranks = self._start()
         self.ready()
 
@@ -122,6 +133,8 @@ class TrainerGroup:
     ) -> tuple[list, T]:
         """``verb`` on every rank, and ``alongside()`` here while they run; (ranks' results, its result)."""
         with self._lock:
+            if self.offloaded and verb not in _OFF_DEVICE:
+                self.onload()
             calls = {
                 f"trainer rank {r}": (t, getattr(t, verb).remote(*(per_rank[r] if per_rank else args)))
                 for r, t in enumerate(self.ranks)
@@ -195,3 +208,19 @@ class TrainerGroup:
 
     def export(self, out_dir: str) -> str:
         return self._call("export", out_dir)[0]
+
+    def offload(self) -> None:
+        """``trainer.offload``: every rank's weights and optimizer state to host memory (the
+        engines are about to generate on the shared devices); otherwise, or offloaded already,
+        nothing. The next other verb brings them back (:meth:`onload`)."""
+        if self.spec.trainer.offload and not self.offloaded:
+            with self._lock:
+                self.offload_stats.update(self._call("offload")[0])
+                self.offloaded = True
+
+    def onload(self) -> None:
+        """The ranks' weights and optimizer state back to their devices (before any verb that uses them)."""
+        if self.offloaded:
+            with self._lock:
+                self.offloaded = False
+                self.offload_stats.update(self._call("onload")[0])
