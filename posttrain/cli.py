@@ -285,6 +285,16 @@ def _try_line(result: dict[str, Any]) -> str:
     return f"reward={result['reward']!r} masked={result['masked']}  {'  '.join(parts)}  | {result['completion'][:40]!r}"
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from posttrain.models.lora_export import export_merged
+
+    if not args.merge:
+        print(f"{os.path.join(args.run_dir, 'hf')} already holds the export (a LoRA run's adapter); add --merge for the merged model")
+        return 0
+    print(f"merged model: {export_merged(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="LLM post-training: SFT, DPO, reward models, PPO, GRPO")
     p.add_argument("--version", action="version", version=f"posttrain {_version()}")
@@ -308,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
     pl.set_defaults(fn=cmd_plot)
+    ex = sub.add_parser("export", help="export a finished run's model: posttrain export RUN_DIR --merge (LoRA: the merged model)")
+    ex.add_argument("run_dir")
+    ex.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base and write a full model")
+    ex.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_merged)")
+    ex.set_defaults(fn=cmd_export)
     rw = sub.add_parser("rewards", help="inspect a recipe's reward graph without training")
     rsub = rw.add_subparsers(dest="rewards_command", required=True)
     show = rsub.add_parser("show", help="print the reward graph (and draw it with --out graph.png)")

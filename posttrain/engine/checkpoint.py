@@ -220,9 +220,20 @@ def load_checkpoint(path: str, engine) -> dict[str, Any]:
     return extra
 
 
-def export_hf(out_dir: str, engine, model_config, tokenizer, model_class) -> None:
-    """Collective: gather full weights; rank 0 writes a directory transformers and vLLM load."""
+def export_hf(out_dir: str, engine, model_config, tokenizer, model_class, base_model: str | None = None) -> None:
+    """Collective: gather full weights; rank 0 writes a directory transformers and vLLM load.
+
+    A LoRA model exports its adapter only, in PEFT's format (``posttrain export RUN_DIR --merge``
+    writes the merged model); ``base_model`` goes into its adapter_config.json."""
+    from posttrain.models.lora import has_lora, lora_config_of, save_adapter
+
     full = engine.full_state_dict()
+    if has_lora(engine.model):
+        if _rank() == 0:
+            save_adapter(out_dir, full, lora_config_of(engine.model), base_model)
+            tokenizer.save_pretrained(out_dir)
+        _barrier()
+        return
     if _rank() == 0:
         model = model_class(model_config)
         missing, unexpected = model.load_state_dict(full, strict=False)

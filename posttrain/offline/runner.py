@@ -28,6 +28,7 @@ from posttrain.engine.packing import packed_micro_batches, row_lengths
 from posttrain.engine.trainer import TrainEngine
 from posttrain.metrics import MetricsLogger
 from posttrain.models.loading import load_tokenizer
+from posttrain.models.lora import BaseReference
 
 
 def seed_everything(seed: int) -> None:
@@ -48,8 +49,9 @@ def make_checker(src: DatasetSource | None):
 class Evaluator:
     """Gathers the sharded weights into an unsharded copy on rank 0 and runs the algorithm's eval."""
 
-    def __init__(self, algo, model: torch.nn.Module, examples, rows, tokenizer, checker, rank: int) -> None:
+    def __init__(self, algo, model: torch.nn.Module, examples, rows, tokenizer, checker, rank: int, max_new_tokens: int) -> None:
         self.algo, self.examples, self.rows, self.tok, self.checker, self.rank = algo, examples, rows, tokenizer, checker, rank
+        self.max_new_tokens = max_new_tokens
         self.model = copy.deepcopy(model) if rank == 0 and examples else None
 
     def __call__(self, engine: TrainEngine) -> dict[str, float]:
@@ -59,7 +61,7 @@ class Evaluator:
         out: dict[str, float] = {}
         if self.rank == 0:
             self.model.load_state_dict(full)
-            out = {f"eval/{k}": v for k, v in self.algo.evaluate(self.model, self.examples, self.rows, self.tok, self.checker).items()}
+            out = {f"eval/{k}": v for k, v in self.algo.evaluate(self.model, self.examples, self.rows, self.tok, self.checker, self.max_new_tokens).items()}
         if dist.is_initialized():
             dist.barrier()
         return out
@@ -118,11 +120,11 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
     if cfg.model.activation_checkpointing:
         model.gradient_checkpointing_enable()
     model_config, model_class = model.config, type(model)
-    evaluate = Evaluator(algo, model, eval_ex, eval_rows, tok, make_checker(d.eval), rank)
+    evaluate = Evaluator(algo, model, eval_ex, eval_rows, tok, make_checker(d.eval), rank, cfg.eval.max_new_tokens)
     device = device_for_rank(rank)
     engine = TrainEngine(model, cfg.trainer, device)
-    if algo.needs_reference:
-        algo.reference = TrainEngine(algo.load_model(cfg.model), cfg.trainer, device, trainable=False)
+    if algo.needs_reference:  # with LoRA the reference is the policy with its adapters off: no second copy
+        algo.reference = BaseReference(engine) if cfg.model.lora else TrainEngine(algo.load_model(cfg.model), cfg.trainer, device, trainable=False)
 
     sampler = ResumableSampler(len(train_ex), cfg.run.seed, d.shuffle)
     ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -162,7 +164,7 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
     log.log(engine.step, summary["after"])
     log.close()
     if cfg.checkpoint.export_hf:
-        export_hf(os.path.join(run_dir, "hf"), engine, model_config, tok, model_class)
+        export_hf(os.path.join(run_dir, "hf"), engine, model_config, tok, model_class, base_model=cfg.model.path)
     if rank == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
