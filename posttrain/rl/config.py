@@ -74,6 +74,10 @@ class ClusterConfig:
     address: str | None = None
     num_cpus: int | None = None  # local Ray only: logical CPUs to advertise (actors reserve these)
     placement: Literal["disaggregated", "colocated"] = "disaggregated"
+    # How Ray puts the run's bundles (trainer ranks, rollout workers) on nodes: PACK (share a node
+    # when they fit: cheap weight sync), SPREAD (as evenly over the nodes as they fit: trainer
+    # ranks on different nodes), STRICT_SPREAD (each bundle on its own node), STRICT_PACK (one node).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     cpus_per_trainer_rank: float = 1.0
     gpus_per_trainer_rank: float = 0.0
     # Every remote call to an actor (trainer verbs, weight updates, probes, synchronous generation
@@ -88,6 +92,9 @@ class ClusterConfig:
     def validate(self) -> tuple[str, str, str] | None:
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
             return ("call_timeout_s", f"{self.call_timeout_s} must be > 0", "set cluster.call_timeout_s=1800 or null")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            return ("placement_strategy", f"{self.placement_strategy!r} is not a Ray placement strategy",
+                    "use PACK (default), SPREAD, STRICT_PACK or STRICT_SPREAD")  # fmt: skip
         if self.max_trainer_restarts < 0:
             return ("max_trainer_restarts", f"{self.max_trainer_restarts} must be >= 0", "set cluster.max_trainer_restarts=2")
         return None

@@ -19,10 +19,6 @@ logger = logging.getLogger(__name__)
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true"}
 
 
-# PACK: bundles share a node when they fit (cheap weight sync), spill to other nodes when not.
-PLACEMENT_STRATEGY = "PACK"
-
-
 class ResourceError(PosttrainError):
     exit_code = 2
 
@@ -136,6 +132,7 @@ class Plan:
     rollout_bundle: list[int]
     trainer_resources: dict[str, float]
     rollout_resources: dict[str, float]
+    strategy: str = "PACK"  # cluster.placement_strategy: how Ray spreads the bundles over nodes
 
 
 def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) -> Plan:
@@ -151,9 +148,11 @@ def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) 
             [i % n for i in range(rollout.num_workers)],
             half(bundles[0]),
             half(bundles[0]),
+            strategy=cluster.placement_strategy,
         )
     bundles = [dict(t) for _ in range(world)] + [dict(r) for _ in range(rollout.num_workers)]
-    return Plan(bundles, list(range(world)), list(range(world, world + rollout.num_workers)), t, r)
+    return Plan(bundles, list(range(world)), list(range(world, world + rollout.num_workers)), t, r,
+                strategy=cluster.placement_strategy)
 
 
 def describe_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) -> dict[str, Any]:
@@ -180,7 +179,7 @@ def describe_placement(cluster: ClusterConfig, rollout: RolloutSection, world: i
     totals = {res: sum(b.get(res, 0.0) for b in plan.bundles) for res in ("CPU", "GPU")}
     return {
         "placement": cluster.placement,
-        "strategy": PLACEMENT_STRATEGY,
+        "strategy": plan.strategy,
         "cluster": "local Ray (127.0.0.1)" if not cluster.address else cluster.address,
         "bundles": bundles,
         "roles": roles,
@@ -193,6 +192,13 @@ def check_resources(plan: Plan) -> None:
     import ray
 
     have = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if plan.strategy == "STRICT_SPREAD" and len(plan.bundles) > nodes:
+        raise ResourceError(
+            f"cluster.placement_strategy=STRICT_SPREAD puts each of the {len(plan.bundles)} bundles (trainer ranks + "
+            f"rollout workers) on its own node, but the Ray cluster has {nodes} node(s).\n  fix: use SPREAD (as even "
+            "as the nodes allow), add nodes, or lower trainer.world_size / rollout.num_workers"
+        )
     for res in ("CPU", "GPU"):
         need = sum(b.get(res, 0.0) for b in plan.bundles)
         if need > have.get(res, 0.0) + 1e-9:
@@ -207,7 +213,7 @@ def placement_group(plan: Plan):
     import ray
     from ray.util.placement_group import placement_group as pg
 
-    group = pg([{k: v for k, v in b.items() if v > 0} for b in plan.bundles], strategy=PLACEMENT_STRATEGY)
+    group = pg([{k: v for k, v in b.items() if v > 0} for b in plan.bundles], strategy=plan.strategy)
     ray.get(group.ready(), timeout=120)
     return group
 
