@@ -356,6 +356,11 @@ class OnlineRLConfig:
                 "rollouts cannot overlap training (max_staleness > 0, rollout.chunk_tokens, rollout.request_timeout_s)",
                 "use cluster.placement=disaggregated, or max_staleness=0 with chunk_tokens/request_timeout_s null",
             )
+        tp = int((cfg.rollout.engine or {}).get("tensor_parallel_size", 1))
+        if cfg.cluster.placement == "colocated" and tp > 1 and cfg.rollout.gpus_per_worker > 0:
+            return ("rollout.engine.tensor_parallel_size", f"colocated placement gives a rollout worker half of one trainer "
+                    f"rank's bundle, but tensor_parallel_size={tp} needs {tp} GPUs visible in the worker's process",
+                    "use cluster.placement=disaggregated for tensor-parallel workers, or tensor_parallel_size=1")  # fmt: skip
         if cfg.trainer.offload and cfg.cluster.placement != "colocated":
             return ("trainer.offload", "offloading frees the trainer's devices for rollout engines that share them, "
                     f"but cluster.placement={cfg.cluster.placement}: no engine shares them",

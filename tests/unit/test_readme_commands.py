@@ -36,13 +36,16 @@ def test_the_readme_has_commands_to_check():
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A directory laid out as after the SFT runs: runs/sft_tiny_{arith,code}/hf, the arith metrics."""
+    """A directory laid out as after the SFT runs: runs/sft_tiny_{arith,code}/hf, the arith metrics
+    (and models/Qwen2.5-1.5B-Instruct, the GPU recipe's checkpoint)."""
     from posttrain.models.factory import TinyModelSpec, save_tiny_model
 
     root = tmp_path_factory.mktemp("readme")
     os.symlink(os.path.join(REPO, "recipes"), root / "recipes")
     for sft in ("sft_tiny_arith", "sft_tiny_code"):  # the exports the RL and DPO commands start from
         save_tiny_model(TinyModelSpec(), str(root / "runs" / sft / "hf"))
+    # the GPU recipe's local checkpoint (a 1.5B download in real use): a tiny stand-in for --dry-run
+    save_tiny_model(TinyModelSpec(), str(root / "models" / "Qwen2.5-1.5B-Instruct"))
     (root / "runs" / "sft_tiny_arith" / "metrics.jsonl").write_text(
         "\n".join(json.dumps({"step": s, "loss": 1.0 / (s + 1), "eval/accuracy": s / 10}) for s in range(5))
     )
