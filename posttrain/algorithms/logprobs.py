@@ -83,6 +83,39 @@ def token_logprobs(
     return torch.where(valid_BT, logprobs_BT, 0.0)
 
 
+@torch.no_grad()
+def sampled_token_logprobs(
+    logits_BTV: torch.Tensor,
+    labels_BT: torch.Tensor,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Forward-only logprob of each label under the distribution the sampler drew from
+    (``softmax(logits / temperature)``, top-p filtered as ``processed_token_logprobs`` does),
+    in blocks of about ``chunk_tokens`` positions along T. Returns ``logprobs_BT``, fp32 nats.
+
+    For old and reference logprobs: the scaled (and, with top-p, sorted) copies of the logits
+    exist for one block at a time (``chunk_tokens x V``), never for all ``B x T`` positions, and
+    no entropy is computed. Same values as the training path's logprobs (same conventions:
+    the caller shifts; labels < 0 give 0; temperature 0 or 1 leaves the logits unscaled).
+    """
+    if logits_BTV.dim() != 3 or logits_BTV.shape[:-1] != labels_BT.shape:
+        raise ValueError(f"logits {tuple(logits_BTV.shape)} do not match labels {tuple(labels_BT.shape)}")
+    B, T, _ = logits_BTV.shape
+    out_BT = torch.zeros(B, T, dtype=torch.float32, device=logits_BTV.device)
+    step = max(1, chunk_tokens // max(B, 1))
+    for start in range(0, T, step):
+        cols = slice(start, start + step)
+        block, labels = logits_BTV[:, cols], labels_BT[:, cols]
+        if top_p < 1.0:
+            out_BT[:, cols] = processed_token_logprobs(block, labels, temperature, 0, top_p, chunk_tokens)[0]
+        else:
+            scaled = block if temperature in (0.0, 1.0) else block / temperature
+            out_BT[:, cols] = token_logprobs(scaled, labels, chunk_tokens)
+    return out_BT
+
+
 def entropy_from_logits(logits_BTV: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """Entropy of the softmax distribution at each position, fp32, nats. Returns ``entropy_BT``.
 

@@ -18,7 +18,12 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from posttrain.algorithms.logprobs import entropy_from_logits, processed_token_logprobs, token_logprobs
+from posttrain.algorithms.logprobs import (
+    entropy_from_logits,
+    processed_token_logprobs,
+    sampled_token_logprobs,
+    token_logprobs,
+)
 from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
@@ -162,16 +167,21 @@ class TrainerWorker:
         ids = token_ids(mb)
         out = {}
         if want_old:
-            lp = self.policy.forward(lambda m: self._sampled(packed_forward(m, mb).logits, ids)[0])
+            lp = self.policy.forward(lambda m: self._sampled_logprobs(packed_forward(m, mb).logits, ids))
             out["old_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.reference is not None:  # the reference at the same temperature (as verl)
-            lp = self.reference.forward(lambda m: self._sampled(packed_forward(m, mb).logits, ids)[0])
+            lp = self.reference.forward(lambda m: self._sampled_logprobs(packed_forward(m, mb).logits, ids))
             out["ref_logprobs_BT"] = per_row(lp, mb).cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
             v = self.critic.forward(lambda m: packed_forward(m, mb).logits[..., 0].float())
             out["values_BT"] = per_row(F.pad(v[:, :-1], (1, 0)), mb).cpu()
         return out
+
+    def _sampled_logprobs(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+        """``_sampled``'s logprobs without its entropy, in blocks of positions (forward verb)."""
+        lp = sampled_token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:], self.temperature, self.top_p)
+        return F.pad(lp, (1, 0))
 
     def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Logprob of token t at position t and the entropy there, under the distribution the
