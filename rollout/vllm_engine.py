@@ -141,9 +141,11 @@ def sleep_unavailable(config: VLLMEngineConfig, platform: Any) -> str | None:
 
 
 def _free_device_bytes() -> int:
+    """Free memory of this process's current CUDA device; 0 where this process has no CUDA
+    context (CPU; tensor-parallel workers in their own processes): no context is created to ask."""
     import torch
 
-    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else 0
+    return torch.cuda.mem_get_info()[0] if torch.cuda.is_available() and torch.cuda.is_initialized() else 0
 
 
 class VLLMEngine:
@@ -333,14 +335,19 @@ class VLLMEngine:
         WeightUpdateSession(self.manifest, self._version, version, restore)  # refuse a stale version up front
         self._unservable = f"the update to version {version} did not complete"
         self._llm.collective_rpc("start_weight_update")
+        t_update = time.perf_counter()
         try:
             self._llm.collective_rpc("update_weights", args=({"collective": update, "aliases": self.manifest.aliases},))
         finally:
+            t_finish = time.perf_counter()
             self._llm.collective_rpc("finish_weight_update")
         reports = self._llm.collective_rpc("posttrain_last_receive")
         if any(r is None for r in reports) or len({r["digest"] for r in reports}) != 1:
             raise WeightSyncError(f"version {version}: the tensor-parallel workers received different weights: {reports}")
-        return self._serve(version, reports[0]["buckets"], reports[0]["bytes"], reports[0]["digest"], start)
+        report = self._serve(version, reports[0]["buckets"], reports[0]["bytes"], reports[0]["digest"], start)
+        report.phases = {"start_s": t_update - start, **{k: v for k, v in reports[0].items() if k.endswith("_s")},
+                         "finish_s": time.perf_counter() - t_finish}  # fmt: skip
+        return report
 
     def weight_digest(self) -> tuple[int, int]:
         return self._version, self._digest
