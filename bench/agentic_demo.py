@@ -39,7 +39,7 @@ def main() -> None:
     out, per_seed = tempfile.mkdtemp(prefix="agentic_demo_"), {}
     for seed in args.seeds:
         overrides = [f"model.path={os.path.abspath(args.model)}", f"run.seed={seed}", f"trainer.max_steps={args.steps}",
-                     f"data.eval.num_examples={args.eval}", f"algorithm.eval_every_steps={args.steps}", f"run.output_dir={out}",
+                     f"data.eval.num_examples={args.eval}", f"eval.every_steps={args.steps}", f"run.output_dir={out}",
                      f"run.name=seed{seed}", "logging.wandb.enabled=false", "logging.progress=false",
                      "checkpoint.export_hf=false", f"checkpoint.every_steps={args.steps}", *args.extra]  # fmt: skip
         cfg, resolved = load_recipe(os.path.join(root, "recipes/grpo_tiny_tool.yaml"), overrides)

@@ -39,7 +39,7 @@ def run_one(k: int, steps: int, out: str) -> list[dict]:
 
     overrides = [
         f"model.path={os.path.join(REPO, 'runs/sft_tiny_arith/hf')}", f"algorithm.max_staleness={k}",
-        f"trainer.max_steps={steps}", "algorithm.eval_every_steps=0", "data.eval.num_examples=32", f"run.output_dir={out}",
+        f"trainer.max_steps={steps}", "eval.every_steps=0", "data.eval.num_examples=32", f"run.output_dir={out}",
         f"run.name=k{k}", f"trainer.optim.lr={LR}", "algorithm.prompts_per_step=16", "trainer.global_batch_size=128", "logging.wandb.enabled=false", "logging.progress=false", "checkpoint.export_hf=false",
     ]  # fmt: skip
     cfg, resolved = load_recipe(RECIPE, overrides)

@@ -160,7 +160,7 @@ def trl_run(cfg, eval_every: int) -> dict[str, Any]:
         correct = 0
         for i in range(0, len(eval_rows), 200):
             enc = tok(eval_texts[i : i + 200], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=cfg.rollout.eval_max_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
                                  pad_token_id=tok.pad_token_id)  # fmt: skip
             texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(bool(checker(r, t)) for r, t in zip(eval_rows[i : i + 200], texts, strict=True))
@@ -262,7 +262,7 @@ def main() -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import trl
 
-    overrides = [f"algorithm.eval_every_steps={args.eval_every}", *args.overrides]
+    overrides = [f"eval.every_steps={args.eval_every}", *args.overrides]
     cfg = load_demo(overrides)
     runs: dict[str, dict[str, Any]] = {}
     loads: dict[str, Any] = {}

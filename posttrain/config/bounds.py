@@ -52,9 +52,6 @@ BOUNDS: dict[str, dict[str, tuple[Range, str]]] = {
     "posttrain.data.sources.DatasetSource": {
         "num_examples": ((">=", 0), "0 (all rows)"),
     },
-    "posttrain.offline.sft.SFTConfig": {
-        "eval_max_new_tokens": ((">", 0), "16"),
-    },
 }
 
 _WORDS = {">": "must be > {}", ">=": "must be >= {}", "[]": "must be in [{}, {}]", "[)": "must be in [{}, {})"}

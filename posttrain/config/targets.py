@@ -17,6 +17,14 @@ from posttrain.config.bounds import check_bounds
 from posttrain.config.errors import ConfigError
 
 
+# Keys that moved to another section: named in the error instead of "unknown key".
+MOVED = {
+    "eval_every_steps": "eval.every_steps",  # was algorithm.eval_every_steps (online RL)
+    "eval_max_tokens": "eval.max_new_tokens",  # was rollout.eval_max_tokens
+    "eval_max_new_tokens": "eval.max_new_tokens",  # was algorithm.eval_max_new_tokens (SFT)
+}
+
+
 def import_object(path: str, key: str, source: str) -> Any:
     module_name, _, attr = path.rpartition(".")
     try:
@@ -38,6 +46,9 @@ def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
         sub = f"{key}.{name}" if key else name
         if name == "_target_":
             continue
+        if name not in fields and name in MOVED:
+            raise ConfigError(sub, source, f"this key moved to '{MOVED[name]}': every runner reads its evaluation settings from the eval section",
+                              f"remove it and set {MOVED[name]} instead, e.g. `{MOVED[name]}=20` on the command line or `eval: {{{MOVED[name].split('.')[1]}: 20}}` in the recipe")
         if name not in fields:
             close = [f for f in fields if f.startswith(name[:3])] or sorted(fields)
             raise ConfigError(sub, source, f"unknown key for {cls.__name__}", f"remove it or use one of: {', '.join(close)}")

@@ -72,7 +72,7 @@ class DPO(PreferencePairs):
         pol_c, pol_r = self._seq_logps(model, batch)
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, self.cfg.loss, global_count)
 
-    def evaluate(self, model, examples, rows, tokenizer, checker) -> dict[str, float]:
+    def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:
         """Held-out preference accuracy: the policy puts more probability on chosen than rejected."""
         with torch.no_grad():
             c, r = self._seq_logps(model, self.collate(examples, tokenizer.pad_token_id))

@@ -44,7 +44,7 @@ class RewardModelTraining(PreferencePairs):
         margin = torch.full((B,), self.cfg.margin) if self.cfg.margin else None
         return bradley_terry_loss(s[:B], s[B:], global_count, margin)
 
-    def evaluate(self, model, examples, rows, tokenizer, checker) -> dict[str, float]:
+    def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:
         """Held-out pairwise accuracy."""
         with torch.no_grad():
             s = scores(model, self.collate(examples, tokenizer.pad_token_id))

@@ -20,9 +20,8 @@ from posttrain.offline.common import Batch, greedy_accuracy, sequence_token_logp
 
 @dataclass
 class SFTConfig:
-    """``algorithm: {_target_: posttrain.offline.sft.SFTConfig}``."""
-
-    eval_max_new_tokens: int = 16
+    """``algorithm: {_target_: posttrain.offline.sft.SFTConfig}``. Evaluation settings live in the
+    recipe's ``eval`` section (``eval.every_steps``, ``eval.max_new_tokens``), as for every runner."""
 
     def build(self) -> SFT:
         return SFT(self)
@@ -54,12 +53,12 @@ class SFT:
         lp = per_row(F.pad(token_logprobs(logits[:, :-1], ids[:, 1:]), (1, 0)), batch)
         return sft_loss(lp, batch["loss_mask_BT"], global_count)
 
-    def evaluate(self, model, examples, rows, tokenizer, checker) -> dict[str, float]:
+    def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:
         with torch.no_grad():
             batch = self.collate(examples, tokenizer.pad_token_id)
             lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
             nll = float(-(lp * batch["loss_mask_BT"]).sum() / batch["loss_mask_BT"].sum())
         out = {"nll": nll}
         if checker is not None:
-            out.update(greedy_accuracy(model, rows, tokenizer, checker, self.cfg.eval_max_new_tokens))
+            out.update(greedy_accuracy(model, rows, tokenizer, checker, max_new_tokens))
         return out

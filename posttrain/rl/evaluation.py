@@ -14,7 +14,7 @@ Generate = Callable[[list[PromptRecord], SamplingConfig], list[Group]]
 class Evaluator:
     """``eval/accuracy``: the fraction of eval prompts whose greedy completion the checker accepts.
 
-    ``every`` (``algorithm.eval_every_steps``) also evaluates after every ``every``-th step;
+    ``every`` (``eval.every_steps``) also evaluates after every ``every``-th step;
     before and after training always (when the recipe has eval data and a checker)."""
 
     def __init__(self, prompts: list[PromptRecord], checker: Callable[[dict, str], Any] | None, generate: Generate,

@@ -45,7 +45,7 @@ def grpo_run(sft_model, tmp_path_factory) -> str:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     overrides = [
         f"model.path={sft_model}", "data.train.num_examples=16", "data.eval.num_examples=2", f"algorithm.prompts_per_step={PROMPTS}",
-        "algorithm.eval_every_steps=0", f"rollout.sampling.n={N}", f"trainer.global_batch_size={N * PROMPTS}",
+        "eval.every_steps=0", f"rollout.sampling.n={N}", f"trainer.global_batch_size={N * PROMPTS}",
         f"trainer.micro_batch_size={N * PROMPTS}", "trainer.max_steps=2", "rollout.engine.cpu_kv_cache_gib=0.25",
         f"run.output_dir={out}", "run.name=grpo_tool", "logging.wandb.enabled=false", "logging.progress=false",
         "checkpoint.export_hf=false", "checkpoint.every_steps=100",

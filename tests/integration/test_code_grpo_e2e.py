@@ -41,7 +41,7 @@ def test_grpo_on_code_task_scores_programs_in_the_sandbox(tmp_path, repo_root, r
     n, prompts = 8, 4
     overrides = [
         f"model.path={sft_hf}", "data.train.num_examples=64", "data.eval.num_examples=8", f"algorithm.prompts_per_step={prompts}",
-        "algorithm.eval_every_steps=0", f"rollout.sampling.n={n}", f"trainer.global_batch_size={n * prompts}", "trainer.micro_batch_size=16",
+        "eval.every_steps=0", f"rollout.sampling.n={n}", f"trainer.global_batch_size={n * prompts}", "trainer.micro_batch_size=16",
         "trainer.max_steps=2", "rollout.engine.cpu_kv_cache_gib=0.25", f"run.output_dir={tmp_path}", "run.name=grpo_code",
         "logging.wandb.enabled=false", "logging.progress=false", "checkpoint.export_hf=false",
     ]  # fmt: skip

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def _overrides(tmp, name, extra=()):
     return [
         "model.path=null", "model.factory={arch: llama, hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 1, intermediate_size: 128}",
-        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "algorithm.eval_every_steps=0",
+        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "eval.every_steps=0",
         "rollout.sampling.n=4", "rollout.sampling.max_tokens=5", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
         "trainer.world_size=2", "cluster.num_cpus=3", f"run.output_dir={tmp}", f"run.name={name}",
         "logging.wandb.enabled=false", "logging.progress=false", "checkpoint.export_hf=false", *extra,

@@ -30,7 +30,7 @@ def test_grpo_with_tp2_rollout_worker_over_the_collective(tmp_path, repo_root, m
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     overrides = [
         "model.path=null", "model.factory={arch: llama, hidden_size: 64, num_layers: 2, num_heads: 2, num_kv_heads: 2, intermediate_size: 128}",
-        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "algorithm.eval_every_steps=0",
+        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "eval.every_steps=0",
         "rollout.sampling.n=4", "rollout.sampling.max_tokens=5", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
         "trainer.world_size=1", "trainer.max_steps=2", "cluster.num_cpus=3", "rollout.engine.tensor_parallel_size=2",
         "sync.transport=collective", f"run.output_dir={tmp_path}", "run.name=tp2", "logging.wandb.enabled=false",

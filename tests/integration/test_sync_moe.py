@@ -30,7 +30,7 @@ def test_grpo_tiny_qwen3_moe_syncs_to_vllm(tmp_path, repo_root):
 
     overrides = [
         "+model=tiny_qwen3_moe", "model.path=null", "model.factory.num_heads=2", "model.factory.num_kv_heads=1",
-        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "algorithm.eval_every_steps=0",
+        "data.train.num_examples=64", "data.eval.num_examples=8", "algorithm.prompts_per_step=4", "eval.every_steps=0",
         "rollout.sampling.n=4", "rollout.sampling.max_tokens=5", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
         "trainer.world_size=2", "trainer.max_steps=2", "trainer.optim.lr=1e-3", "cluster.num_cpus=3", "sync.transport=collective",
         f"run.output_dir={tmp_path}", "run.name=moe", "logging.wandb.enabled=false", "logging.progress=false", "checkpoint.export_hf=false",

@@ -56,8 +56,14 @@ KNOWN_BEFORE_TRAINING = [
     Row("advantage of the wrong kind", GRPO,
         [*TINY_POLICY, "algorithm.advantage._target_=posttrain.algorithms.policy_loss.GRPOLossConfig"], 2,
         ["algorithm.advantage"]),
-    Row("algorithm.eval_every_steps negative", GRPO, [*TINY_POLICY, "algorithm.eval_every_steps=-1"], 2,
-        ["algorithm.eval_every_steps"]),
+    Row("eval.every_steps negative", GRPO, [*TINY_POLICY, "eval.every_steps=-1"], 2, ["eval.every_steps"]),
+    # the eval settings have one home for every runner; the old per-algorithm keys say where they went
+    Row("old key algorithm.eval_every_steps", GRPO, [*TINY_POLICY, "algorithm.eval_every_steps=5"], 2,
+        ["algorithm.eval_every_steps", "moved to 'eval.every_steps'"]),
+    Row("old key rollout.eval_max_tokens", GRPO, [*TINY_POLICY, "rollout.eval_max_tokens=5"], 2,
+        ["rollout.eval_max_tokens", "eval.max_new_tokens"]),
+    Row("old key algorithm.eval_max_new_tokens", SFT, ["algorithm.eval_max_new_tokens=6"], 2,
+        ["algorithm.eval_max_new_tokens", "eval.max_new_tokens"]),
 ]
 
 
