@@ -20,6 +20,7 @@ from posttrain.sync.group import GroupInfo, UpdateGroup
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
+from .adapter_merge import AdapterMerger, CheckpointBase
 from .engine import DTYPES, LoadReport, check_engine_config
 from .sampling import SamplingConfig
 from .weight_receiver import ParamManifest, WeightUpdateSession
@@ -63,6 +64,7 @@ class HFEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.manifest = ParamManifest.from_module(self.model)
         self._tensors = self.model.state_dict(keep_vars=True)
+        self._adapters: AdapterMerger | None = None
         self._version = 0
         self._digest = 0  # of the buckets that made the served version (0: the initial weights)
         self._group: UpdateGroup | None = None
@@ -198,7 +200,10 @@ class HFEngine:
         return self._finish(session, version, count, start)
 
     def _load_bucket(self, session: WeightUpdateSession, bucket: WeightBucket) -> None:
-        for name, tensor in session.accept(bucket).tensors():
+        checked = session.accept(bucket)
+        if self._adapters is None:  # LoRA versions merge into the kept base weights (rollout/adapter_merge.py)
+            self._adapters = AdapterMerger(CheckpointBase(self.config.model_path, DTYPES[self.config.dtype]), {})
+        for name, tensor in self._adapters.tensors(checked.tensors(), checked.is_last):
             self._tensors[name].data.copy_(tensor)
 
     def _finish(self, session: WeightUpdateSession, version: int, count: int, start: float) -> LoadReport:

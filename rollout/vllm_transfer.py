@@ -22,6 +22,8 @@ registered wherever the worker runs, before the worker builds its transfer engin
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from posttrain.sync.collective import receive_version
 from posttrain.sync.group import GroupInfo, UpdateGroup
 from posttrain.weight_sync import WeightBucket
 
+from .adapter_merge import AdapterMerger, CheckpointBase
 from .weight_receiver import ParamManifest, WeightUpdateSession
 
 BACKEND_NAME = "posttrain_buckets"
@@ -79,6 +82,7 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
 
     group: UpdateGroup | None = None
     last_receive: dict[str, int] | None = None  # buckets, bytes, digest of the last collective update
+    adapters: AdapterMerger | None = None  # LoRA: merges adapter versions into the kept base weights
 
     def init_transfer_engine(self, init_info: BucketInitInfo) -> None:
         if init_info.group is None:
@@ -93,11 +97,14 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
         initialize_layerwise_reload(self.model)
+        if self.adapters is not None:
+            self.adapters.start()
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model, self.model_config)
+        with _quiet_unloaded_layers(self.adapters is not None and self.adapters.merged_last):
+            finalize_layerwise_reload(self.model, self.model_config)
         if self.device.type == "cpu":
             _prepack_cpu_experts(self.model)
 
@@ -108,7 +115,8 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
 
     def receive_weights(self, update_info: BucketUpdateInfo) -> None:
         if update_info.collective is None:
-            self.model.load_weights(_with_aliases(update_info.bucket.tensors(), update_info.aliases))
+            bucket = update_info.bucket
+            self.model.load_weights(_with_aliases(self._merged(bucket.tensors(), bucket.is_last), update_info.aliases))
             return
         if self.group is None:
             raise RuntimeError("collective weight update before the engine joined an update group")
@@ -117,18 +125,41 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
 
         def load(bucket: WeightBucket) -> None:
             checked = session.accept(bucket)  # header and fingerprint checked before any byte is loaded
-            if checked.metas:
-                self.model.load_weights(_with_aliases(checked.tensors(), update_info.aliases))
+            if checked.metas or checked.is_last:  # the last bucket flushes buffered LoRA adapters
+                self.model.load_weights(_with_aliases(self._merged(checked.tensors(), checked.is_last), update_info.aliases))
 
         self.last_receive = None
         buckets = receive_version(self.group, load)
         session.finish()
         self.last_receive = {"buckets": buckets, "bytes": session.bytes, "digest": session.digest}
 
+    def _merged(self, tensors: Iterator[tuple[str, torch.Tensor]], is_last: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        """The bucket's tensors, LoRA adapter halves turned into merged weights (rollout/adapter_merge.py)."""
+        if self.adapters is None:
+            base = CheckpointBase(self.model_config.model, self.model_config.dtype)
+            self.adapters = AdapterMerger(base, dict(getattr(self.model, "packed_modules_mapping", {}) or {}))
+        return self.adapters.tensors(tensors, is_last)
+
     def shutdown(self) -> None:
         if self.group is not None:
             self.group.close()
             self.group = None
+
+
+@contextlib.contextmanager
+def _quiet_unloaded_layers(quiet: bool) -> Iterator[None]:
+    """After an adapters-only version most layers got no weights on purpose; vLLM warns once per
+    such layer ("Failed to load weights") and keeps its tensors, which is what LoRA wants."""
+    if not quiet:
+        yield
+        return
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    drop = lambda record: "Failed to load weights" not in record.getMessage()  # noqa: E731
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 def _prepack_cpu_experts(model: torch.nn.Module) -> None:

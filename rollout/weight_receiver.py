@@ -25,6 +25,8 @@ from posttrain.weight_sync import (
     payload_fingerprint,
 )
 
+from .adapter_merge import adapter_shape_problem, adapter_version, is_adapter
+
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -157,6 +159,12 @@ class WeightUpdateSession:
             if meta.name in self.manifest.aliases:
                 continue
             spec = self.manifest.params.get(meta.name)
+            if spec is None and is_adapter(meta.name):  # a LoRA adapter half (rollout/adapter_merge.py)
+                base = self.manifest.params.get(meta.name.rsplit(":", 1)[0])
+                problem = adapter_shape_problem(meta.name, tuple(meta.shape), base.shape if base else None)
+                if problem:
+                    raise WeightSyncError(f"version {self.version}: {problem}; train with the served model's architecture")
+                spec = ParamSpec(base.dtype, tuple(meta.shape))
             if spec is None:
                 raise WeightSyncError(
                     f"version {self.version}: the engine serves no parameter named {meta.name!r}; "
@@ -197,7 +205,7 @@ class WeightUpdateSession:
                     "(tie_word_embeddings); train with tied weights or serve an untied checkpoint"
                 )
         missing = sorted(set(self.manifest.params) - self._received)
-        if missing:
+        if missing and not adapter_version(self._received, self.version):
             raise WeightSyncError(
                 f"version {self.version} left {len(missing)} parameters out (e.g. {missing[:3]}); "
                 "a sync must carry the FULL state dict (full_state_dict=True)"

@@ -117,7 +117,7 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     pg = placement_group(plan)
     deadlines = Deadlines.of(cfg.cluster, cfg.rollout)
     spec = TrainerSpec(
-        cfg.trainer.world_size, "", ModelConfig(path=path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels),
+        cfg.trainer.world_size, "", ModelConfig(path=path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels, lora=cfg.model.lora),
         cfg.trainer, algo, cfg.sync, plan.trainer_resources["CPU"], cfg.cluster.call_timeout_s,
         *sampled_distribution(cfg),
     )  # fmt: skip

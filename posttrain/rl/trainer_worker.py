@@ -10,6 +10,7 @@ that normalise the loss are global (computed over the whole mini-batch before sh
 from __future__ import annotations
 
 import os
+import resource
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from posttrain.engine.packing import forward as packed_forward
 from posttrain.engine.packing import packed_micro_batches, per_row, row_lengths, token_ids
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
+from posttrain.models.lora import BaseReference, adapter_wire_tensors
 from posttrain.rl import offload
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
 from posttrain.sync.collective import CollectiveSender
@@ -129,7 +131,9 @@ class TrainerWorker:
         policy = load_causal_lm(model_cfg)
         self.model_config, self.model_class = policy.config, type(policy)
         self.policy = TrainEngine(policy, trainer_cfg, self.device)
-        self.reference = TrainEngine(load_causal_lm(model_cfg), trainer_cfg, self.device, trainable=False) if algo.use_reference else None
+        self.reference = None
+        if algo.use_reference:  # LoRA: the policy with its adapters off, no second copy
+            self.reference = BaseReference(self.policy) if model_cfg.lora else TrainEngine(load_causal_lm(model_cfg), trainer_cfg, self.device, trainable=False)
         self.temperature, self.top_p = spec.temperature, spec.top_p
         self.critic = None
         if algo.critic is not None:
@@ -227,6 +231,7 @@ class TrainerWorker:
             micro = packed_micro_batches(batch.tensors(), plans)
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)
+        metrics["system/trainer_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak so far
         if self.critic is not None:
             cm = self.critic.train_step(micro, self._value_loss, count)
             metrics.update({f"critic/{k}": v for k, v in cm.items()})
@@ -238,12 +243,13 @@ class TrainerWorker:
         import ray
 
         t0 = time.perf_counter()
-        full = self.policy.full_state_dict()
+        # LoRA: only the adapters travel (the workers merge them into their base weights)
+        full = adapter_wire_tensors(self.policy.model) if self.model_cfg.lora else self.policy.full_state_dict().items()
         gather_s = time.perf_counter() - t0
         if self.rank != 0:
             return None
         self.sender.wire_dtype = None if wire_dtype is None else dtype_from_name(wire_dtype)
-        refs = [ray.put(b) for b in self.sender.buckets(engine_tensors(full.items(), self.model_config.model_type), version)]
+        refs = [ray.put(b) for b in self.sender.buckets(engine_tensors(full, self.model_config.model_type), version)]
         stats = self.sender.last_stats
         return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes),
                       "sync/buckets": float(stats.num_buckets), "sync/digest": float(stats.digest)}  # fmt: skip
@@ -261,7 +267,8 @@ class TrainerWorker:
         sender = CollectiveSender(self.sender.bucket_bytes, None if wire_dtype is None else dtype_from_name(wire_dtype))
         sender.last_version = self.sender.last_version
         t0 = time.perf_counter()
-        stats = sender.send(self.update_group, engine_tensors(self.policy.model.state_dict().items(), self.model_config.model_type), version, restore)
+        source = adapter_wire_tensors(self.policy.model) if self.model_cfg.lora else self.policy.model.state_dict().items()
+        stats = sender.send(self.update_group, engine_tensors(source, self.model_config.model_type), version, restore)
         self.sender.last_version = version
         if self.rank != 0:
             return None
@@ -279,7 +286,7 @@ class TrainerWorker:
         return out
 
     def export(self, out_dir: str) -> str:
-        export_hf(out_dir, self.policy, self.model_config, load_tokenizer(self.model_cfg), self.model_class)
+        export_hf(out_dir, self.policy, self.model_config, load_tokenizer(self.model_cfg), self.model_class, base_model=self.model_cfg.path)
         return out_dir
 
     # -- colocated: devices shared with the rollout engines (posttrain.rl.offload) ---------------
