@@ -88,8 +88,15 @@ class ClusterConfig:
     # restarted from the newest checkpoint that verifies and the rollout workers reloaded to its
     # version. After this many restarts in one run the run stops with the cause.
     max_trainer_restarts: int = 2
+    # CPU threads of each phase (posttrain.rl.placement.phase_threads): "auto" gives the trainer's
+    # update and the engine's generate all the cores of the node when they alternate in time
+    # (algorithm.max_staleness: 0 or colocated, local Ray); "all" does so always; "reserved" runs
+    # each actor on as many threads as the CPUs it reserved.
+    phase_threads: Literal["auto", "all", "reserved"] = "auto"
 
     def validate(self) -> tuple[str, str, str] | None:
+        if self.phase_threads not in ("auto", "all", "reserved"):
+            return ("phase_threads", f"{self.phase_threads!r} is not a thread policy", "use auto, all or reserved")
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
             return ("call_timeout_s", f"{self.call_timeout_s} must be > 0", "set cluster.call_timeout_s=1800 or null")
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):

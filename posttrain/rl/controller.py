@@ -112,13 +112,13 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     worker_cls = remote_class(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
 
     start_ray(cfg.cluster)
-    plan = plan_placement(cfg.cluster, cfg.rollout, cfg.trainer.world_size)
+    plan = plan_placement(cfg.cluster, cfg.rollout, cfg.trainer.world_size, algo.max_staleness == 0 or not is_asynchronous(cfg))
     check_resources(plan)
     pg = placement_group(plan)
     deadlines = Deadlines.of(cfg.cluster, cfg.rollout)
     spec = TrainerSpec(
         cfg.trainer.world_size, "", ModelConfig(path=path, dtype=cfg.model.dtype, moe_kernels=cfg.model.moe_kernels, lora=cfg.model.lora),
-        cfg.trainer, algo, cfg.sync, plan.trainer_resources["CPU"], cfg.cluster.call_timeout_s,
+        cfg.trainer, algo, cfg.sync, plan.threads.train, cfg.cluster.call_timeout_s,
         *sampled_distribution(cfg),
     )  # fmt: skip
     trainers = TrainerGroup(spec, pg, plan, deadlines)
@@ -188,7 +188,7 @@ def run_rl(cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str, synchronou
             after_step=lambda s, m: rooms.checkpoints.after_step(
                 s, m, {"before": summary["before"], "restarts": rooms.trainers.restarts, "step_state": rooms.step.state_dict()}
             ),
-            fleet_metrics=lambda: {"rollout/workers_replaced": float(rooms.fleet.replaced)},
+            fleet_metrics=lambda: {"rollout/workers_replaced": float(rooms.fleet.replaced), **rooms.fleet.plan.threads.metrics()},
         )  # fmt: skip
         while True:
             try:

@@ -85,7 +85,7 @@ class WorkerFleet:
         return len(self.workers)
 
     def _spawn(self, bundle: int) -> Any:
-        return self.worker_cls.options(**actor_options(self.pg, bundle, self.plan.rollout_resources)).remote(self.engine_cfg)
+        return self.worker_cls.options(**actor_options(self.pg, bundle, self.plan.rollout_resources, self.plan.threads.generate)).remote(self.engine_cfg)
 
     # -- who takes requests ------------------------------------------------------------------
     def usable(self) -> list[int]:

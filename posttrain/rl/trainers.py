@@ -104,7 +104,7 @@ class TrainerGroup:
         spec = dataclasses.replace(self.spec, store_path=self._store())
         cls = remote_class(type(self).trainer_class)
         ranks = [
-            cls.options(**actor_options(self.pg, self.plan.trainer_bundle[r], self.plan.trainer_resources)).remote(r, spec)
+            cls.options(**actor_options(self.pg, self.plan.trainer_bundle[r], self.plan.trainer_resources, self.plan.threads.train)).remote(r, spec)
             for r in range(spec.world)
         ]
         return ranks
