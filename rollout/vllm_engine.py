@@ -8,10 +8,15 @@ first use, not generation. So the engine warms up in its constructor (``warmup=T
 2-token generate and one scoring call, reported as ``warmup_s`` (2.4-3.3 s), after which the
 first real call runs at steady-state speed. The inductor cache lives in
 ``TORCHINDUCTOR_CACHE_DIR`` (default /tmp/torchinductor_$USER) and survives between processes.
-Threads: the in-process engine keeps torch's 2 threads, unpinned (vLLM's OpenMP binding,
-``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_NUM_OF_RESERVED_CPU``, applies to worker processes,
-i.e. tensor parallel); changing them did not move throughput beyond noise, while exporting
-OMP_NUM_THREADS=2 oversubscribed the 2 cores (~130 tok/s instead of 700-1,800 on the 25M model).
+Threads: the in-process engine runs on its process's OpenMP threads, unpinned (vLLM's binding,
+``VLLM_CPU_OMP_THREADS_BIND`` / ``VLLM_CPU_NUM_OF_RESERVED_CPU``, applies only to the worker
+processes of tensor parallelism). In a Ray actor that is ``OMP_NUM_THREADS``: Ray's default is the
+CPUs the actor reserved (1), and posttrain's RL driver sets the node's cores when generation and
+training alternate (``cluster.phase_threads``, posttrain/rl/placement.py). The count must be the
+same in every thread of the process: a ``torch.set_num_threads`` in the constructor only made
+vLLM-cpu's attention kernel fail its thread-count check in the thread that serves ``generate``.
+Two threads on 2 cores oversubscribe them only while another process computes at the same time
+(~130 tok/s instead of 700-1,800 on the 25M model), which the synchronous loop never does.
 Other processes on the same cores (a concurrent training run) slow every call 10-40x: time
 rollouts on an otherwise idle machine.
 
