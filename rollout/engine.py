@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -43,6 +43,8 @@ class LoadReport:
     bytes: int
     load_s: float  # first bucket received -> new version servable
     digest: int = 0  # fold_digest of the buckets' fingerprints (posttrain.weight_sync)
+    # seconds per phase where the engine measures them (collective path: receive, check, load, finish)
+    phases: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,7 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
     update_info_cls = BucketUpdateInfo
 
     group: UpdateGroup | None = None
+    pools: dict | None = None  # receive buffers kept from version to version (posttrain.sync.collective.BufferPool)
     last_receive: dict[str, int] | None = None  # buckets, bytes, digest of the last collective update
     adapters: AdapterMerger | None = None  # LoRA: merges adapter versions into the kept base weights
 
@@ -122,16 +124,25 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
             raise RuntimeError("collective weight update before the engine joined an update group")
         c = update_info.collective
         session = WeightUpdateSession(c.manifest, c.serving_version, c.version, c.restore)
+        phases = {"check_s": 0.0, "load_s": 0.0}
 
         def load(bucket: WeightBucket) -> None:
+            t0 = time.perf_counter()
             checked = session.accept(bucket)  # header and fingerprint checked before any byte is loaded
+            t1 = time.perf_counter()
             if checked.metas or checked.is_last:  # the last bucket flushes buffered LoRA adapters
                 self.model.load_weights(_with_aliases(self._merged(checked.tensors(), checked.is_last), update_info.aliases))
+            phases["check_s"] += t1 - t0
+            phases["load_s"] += time.perf_counter() - t1
 
         self.last_receive = None
-        buckets = receive_version(self.group, load)
+        start = time.perf_counter()
+        if self.pools is None:
+            self.pools = {}
+        buckets = receive_version(self.group, load, self.pools)
         session.finish()
-        self.last_receive = {"buckets": buckets, "bytes": session.bytes, "digest": session.digest}
+        phases["receive_s"] = time.perf_counter() - start - phases["check_s"] - phases["load_s"]
+        self.last_receive = {"buckets": buckets, "bytes": session.bytes, "digest": session.digest, **phases}
 
     def _merged(self, tensors: Iterator[tuple[str, torch.Tensor]], is_last: bool) -> Iterator[tuple[str, torch.Tensor]]:
         """The bucket's tensors, LoRA adapter halves turned into merged weights (rollout/adapter_merge.py)."""

@@ -142,6 +142,7 @@ class TrainerWorker:
             self.critic = TrainEngine(critic, ccfg, self.device)
         self.sender = WeightSender(bucket_bytes=spec.sync.bucket_mb << 20)
         self.update_group: UpdateGroup | None = None  # rank 0, with sync.transport=collective
+        self._collective_sender: CollectiveSender | None = None
 
     # -- forward-only ------------------------------------------------------------------------
     def forward(self, batch: ForwardBatch) -> ForwardOutputs:
@@ -265,7 +266,10 @@ class TrainerWorker:
     def broadcast_weights(self, version: int, wire_dtype: str | None, restore: bool = False) -> dict[str, float] | None:
         """Collective: every rank gathers one tensor at a time; rank 0 sends bucket by bucket over
         the update group (two buckets alive at most). Rank 0 returns the sync stats."""
-        sender = CollectiveSender(self.sender.bucket_bytes, None if wire_dtype is None else dtype_from_name(wire_dtype))
+        wire = None if wire_dtype is None else dtype_from_name(wire_dtype)
+        sender = self._collective_sender
+        if sender is None or sender.wire_dtype != wire:  # kept from sync to sync: its payload buffers are reused
+            sender = self._collective_sender = CollectiveSender(self.sender.bucket_bytes, wire)
         sender.last_version = self.sender.last_version
         t0 = time.perf_counter()
         source = adapter_wire_tensors(self.policy.model) if self.model_cfg.lora else self.policy.model.state_dict().items()

@@ -116,3 +116,61 @@ def test_versions_must_increase_unless_restoring():
     with pytest.raises(WeightSyncError, match="not above"):
         sender.send(None, _state(0).items(), 2)
     sender.send(None, _state(0).items(), 1, restore=True)
+
+
+def test_buffer_pool_reuses_a_buffer_only_once_nothing_holds_a_view():
+    from posttrain.sync.collective import BufferPool
+
+    pool = BufferPool(torch.device("cpu"), capacity=1000, size=2)
+    a = pool.take(640)
+    view = a[64:128].view(torch.float32)  # an engine keeping a view of the bucket
+    del a
+    b = pool.take(1000)
+    assert b.data_ptr() != view.data_ptr() - 64  # the held buffer is not handed out again
+    del b
+    c = pool.take(512)
+    assert c.data_ptr() != view.data_ptr() - 64 and len(pool._buffers) == 2
+    del c
+    d = pool.take(2000)  # larger than a bucket: a fresh buffer, not kept
+    assert d.numel() == 2000 and pool.bytes == 2 * pool.capacity
+    del view
+    e = pool.take(100)
+    assert e.data_ptr() in {buf.data_ptr() for buf, _ in pool._buffers}
+
+
+def _holding_receiver(info, queue) -> None:
+    torch.set_num_threads(1)
+    group = UpdateGroup(info, 1)
+    pools: dict = {}
+    held: dict[str, torch.Tensor] = {}  # views of EVERY bucket until the version ends (vLLM's layerwise reload may)
+    receive_version(group, lambda bucket: held.update(bucket.tensors()), pools)
+    first = all(torch.equal(held[n], t) for n, t in _state(0).items())
+    ptrs = {buf.data_ptr() for buf, _ in pools["payload"]._buffers}
+    held.clear()
+    pooled: list[bool] = []
+
+    def keep_one(bucket):
+        pooled.append(bucket.payload.data_ptr() in ptrs)
+        held.update((n, t.clone()) for n, t in bucket.tensors())
+
+    receive_version(group, keep_one, pools)
+    second = all(torch.equal(held[n], t) for n, t in _state(1).items())
+    queue.put((first, second, sum(pooled), len(pooled)))
+
+
+def test_reused_receive_buffers_never_overwrite_a_bucket_still_held():
+    ctx = mp.get_context("spawn")
+    store = UpdateStore("127.0.0.1", timeout_s=60)
+    info = store.next_group(world_size=2, backend="gloo", timeout_s=60)
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_holding_receiver, args=(info, queue))
+    proc.start()
+    group = UpdateGroup(info, 0)
+    sender = CollectiveSender(8 << 10)  # buckets: [embed] [layers.0.*] [layers.1.w: oversized] [head]
+    first = sender.send(group, _state(0).items(), version=1)
+    sender.send(group, _state(1).items(), version=2)
+    held_ok, second_ok, pooled, buckets = queue.get(timeout=60)
+    proc.join(timeout=30)
+    assert first.num_buckets == 4 and held_ok and second_ok
+    assert pooled == 3 and buckets == 5  # version 2 landed in the kept buffers (but the oversized bucket and END)
+    assert sender.pool is not None and sender.pool.bytes == 2 * sender.pool.capacity  # two buckets, kept
