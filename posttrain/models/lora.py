@@ -94,7 +94,9 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.adapter_enabled:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        # scale the [.., r] tensor, and add into y in place (linear does not save its output):
+        # one [.., out] temporary per layer instead of three
+        return y.add_(F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B))
 
     def delta(self) -> torch.Tensor:
         """scale * B @ A, [out, in], in float32."""
