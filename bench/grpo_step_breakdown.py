@@ -44,7 +44,7 @@ def recipe_overrides(steps: int, output_dir: str, name: str, extra: list[str] | 
     return [
         *model,
         f"trainer.max_steps={steps}",
-        "algorithm.eval_every_steps=0",
+        "eval.every_steps=0",
         "data.eval.num_examples=16",  # the before/after evaluation is outside the timed steps
         "checkpoint.export_hf=false",
         "logging.wandb.enabled=false",

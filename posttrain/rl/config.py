@@ -32,7 +32,6 @@ class RolloutSection:
     num_workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    eval_max_tokens: int = 16
     # In-flight weight updates at chunk granularity: each request generates at most this many new
     # tokens; unfinished completions continue (prompt + tokens so far) on whatever version the
     # worker serves next, every token recording its version. None: one request per completion.
@@ -210,7 +209,6 @@ class OnlineRLConfig:
     dynamic_sampling_max_rounds: int = 8
     overlong_filter: bool = False  # mask samples cut at max_tokens
     max_masked_fraction: float = 0.5  # more masked samples than this in a step stops the run
-    eval_every_steps: int = 0
     # Bounded off-policyness: a sample whose oldest token came from policy version v_min may enter
     # the optimizer step that turns version s into s+1 only if s - v_min <= max_staleness.
     # 0 = the synchronous algorithm. See posttrain/rl/loops/pipelined.py.
@@ -227,8 +225,6 @@ class OnlineRLConfig:
                 "point algorithm.advantage._target_ at one of posttrain.algorithms.advantages: GRPOAdvantage, "
                 "RLOOAdvantage, GAEAdvantage, ReinforcePlusPlusAdvantage, ReinforcePlusPlusBaselineAdvantage",
             )
-        if self.eval_every_steps < 0:
-            return ("eval_every_steps", f"{self.eval_every_steps} must be >= 0", "set algorithm.eval_every_steps=0 (before and after only) or e.g. 20")
         if self.max_staleness < 0:
             return (
                 "max_staleness",

@@ -129,7 +129,7 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
 
     stream = PromptStream(train, algo.prompts_per_step, cfg.run.seed, d.shuffle)
     generate = agent.bind(fleet, publisher.replace).generate if agent else functools.partial(fleet.generate, on_lost=publisher.replace)
-    evaluator = Evaluator(held_out, make_checker(d.eval), generate, cfg.rollout.eval_max_tokens, algo.eval_every_steps,
+    evaluator = Evaluator(held_out, make_checker(d.eval), generate, cfg.eval.max_new_tokens, cfg.eval.every_steps,
                           cfg.trainer.max_steps)  # fmt: skip
     checkpoints = Checkpointer(cfg.checkpoint, run_dir, trainers, publisher, stream, cfg.trainer.max_steps)
     recovery = Recovery(trainers, checkpoints, cfg.cluster.max_trainer_restarts)

@@ -232,8 +232,8 @@ class TrainerWorker:
             micro = packed_micro_batches(batch.tensors(), plans)
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)
-        metrics["system/train_threads"] = float(torch.get_num_threads())
         metrics["system/trainer_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this rank's peak so far
+        metrics["system/train_threads"] = float(torch.get_num_threads())
         if self.critic is not None:
             cm = self.critic.train_step(micro, self._value_loss, count)
             metrics.update({f"critic/{k}": v for k, v in cm.items()})
