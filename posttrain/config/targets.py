@@ -16,7 +16,6 @@ from typing import Any, Literal, Union, get_args, get_origin
 from posttrain.config.bounds import check_bounds
 from posttrain.config.errors import ConfigError
 
-
 # Keys that moved to another section: named in the error instead of "unknown key".
 MOVED = {
     "eval_every_steps": "eval.every_steps",  # was algorithm.eval_every_steps (online RL)
