@@ -142,10 +142,11 @@ class EchoWorkerFleet:
     def usable(self) -> list[int]:
         return [0]
 
-    def wake(self, _):
+    def wake(self, _, *, generate: bool = False):  # WorkerFleet.wake's signature
         pass
 
-    sleep = wake
+    def sleep(self, _):
+        pass
 
     def submit(self, index: int, records: list[PromptRecord], sampling: SamplingConfig):
         self.batches.append(len(records))
