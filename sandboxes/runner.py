@@ -368,10 +368,17 @@ def _ignore_signals() -> None:
             pass
 
 
+# What a fresh `python` sets up (SIGINT raises KeyboardInterrupt; SIGPIPE and SIGXFSZ are ignored);
+# every other signal is at SIG_DFL.
+_PYTHON_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: signal.SIG_IGN, signal.SIGXFSZ: signal.SIG_IGN}
+
+
 def _restore_signals() -> None:
-    for sig, handler in _DEFAULT_HANDLERS.items():
+    """The program starts with the handlers a fresh Python has, whatever R inherited: a host started
+    under `nohup` ignores SIGINT, and the program must not inherit that."""
+    for sig in _DEFAULT_HANDLERS:
         try:
-            signal.signal(sig, handler)
+            signal.signal(sig, _PYTHON_DEFAULTS.get(sig, signal.SIG_DFL))
         except (OSError, ValueError, TypeError):
             pass
 

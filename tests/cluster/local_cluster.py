@@ -31,10 +31,21 @@ _RAY_START = (
 )
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are picked, so the kernel cannot
+    hand the same port out twice (two Ray components on one port fail `ray start`)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @dataclass
@@ -109,15 +120,13 @@ def start_cluster(head_cpus: int = 2, worker_cpus: int = 2, dashboard: bool = Tr
         "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
     }
     env.pop("RAY_ADDRESS", None)
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, client_port, *spare = free_ports(3 + 12)
+    spare_iter = iter(spare)
     cluster = LocalCluster(temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env)
 
-    def node_ports() -> list[str]:
-        return [
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-        ]  # fmt: skip
+    def node_ports() -> list[str]:  # six distinct ports per node, none shared with another node's
+        flags = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export"]
+        return [f"--{f}-port={next(spare_iter)}" for f in flags]
 
     try:
         head = [
@@ -127,7 +136,7 @@ def start_cluster(head_cpus: int = 2, worker_cpus: int = 2, dashboard: bool = Tr
             f"--num-cpus={head_cpus}",
             "--num-gpus=0",
         ]
-        head += [f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}", *node_ports()]
+        head += [f"--temp-dir={temp_dir}", f"--ray-client-server-port={client_port}", *node_ports()]
         head += [
             f"--include-dashboard={str(dashboard).lower()}",
             "--dashboard-host=127.0.0.1",
