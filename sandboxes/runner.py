@@ -370,7 +370,11 @@ def _ignore_signals() -> None:
 
 # What a fresh `python` sets up (SIGINT raises KeyboardInterrupt; SIGPIPE and SIGXFSZ are ignored);
 # every other signal is at SIG_DFL.
-_PYTHON_DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGPIPE: signal.SIG_IGN, signal.SIGXFSZ: signal.SIG_IGN}
+_PYTHON_DEFAULTS = {
+    signal.SIGINT: signal.default_int_handler,
+    signal.SIGPIPE: signal.SIG_IGN,
+    signal.SIGXFSZ: signal.SIG_IGN,
+}
 
 
 def _restore_signals() -> None:

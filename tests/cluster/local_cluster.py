@@ -125,7 +125,14 @@ def start_cluster(head_cpus: int = 2, worker_cpus: int = 2, dashboard: bool = Tr
     cluster = LocalCluster(temp_dir, f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", env)
 
     def node_ports() -> list[str]:  # six distinct ports per node, none shared with another node's
-        flags = ["node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "runtime-env-agent", "metrics-export"]
+        flags = [
+            "node-manager",
+            "object-manager",
+            "dashboard-agent-listen",
+            "dashboard-agent-grpc",
+            "runtime-env-agent",
+            "metrics-export",
+        ]
         return [f"--{f}-port={next(spare_iter)}" for f in flags]
 
     try:
