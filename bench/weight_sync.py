@@ -44,6 +44,7 @@ import time
 
 import torch
 
+from posttrain.engine.memory import PeakRSS
 from posttrain.models.factory import TinyModelSpec, build_tiny_model, save_tiny_model
 from posttrain.models.tokenizer import build_char_tokenizer
 from posttrain.sync.collective import CollectiveSender
@@ -57,27 +58,6 @@ MODELS = {
     "0.5b": TinyModelSpec(hidden_size=1024, num_layers=32, num_heads=16, num_kv_heads=4, intermediate_size=4096),
 }
 PROBE_TEXT = "weight sync probe: 12+34=46"
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-class PeakRSS:
-    """The rise of this process's peak RSS over its RSS at entry (bytes), on Linux."""
-
-    def __enter__(self) -> PeakRSS:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
-        self.start = _status_kib("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.extra_bytes = (_status_kib("VmHWM") - self.start) * 1024
 
 
 def copy_s(state_dict: dict[str, torch.Tensor], dst: dict[str, torch.Tensor]) -> float:

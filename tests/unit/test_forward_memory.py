@@ -22,27 +22,19 @@ import sys
 import pytest
 import torch
 
+from posttrain.engine.memory import PeakRSS, can_measure_peak
+
 VOCAB, T, MICRO = 32_000, 64, 4
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def _measure(mode: str, batch: int, store: str) -> dict[str, float]:
     """In this (fresh) process: the peak RSS rise of one forward over ``batch`` rows."""
     torch.set_num_threads(1)
-    from posttrain.algorithms.logprobs import token_logprobs
     from posttrain.engine.trainer import TrainerConfig
     from posttrain.models.factory import TinyModelSpec
     from posttrain.models.loading import ModelConfig
     from posttrain.rl.config import OnlineRLConfig, SyncConfig
     from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
-    from posttrain.types import ForwardBatch
 
     spec = TinyModelSpec(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=128, vocab_size=VOCAB)
     cfg = TrainerConfig(max_steps=1, global_batch_size=MICRO, micro_batch_size=MICRO)
@@ -50,16 +42,20 @@ def _measure(mode: str, batch: int, store: str) -> dict[str, float]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, VOCAB, (batch, T), generator=g)
     mask = torch.ones(batch, T, dtype=torch.long)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    before = _status_kib("VmRSS")
-    if mode == "forward_verb":
-        out = worker.forward(ForwardBatch(ids, mask, want_old=True)).old_logprobs_BT
-    else:  # the whole batch's logits at once
-        out = worker.policy.forward(lambda m: token_logprobs(m(input_ids=ids, attention_mask=mask).logits[:, :-1], ids[:, 1:]))
-    peak = _status_kib("VmHWM")
+    with PeakRSS() as m:
+        out = _forward(mode, worker, ids, mask)
     assert out.shape[0] == batch and torch.isfinite(out).all()
-    return {"peak_rise_mib": (peak - before) / 1024, "batch": batch, "mode": mode}
+    return {"peak_rise_mib": m.extra_bytes / 2**20, "batch": batch, "mode": mode}
+
+
+def _forward(mode: str, worker, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from posttrain.algorithms.logprobs import token_logprobs
+    from posttrain.types import ForwardBatch
+
+    if mode == "forward_verb":
+        return worker.forward(ForwardBatch(ids, mask, want_old=True)).old_logprobs_BT
+    # the whole batch's logits at once
+    return worker.policy.forward(lambda m: token_logprobs(m(input_ids=ids, attention_mask=mask).logits[:, :-1], ids[:, 1:]))
 
 
 def _run(mode: str, batch: int, tmp_path) -> float:
@@ -71,7 +67,7 @@ def _run(mode: str, batch: int, tmp_path) -> float:
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_rise_mib"]
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
+@pytest.mark.skipif(not can_measure_peak(), reason="needs Linux /proc/self/clear_refs to reset the peak RSS")
 def test_forward_verb_memory_is_flat_in_batch_size(tmp_path):
     verb = {b: _run("forward_verb", b, tmp_path) for b in (8, 32, 128)}
     whole = {b: _run("whole_batch", b, tmp_path) for b in (8, 32)}
