@@ -142,9 +142,8 @@ def trl_run(cfg, eval_every: int) -> dict[str, Any]:
     from posttrain.engine.schedule import build_scheduler
 
     t0 = time.perf_counter()
-    from posttrain.rollout.sampling import SamplingConfig
 
-    algo, tr, sampling = cfg.algorithm, cfg.trainer, SamplingConfig(**cfg.rollout.sampling)
+    algo, tr, sampling = cfg.algorithm, cfg.trainer, cfg.rollout.sampling
     samples = algo.prompts_per_step * sampling.n
     tok = AutoTokenizer.from_pretrained(SFT_EXPORT)
     tok.padding_side = "left"
@@ -293,9 +292,8 @@ def main() -> None:
         f"{tl['train_s']:.0f} s; at {equal_t:.0f} s: posttrain {at_equal['posttrain']:.3f}, TRL "
         f"{at_equal['trl']:.3f}; gain/min {per_min['posttrain']:.3f} vs {per_min['trl']:.3f}: ratio {ratio:.2f} (goal >= 2)"
     )
-    from posttrain.rollout.sampling import SamplingConfig
 
-    algo, tr, sampling = cfg.algorithm, cfg.trainer, SamplingConfig(**cfg.rollout.sampling)
+    algo, tr, sampling = cfg.algorithm, cfg.trainer, cfg.rollout.sampling
     raw = {
         "steps": tr.max_steps,
         "prompts_per_step": algo.prompts_per_step,
