@@ -37,6 +37,12 @@ class SFTExample:
 
 
 def sft_row_problem(row: dict[str, Any]) -> str | None:
+    parts = row.get("response_parts")
+    if parts is not None:
+        if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+            return "response_parts must be a list of {text, train} objects"
+        if "".join(p["text"] for p in parts) != row.get("response"):
+            return "response_parts do not join to the response"
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
@@ -50,12 +56,27 @@ def sft_row_problem(row: dict[str, Any]) -> str | None:
 
 
 def make_sft_example(tokenizer, row: dict[str, Any], max_length: int) -> SFTExample | str:
-    """Tokenised example, or a reason string when the row is over-length."""
-    response = row["messages"][-1]["content"] if row.get("messages") else row["response"]
-    p, r = encode(tokenizer, prompt_text(tokenizer, row)), encode(tokenizer, response_text(tokenizer, response))
+    """Tokenised example, or a reason string when the row is over-length.
+
+    A row may split its response into ``response_parts``: ``[{"text": ..., "train": bool}, ...]``
+    joining to ``response``. Each part is encoded on its own (as a multi-turn rollout encodes each
+    turn) and only the parts with ``train`` true are targets: a tool-use demonstration trains the
+    policy's turns and not the tool's output, as RL's loss mask does."""
+    p = encode(tokenizer, prompt_text(tokenizer, row))
+    if row.get("response_parts"):
+        r, m = [], []
+        for part in row["response_parts"]:
+            ids = encode(tokenizer, part["text"])
+            r, m = r + ids, m + [int(bool(part.get("train", True)))] * len(ids)
+        eos = encode(tokenizer, response_text(tokenizer, ""))
+        r, m = r + eos, m + [1] * len(eos)
+    else:
+        response = row["messages"][-1]["content"] if row.get("messages") else row["response"]
+        r = encode(tokenizer, response_text(tokenizer, response))
+        m = [1] * len(r)
     if len(p) + len(r) > max_length:
         return "over max_length"
-    return SFTExample(p + r, [0] * len(p) + [1] * len(r))
+    return SFTExample(p + r, [0] * len(p) + m)
 
 
 @dataclass

@@ -141,12 +141,27 @@ class ToolArithmeticTask:
 
         <tool>print(347*29+158)</tool><output>10231</output>10231
 
+    split into ``response_parts`` so that SFT trains the policy's turns and not the tool's output
+    (``<output>...</output>`` is loss-masked, as in RL): a model trained to predict the output from
+    the expression learns to recompute the answer in its head instead of copying the tool's.
+
     For RL the observation comes from the real tool (``CodeToolEnv``), and the final answer is
     checked against ``answer``. ``is_correct`` reads the answer after the last tool output.
+
+    ``tool_rate`` < 1 makes a teacher who reaches for the tool only that often; on the other
+    problems it answers in its head with an estimate, the value rounded to hundreds and marked
+    ``~`` (``~10200``), which is wrong unless the value happens to be a round hundred. A policy that
+    imitates it answers most problems greedily without the tool, yet samples the tool often enough
+    for a reward on the true answer to make the tool its greedy choice (the agentic demo).
     """
 
     digits: int = 3
     ops: str = "*+"  # the two operators, in order
+    tool_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.tool_rate <= 1.0:
+            raise ValueError(f"ToolArithmeticTask.tool_rate={self.tool_rate} must be in [0, 1]")
 
     def generate(self, n: int, seed: int) -> list[dict[str, Any]]:
         rng = random.Random(seed)
@@ -155,9 +170,16 @@ class ToolArithmeticTask:
         for _ in range(n):
             a, b, c = rng.randint(lo, hi), rng.randint(2, 99), rng.randint(lo, hi)
             expr = f"{a}{self.ops[0]}{b}{self.ops[1]}{c}"
-            value = str(_OPS[self.ops[1]](_OPS[self.ops[0]](a, b), c))
-            response = f"<tool>print({expr})</tool><output>{value}</output>{value}"
-            rows.append({"prompt": f"{expr}=", "response": response, "answer": value})
+            value = _OPS[self.ops[1]](_OPS[self.ops[0]](a, b), c)
+            if self.tool_rate >= 1.0 or rng.random() < self.tool_rate:
+                turns = [(f"<tool>print({expr})</tool>", True), (f"<output>{value}</output>", False), (str(value), True)]
+            else:  # the estimate in the head: rounded to hundreds
+                turns = [(f"~{round(value, -2)}", True)]
+            rows.append({
+                "prompt": f"{expr}=", "response": "".join(t for t, _ in turns), "answer": str(value),
+                # SFT trains the policy's turns, not the tool's output (RL's loss mask)
+                "response_parts": [{"text": t, "train": train} for t, train in turns],
+            })  # fmt: skip
         return rows
 
     def is_correct(self, row: dict[str, Any], completion: str) -> bool:

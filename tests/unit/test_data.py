@@ -37,6 +37,25 @@ def test_sft_example_masks_the_prompt():
     assert make_sft_example(tok, {"prompt": "1+2=", "response": "3"}, max_length=10) == "over max_length"
 
 
+def test_tool_demonstration_trains_the_policy_turns_not_the_tool_output():
+    from posttrain.data.formatting import sft_row_problem
+    from posttrain.data.tasks import ToolArithmeticTask
+
+    tok = build_char_tokenizer()
+    row = ToolArithmeticTask().generate(1, seed=0)[0]
+    assert sft_row_problem(row) is None
+    ex = make_sft_example(tok, row, max_length=512)
+    plain = make_sft_example(tok, {"prompt": row["prompt"], "response": row["response"]}, max_length=512)
+    assert ex.input_ids == plain.input_ids  # the same tokens, only the targets differ
+    trained = "".join(tok.decode([t]) for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m)
+    output = f"<output>{row['answer']}</output>"
+    assert output in row["response"] and output not in trained
+    assert trained.startswith("<tool>print(") and trained.endswith(row["answer"] + tok.eos_token)
+    assert sum(ex.loss_mask) == sum(plain.loss_mask) - len(output)
+    broken = {**row, "response_parts": [{"text": "<tool>x</tool>", "train": True}]}
+    assert sft_row_problem(broken) == "response_parts do not join to the response"
+
+
 @pytest.mark.parametrize("split", [3, 7, 10, 13])
 def test_sampler_resume_equals_straight_run_across_epochs(split):
     straight = ResumableSampler(5, seed=1)

@@ -31,3 +31,29 @@ def test_teacher_flaw_is_checked():
         ArithmeticTask(teacher_drops_carry=1.5)
     with pytest.raises(ValueError, match="ops"):
         ArithmeticTask(ops="*", teacher_drops_carry=0.5)
+
+
+# -- the tool task's teacher who estimates in the head (ToolArithmeticTask.tool_rate) -----------
+def test_tool_teacher_uses_the_tool_at_its_rate_and_estimates_otherwise():
+    from posttrain.data.tasks import ToolArithmeticTask
+
+    task = ToolArithmeticTask(tool_rate=0.3)
+    rows = task.generate(2000, seed=4)
+    tool = [r for r in rows if r["response"].startswith("<tool>")]
+    assert 0.25 < len(tool) / len(rows) < 0.35
+    for r in rows:
+        a, rest = r["prompt"].rstrip("=").split("*")
+        b, c = rest.split("+")
+        assert r["answer"] == str(int(a) * int(b) + int(c))  # the true value, tool or not
+        if r in tool:  # a demonstration's final answer is right
+            assert task.is_correct(r, r["response"])
+        else:  # the estimate: rounded to hundreds, marked, and checked as wrong
+            assert r["response"] == f"~{round(int(r['answer']), -2)}" and not task.is_correct(r, r["response"])
+
+
+def test_tool_teacher_at_rate_one_is_the_plain_task():
+    from posttrain.data.tasks import ToolArithmeticTask
+
+    assert ToolArithmeticTask(tool_rate=1.0).generate(100, seed=1) == ToolArithmeticTask().generate(100, seed=1)
+    with pytest.raises(ValueError, match="tool_rate"):
+        ToolArithmeticTask(tool_rate=1.5)
