@@ -84,6 +84,10 @@ class TrajectoryScorer:
             sg.token_rewards = lists
             sg.breakdown.update(parts)
         self.write(rows)
+        for name in sorted({k for sg in scored for k in sg.breakdown if k.startswith("env/")}):  # env/correct, ...
+            kept = [v for sg in scored if name in sg.breakdown for v, r in zip(sg.breakdown[name], sg.rewards, strict=True)
+                    if r is not None and v is not None]  # fmt: skip
+            metrics[name] = sum(kept) / len(kept) if kept else float("nan")
         counters = self.agent.take_counters() if self.agent is not None else {}
         metrics.update(counters)
         metrics.update({"agent/masked_env_errors": float(masked), "agent/turns_mean": sum(turns) / max(1, len(turns)),

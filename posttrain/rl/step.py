@@ -180,15 +180,26 @@ def probe_sequences(scored: list[ScoredGroup]) -> list[list[int]]:
     return [first.prompt.token_ids + first.completions[0].token_ids]
 
 
-def batch_metrics(inputs: TrainInputs, groups: list[Group]) -> dict[str, float]:
-    """Rewards, advantages, lengths and the trainer/behaviour logprob gap of a step's batch."""
+def sample_returns(scored: list[ScoredGroup], batch: RLBatch) -> torch.Tensor:
+    """Each used sample's whole reward: the graph's score plus its token (per-turn, process)
+    rewards, as the group estimators sum them."""
+    tokens_NG = torch.tensor([[sum(sg.token_rewards[i] or []) if sg.token_rewards is not None else 0.0
+                               for i in range(len(sg.rewards))] for sg in scored])  # fmt: skip
+    used = batch.sample_mask_NG > 0
+    return batch.rewards_NG[used] + tokens_NG.reshape(batch.rewards_NG.shape)[used]
+
+
+def batch_metrics(inputs: TrainInputs, scored: list[ScoredGroup]) -> dict[str, float]:
+    """Rewards, advantages, lengths and the trainer/behaviour logprob gap of a step's batch.
+    ``reward/*`` are over each sample's whole reward (score plus token rewards: an agent's env)."""
     batch, adv, m = inputs.batch, inputs.advantages_BT, {}
+    groups = [sg.group for sg in scored]
     valid = batch.loss_mask_BT > 0
     old = inputs.forward.old_logprobs_BT
     if old is not None and valid.any():  # else the loss reports behaviour_kl (mean)
         m["logprob/behaviour_vs_trainer_max_abs"] = float((old - batch.behaviour_logprobs_BT)[valid].abs().max())
     lens = batch.response_lengths_B.float()
-    rewards = batch.rewards_NG[batch.sample_mask_NG > 0]
+    rewards = sample_returns(scored, batch)
     completions = [c for g in groups for c in g.completions]
     m.update({
         "reward/mean": float(rewards.mean()) if rewards.numel() else float("nan"),
@@ -230,9 +241,8 @@ class Step:
             m_train = train(inputs, self.algo, self.trainers, self.seed + step)
         with timer("sync"):
             m_sync = self.publisher.publish(probe_sequences(scored))
-        groups = [sg.group for sg in scored]
         m_sync.update(getattr(self.trainers, "offload_stats", {}))  # trainer.offload: rank 0's last moves
-        return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, groups), **timer.metrics(),
+        return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, scored), **timer.metrics(),
                 **throughput(inputs.batch, timer.step_s), "policy_version": float(self.publisher.version)}  # fmt: skip
 
     def dynamic_sampling(self, scored: list[ScoredGroup], refill: Refill | None, timer: PhaseTimer) -> dict[str, float]:

@@ -23,7 +23,7 @@ from posttrain.models.tokenizer import build_char_tokenizer
 from posttrain.rl.agent import AgentRollouts
 from posttrain.rl.agent_scoring import TrajectoryScorer, turn_token_rewards
 from posttrain.rl.batch import advantage_inputs, build_rl_batch
-from posttrain.rl.step import token_rewards
+from posttrain.rl.step import sample_returns, token_rewards
 from posttrain.types import Completion, Group, PromptRecord, ScoredGroup, Turn
 
 TOK = build_char_tokenizer()
@@ -85,6 +85,9 @@ def test_turn_rewards_reach_group_and_gae_advantages() -> None:
     adv = GRPOAdvantage().compute(advantage_inputs(batch, tr, None)).advantages_BT
     assert adv[0][batch.loss_mask_BT[0] > 0].min() > 0 > adv[1][batch.loss_mask_BT[1] > 0].max()  # 0.5 vs 0.0
     assert metrics["agent/turns_max"] == 2.0
+    # the step's reward metrics count the env's rewards (the graph gave 0 to both): mean of 0.5 and 0.0
+    assert metrics["env/correct"] == 0.5 and metrics["env/tool_error"] == -0.25
+    assert sample_returns(scored, batch).tolist() == [0.5, 0.0]
 
 
 def test_env_error_masks_only_that_trajectory() -> None:
