@@ -29,7 +29,7 @@ N, PROMPTS = 4, 2
 def sft_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("agent")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = main(["run", os.path.join(root, "recipes/sft_tiny_tool.yaml"), f"run.output_dir={out}", "trainer.max_steps=60",
+    code = main(["run", os.path.join(root, "recipes/sft_tiny_tool.yaml"), f"run.output_dir={out}", "trainer.max_steps=60", "data.train.synthetic.tool_rate=1.0",
                  "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.schedule.warmup_steps=5",
                  "eval.every_steps=1000", "data.eval.num_examples=4", "checkpoint.every_steps=1000",
                  "logging.wandb.enabled=false", "logging.progress=false"])  # fmt: skip
