@@ -66,6 +66,16 @@ _DIGEST_MASK = (1 << 52) - 1  # digests travel as exact float64 metrics
 _FINGERPRINT_ROW = 1024  # words (8 KiB): rows of this many words are summed per column
 
 
+def as_tensor(payload: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A payload as a flat tensor, without a copy. Payloads from Ray's object store are read-only
+    NumPy arrays; the views of them are only ever read, so torch's not-writable warning is noise."""
+    if not isinstance(payload, np.ndarray):
+        return payload
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(payload)
+
+
 def payload_fingerprint(payload: torch.Tensor | np.ndarray) -> int:
     """A 52-bit content fingerprint of a bucket payload (uint8, length a multiple of 64 bytes).
 
@@ -77,7 +87,7 @@ def payload_fingerprint(payload: torch.Tensor | np.ndarray) -> int:
     columns per position in a line (the same sums, in wrapping arithmetic; 7 ms for 64 MiB on
     one CPU core, against 44 ms for multiplying every word by its weight first).
     """
-    flat = torch.from_numpy(payload) if isinstance(payload, np.ndarray) else payload
+    flat = as_tensor(payload)
     if flat.numel() == 0:
         return 0
     words = flat.view(torch.int64)
@@ -146,10 +156,7 @@ class WeightBucket:
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` views into the payload (no copy; read-only if the payload is)."""
-        with warnings.catch_warnings():
-            # Payloads from Ray's object store are read-only; we only ever read the views.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            flat = torch.from_numpy(self.payload) if isinstance(self.payload, np.ndarray) else self.payload
+        flat = as_tensor(self.payload)
         for meta in self.metas:
             raw = flat[meta.offset : meta.offset + meta.nbytes]
             yield meta.name, raw.view(dtype_from_name(meta.dtype)).view(meta.shape)

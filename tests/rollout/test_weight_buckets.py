@@ -144,3 +144,21 @@ def test_sampling_config_rejects_bad_values():
     for bad in ({"n": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"max_tokens": 0}):
         with pytest.raises(ValueError, match="rollout.sampling"):
             SamplingConfig(**bad)
+
+
+def test_read_only_payloads_are_read_without_a_copy_or_a_warning():
+    """Buckets from Ray's object store arrive as read-only NumPy arrays: the views and fingerprint
+    read them in place, and torch's not-writable warning does not reach the worker's log."""
+    import warnings
+
+    import numpy as np
+
+    from posttrain.weight_sync import as_tensor, payload_fingerprint
+
+    payload = np.arange(256, dtype=np.uint8)
+    payload.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        flat = as_tensor(payload)
+        assert payload_fingerprint(payload) == payload_fingerprint(torch.arange(256, dtype=torch.uint8))
+    assert flat.data_ptr() == payload.ctypes.data  # a view, not a copy
