@@ -46,14 +46,18 @@ class KilledOnceWorker(RolloutWorker):
 
     def generate(self, prompts, sampling):
         if sampling.n > 1:
-            try:
-                os.close(os.open(KILL_FLAG, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                pass
-            else:
-                time.sleep(0.3)
-                os.kill(os.getpid(), signal.SIGKILL)
+            _die_if_first(KILL_FLAG)
         return super().generate(prompts, sampling)
+
+
+def _die_if_first(flag: str) -> None:
+    """SIGKILL this process if it is the first to claim ``flag`` (a request in flight dies with it)."""
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 CALLS_LOG = f"/tmp/posttrain_calls_{os.getpid()}"
@@ -95,13 +99,7 @@ class KilledMidTrajectoryWorker(RolloutWorker):
 
         marker = build_char_tokenizer().encode("</output>", add_special_tokens=False)
         if any(_contains(p.token_ids, marker) for p in prompts):
-            try:
-                os.close(os.open(MID_TRAJECTORY_KILL_FLAG, os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                pass
-            else:
-                time.sleep(0.3)
-                os.kill(os.getpid(), signal.SIGKILL)
+            _die_if_first(MID_TRAJECTORY_KILL_FLAG)
         return super().generate(prompts, sampling)
 
 
