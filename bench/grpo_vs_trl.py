@@ -16,7 +16,7 @@ Two shapes, each its own row (``--shapes``):
 
 Shared settings: two-digit addition prompts (posttrain.data.tasks.ArithmeticTask) in the chat
 template, 16 prompts x 8 samples = 128 samples per optimizer step (2 micro-batches of 64),
-temperature 1.0, lr constant (5e-4 tiny, 5e-5 realistic), AdamW betas (0.9, 0.95), no weight decay, grad clip 1.0, GRPO
+temperature 1.0, lr constant (5e-4 tiny, 1e-6 realistic), AdamW betas (0.9, 0.95), no weight decay, grad clip 1.0, GRPO
 clip 0.2, no KL, per-sequence token-mean loss, group-std-scaled advantages, float32.
 posttrain runs its synchronous loop (``max_staleness: 0``) with its defaults: each phase on all
 the cores (``cluster.phase_threads: auto``); the realistic row also packs micro-batches
@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.metadata
+import json
 import os
 import statistics
 import sys
@@ -64,7 +65,7 @@ class Shape:
     factory: dict[str, Any]  # posttrain.models.factory.TinyModelSpec fields
     max_new_tokens: int
     reward: str  # "digits" | "exact"
-    eos_per_token: float | None = None  # see calibrate_eos (None: the weights as built)
+    mean_new_tokens: float | None = None  # sampled mean length, see calibrate_eos (None: the weights as built)
     lr: float = 5e-4
 
     def describe(self) -> str:
@@ -78,8 +79,10 @@ REALISTIC = Shape(
     {"hidden_size": 512, "num_layers": 8, "num_heads": 8, "num_kv_heads": 4, "intermediate_size": 1408},
     96,
     "digits",
-    eos_per_token=1 / 80,  # mean length (1 - (1 - p)^96) / p ~ 57 tokens
-    lr=5e-5,  # the demo recipe's; at 5e-4 one update moves the 23.7M model to ending almost never
+    mean_new_tokens=57,  # the issue's shape: up to 96 new tokens, about 57 on average
+    # TRL's GRPO default (and verl's actor default): the usual RL step size for a model of this kind.
+    # At 5e-5 the first AdamW step alone moved the lengths from ~57 to ~94 of 96 tokens (measured)
+    lr=1e-6,
 )
 TINY = Shape(
     "tiny", {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 384}, 6, "exact"
@@ -103,44 +106,69 @@ def model_dir(shape: Shape, root: str) -> tuple[str, str]:
     if not os.path.exists(os.path.join(out, "config.json")):
         torch.manual_seed(0)
         save_tiny_model(TinyModelSpec(**shape.factory), out)
-        if shape.eos_per_token:
-            calibrate_eos(out, shape.eos_per_token)
+        if shape.mean_new_tokens:
+            shift, measured = calibrate_eos(out, shape.mean_new_tokens, shape.max_new_tokens)
+            with open(os.path.join(out, "eos_calibration.json"), "w") as f:
+                json.dump({"shift": shift, "sampled_mean_new_tokens": measured}, f)
     params = sum(p.numel() for p in build_tiny_model(TinyModelSpec(**shape.factory)).parameters())
-    eos = f", end-of-text embedding shifted to P(eos) ~{shape.eos_per_token:g}/token" if shape.eos_per_token else ""
+    eos = ""
+    if shape.mean_new_tokens:
+        with open(os.path.join(out, "eos_calibration.json")) as f:
+            cal = json.load(f)
+        eos = (f", end-of-text embedding shifted so that sampled completions average {cal['sampled_mean_new_tokens']:.1f} "
+               f"new tokens (target {shape.mean_new_tokens:g}, cap {shape.max_new_tokens})")
     return out, f"{shape.describe()}, {params / 1e6:.2f}M parameters, random init (seed 0){eos}"
 
 
-def calibrate_eos(path: str, target: float) -> float:
+def calibrate_eos(path: str, mean_tokens: float, max_new_tokens: int, prompts: int = 64) -> tuple[float, float]:
     """Shift the end-of-text row of the (tied) embedding along the mean final hidden state until
-    the mean probability of ending is ``target`` per token, so that sampled completions have
-    variable lengths (a fresh random model almost never ends before the cap). Deterministic; the
-    result is saved in place and both systems start from it. Returns the shift."""
+    sampled completions (temperature 1.0, the benchmark's chat prompts, at most ``max_new_tokens``)
+    are ``mean_tokens`` long on average, so that completion lengths vary as in a real run (a fresh
+    random model almost never ends before the cap). Calibrated on what is sampled, not on random
+    token ids: their hidden states differ, and a target set on random ids gave ~94 of 96 tokens.
+    Deterministic (fixed prompts and sampling seed); the result is saved in place and both systems
+    start from it. Returns (shift, measured mean length)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.data.tasks import ArithmeticTask
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(path)
     eos = tok.eos_token_id
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, len(tok), (16, 96), generator=gen)  # ordinary characters, no specials
+    rows = ArithmeticTask(digits=2, ops="+").generate(prompts, seed=11)
+    texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True)
+             for r in rows]  # fmt: skip
+    tok.padding_side = "left"
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    emb = model.get_output_embeddings().weight
     with torch.no_grad():
-        hidden = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size)
+        hidden = model.model(**batch).last_hidden_state[batch["attention_mask"].bool()]
         direction = hidden.mean(0) / hidden.mean(0).norm()
-        row = model.get_output_embeddings().weight[eos].clone()
+        row = emb[eos].clone()
 
-        def p_eos(shift: float) -> float:
-            model.get_output_embeddings().weight[eos] = row + shift * direction
-            return float(torch.softmax(model.lm_head(hidden), -1)[:, eos].mean())
+    def mean_length(shift: float) -> float:
+        with torch.no_grad():
+            emb[eos] = row + shift * direction
+            torch.manual_seed(0)
+            out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=eos)  # fmt: skip
+        new = out[:, batch["input_ids"].shape[1] :]
+        ended = new == eos
+        lengths = torch.where(ended.any(1), ended.float().argmax(1) + 1, torch.tensor(max_new_tokens))
+        return float(lengths.float().mean())
 
-        lo, hi = 0.0, 1.0
-        while p_eos(hi) < target:
-            hi *= 2
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if p_eos(mid) < target else (lo, mid)
-        p_eos(hi)
+    lo, hi = -1.0, 1.0  # the length falls as the shift grows; the fresh model may end too early or too late
+    while mean_length(lo) <= mean_tokens:
+        lo *= 2
+    while mean_length(hi) > mean_tokens:
+        hi *= 2
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean_length(mid) > mean_tokens else (lo, mid)
+    measured = mean_length(hi)
     model.save_pretrained(path, safe_serialization=True)
-    return hi
+    return hi, measured
 
 
 # -- rewards (the same function for both systems) -----------------------------------------------

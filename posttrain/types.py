@@ -26,6 +26,9 @@ class PromptRecord:
     text: str  # the prompt as sent to the engine (chat template already applied)
     token_ids: list[int]
     fields: dict[str, Any] = field(default_factory=dict)  # dataset columns (answer, tests, ...)
+    # this request's own cap on new tokens, below sampling.max_tokens (a multi-turn trajectory's
+    # remaining budget): requests with different budgets share one engine batch
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -69,9 +72,17 @@ class Completion:
     env_error: str | None = None
 
     @property
+    def policy_versions(self) -> list[int]:
+        """The versions of the sampled tokens (observation tokens of a trajectory left out)."""
+        if self.loss_mask is None:
+            return self.versions
+        return [v for v, m in zip(self.versions, self.loss_mask, strict=True) if m]
+
+    @property
     def v_min(self) -> int:
-        """Oldest policy version that produced any token (the staleness contract uses this)."""
-        return min(self.versions) if self.versions else -1
+        """Oldest policy version that sampled any token (the staleness contract uses this)."""
+        versions = self.policy_versions
+        return min(versions) if versions else -1
 
     @property
     def truncated(self) -> bool:

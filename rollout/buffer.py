@@ -44,11 +44,11 @@ class StalenessBound:
 
     def group_v_min(self, group: Group) -> int:
         """Oldest version of any token of any sample in the group (the group is trained together)."""
-        return min((c.v_min for c in group.completions if c.versions), default=-1)
+        return min((c.v_min for c in group.completions if c.policy_versions), default=-1)
 
     def histogram(self, step: int, groups: list[Group]) -> Counter[int]:
         """Samples per staleness value (``s - v_min``) among ``groups`` at ``step``."""
-        return Counter(self.staleness(step, c.v_min) for g in groups for c in g.completions if c.versions)
+        return Counter(self.staleness(step, c.v_min) for g in groups for c in g.completions if c.policy_versions)
 
 
 class RolloutBuffer:

@@ -94,7 +94,8 @@ class AgentConfig:
         return None
 
 
-SYNC_ONLY = "multi-turn rollouts (rollout.agent.env) run in the synchronous loop: no max_staleness, request_timeout_s, chunk_tokens"
+SYNC_ONLY = ("multi-turn rollouts (rollout.agent.env) are chunked by their turns and re-run a turn batch whose worker "
+             "misses cluster.call_timeout_s: rollout.chunk_tokens and rollout.request_timeout_s are single-turn only")
 MASK_POLICY = "policy tokens: loss mask 1, behaviour logprobs, version per token; observation tokens: mask 0"
 
 

@@ -146,6 +146,8 @@ class HFEngine:
         sampling: SamplingConfig,
     ) -> Completion:
         tokens = tokens_T.tolist()
+        if prompt.max_tokens is not None:  # the request's own cap: the batch ran to the longest one
+            tokens = tokens[: prompt.max_tokens]
         eos = self.tokenizer.eos_token_id
         length, finish = len(tokens), "length"
         if eos in tokens:  # keep the EOS token (as vLLM does), drop the padding after it

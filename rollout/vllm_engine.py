@@ -236,7 +236,7 @@ class VLLMEngine:
                     n=sampling.n,
                     temperature=sampling.temperature,
                     top_p=sampling.top_p,
-                    max_tokens=sampling.max_tokens,
+                    max_tokens=min(sampling.max_tokens, prompt.max_tokens or sampling.max_tokens),
                     stop=list(sampling.stop),
                     seed=seed,
                     logprobs=0,

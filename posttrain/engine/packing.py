@@ -125,12 +125,12 @@ def row_attention(module, query, key, value, attention_mask, dropout: float = 0.
     sum(len^2) rather than N^2."""
     if cu_seq_lens_q is None:
         raise RuntimeError(f"attention {ROW_ATTENTION!r} needs cu_seq_lens_q (use posttrain.engine.packing.forward)")
-    bounds = cu_seq_lens_q.tolist()
-    outs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout, scale=scaling, enable_gqa=True)  # fmt: skip
-        for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
+    sizes = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    # split, not one slice per row: a slice's backward fills a zero tensor of the whole [1, H, N, D]
+    # per row (measured: 13% of a packed train step), split's backward concatenates once
+    rows = zip(*(x.split(sizes, dim=2) for x in (query, key, value)), strict=True)
+    outs = [F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout, scale=scaling, enable_gqa=True)
+            for q, k, v in rows]  # fmt: skip
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -57,9 +57,12 @@ class Trajectory:
     turns: list[Turn] = field(default_factory=list)
     finish: str = "length"
     error: str | None = None
+    counters: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # summed per call
 
     def add(self, ids: list[int], role: str, logprobs: list[float] | None = None, version: int | None = None) -> Turn:
         start = len(self.ids)
+        if version is not None and self.versions and self.versions[0] == -1:  # the first observation: the first turn's
+            self.versions = [version if v == -1 else v for v in self.versions]
         v = version if version is not None else (self.versions[-1] if self.versions else -1)
         self.ids += ids
         self.mask += [1 if role == "policy" else 0] * len(ids)
@@ -136,15 +139,12 @@ class TurnDispatcher:
 
     async def run(self, worker: int, items: list[tuple[PromptRecord, int, asyncio.Future]]) -> None:
         try:
-            by_len: dict[int, list] = defaultdict(list)
-            for item in items:
-                by_len[item[1]].append(item)
             t0 = time.perf_counter()
-            for max_tokens, same in by_len.items():
-                for batch in prefill_chunks(same):
-                    groups = await self.submit(worker, [r for r, _, _ in batch], max_tokens)
-                    for (_, _, fut), group in zip(batch, groups, strict=True):
-                        fut.set_result(group.completions[0])
+            for batch in prefill_chunks(items):  # each request carries its own token budget: one batch
+                records = [dataclasses.replace(r, max_tokens=budget) for r, budget, _ in batch]
+                groups = await self.submit(worker, records, max(budget for _, budget, _ in batch))
+                for (_, _, fut), group in zip(batch, groups, strict=True):
+                    fut.set_result(group.completions[0])
             self.generate_s += time.perf_counter() - t0
         except BaseException as err:  # noqa: BLE001 - handed to the waiting trajectories
             for _, _, fut in items:
@@ -196,27 +196,42 @@ class AgentRollouts:
         return out
 
     def generate(self, prompts: list[PromptRecord], sampling: Any) -> list[Group]:
-        """Every prompt's ``sampling.n`` trajectories, on the usable workers; groups in prompt order."""
-        self.counters = defaultdict(float)  # this call's (an evaluation before a step must not count in it)
+        """Every prompt's ``sampling.n`` trajectories, on the usable workers; groups in prompt order.
+        The call's metrics become :attr:`counters` (an evaluation before a step must not count in it)."""
         usable = self.fleet.usable()
         self.fleet.wake(usable, generate=True)
         try:
-            return asyncio.run(self._generate(prompts, sampling, usable))
+            groups, self.counters = asyncio.run(self._generate(prompts, sampling, usable))
+            return groups
         finally:
             self.fleet.sleep(usable)
 
-    async def _generate(self, prompts: list[PromptRecord], sampling: Any, usable: list[int]) -> list[Group]:
-        dispatcher = TurnDispatcher(self.fleet, self.on_lost, sampling, self.limits.stop, self.lockstep)
+    async def _generate(self, prompts: list[PromptRecord], sampling: Any, usable: list[int]) -> tuple[list[Group], dict[str, float]]:
+        dispatcher = self.dispatcher(sampling)
+        return await self.rollout(prompts, sampling, usable, dispatcher)
+
+    def dispatcher(self, sampling: Any) -> TurnDispatcher:
+        """A turn batcher over the bound fleet (one per event loop; calls of that loop may share it)."""
+        return TurnDispatcher(self.fleet, self.on_lost, sampling, self.limits.stop, self.lockstep)
+
+    async def rollout(self, prompts: list[PromptRecord], sampling: Any, usable: list[int],
+                      dispatcher: TurnDispatcher) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
+        """The trajectories of ``prompts`` through ``dispatcher``: (groups in prompt order, this call's
+        metrics). Several calls may share a dispatcher (the pipelined loop's steps in flight)."""
         trajs = [Trajectory(p.ordinal * sampling.n + i, p, i, usable[(k * sampling.n + i) % len(usable)])
                  for k, p in enumerate(prompts) for i in range(sampling.n)]  # fmt: skip
-        dispatcher.live = len(trajs)
-        t0 = time.perf_counter()
+        dispatcher.live += len(trajs)
+        t0, busy0 = time.perf_counter(), dispatcher.generate_s
         await asyncio.gather(*(self.run_one(t, dispatcher, sampling) for t in trajs))
-        self.counters["agent/generate_busy_s"] += dispatcher.generate_s
-        self.counters["agent/wall_s"] += time.perf_counter() - t0
+        counters: dict[str, float] = defaultdict(float)
+        for t in trajs:
+            for k, v in t.counters.items():
+                counters[k] += v
+        counters["agent/generate_busy_s"] += dispatcher.generate_s - busy0
+        counters["agent/wall_s"] += time.perf_counter() - t0
         done = [t.completion(self.decode) for t in trajs]
         n = sampling.n
-        return [Group(p, done[k * n : (k + 1) * n]) for k, p in enumerate(prompts)]
+        return [Group(p, done[k * n : (k + 1) * n]) for k, p in enumerate(prompts)], counters
 
     async def run_one(self, traj: Trajectory, dispatcher: TurnDispatcher, sampling: Any) -> None:
         """One trajectory to its end; an env that raises ends it with ``error`` (the scorer masks it)."""
@@ -226,7 +241,7 @@ class AgentRollouts:
         except EnvFailed as failed:  # the environment's fault masks this trajectory only
             err = failed.__cause__
             traj.error = f"{type(err).__name__}: {err}"[:300]
-            self.counters["agent/env_errors"] += 1
+            traj.counters["agent/env_errors"] += 1
         finally:
             dispatcher.finished()
             close = getattr(env, "close", None)
@@ -242,7 +257,7 @@ class AgentRollouts:
         ids = self.tok.encode(text, add_special_tokens=False)
         if len(ids) > self.limits.max_observation_tokens:
             ids = ids[: self.limits.max_observation_tokens]
-            self.counters["agent/observations_cut"] += 1
+            traj.counters["agent/observations_cut"] += 1
         room = self.limits.max_total_tokens - len(traj.ids)
         traj.add(ids[:room], "env")
         return len(ids) < room
@@ -263,29 +278,29 @@ class AgentRollouts:
             seed = batch_seed(self.run_seed, [PromptRecord(traj.key, "", prefix)])
             out = await dispatcher.turn(traj.worker, PromptRecord(seed, "", prefix), budget)
             turn = traj.add(list(out.token_ids), "policy", list(out.logprobs), out.versions[0] if out.versions else None)
-            self.counters["agent/policy_turns"] += 1
-            result = await self.step(env, self.decode(out.token_ids))
+            traj.counters["agent/policy_turns"] += 1
+            result = await self.step(env, self.decode(out.token_ids), traj.counters)
             turn.rewards = dict(result.rewards)
             for k, v in result.info.items():
-                self.counters[f"agent/{k}"] += v
+                traj.counters[f"agent/{k}"] += v
             if result.done:
                 traj.finish = "stop"
                 return
             if not self.observe(traj, result.observation):
                 return
 
-    async def step(self, env: Any, action: str) -> StepResult:
+    async def step(self, env: Any, action: str, counters: dict[str, float]) -> StepResult:
         """``env.step`` within ``rollout.agent.tool_timeout_s``; past it, an observation says so."""
         t0 = time.perf_counter()
         try:
             return await asyncio.wait_for(env.step(action), self.limits.tool_timeout_s)
         except asyncio.TimeoutError:
-            self.counters["agent/step_timeouts"] += 1
+            counters["agent/step_timeouts"] += 1
             return StepResult(f"<output>error: tool call timed out after {self.limits.tool_timeout_s:g}s</output>")
         except Exception as err:
             raise EnvFailed from err
         finally:
-            self.counters["agent/env_step_s"] += time.perf_counter() - t0
+            counters["agent/env_step_s"] += time.perf_counter() - t0
 
     def scorer(self, graph: Any) -> TrajectoryScorer:
         """The step's scorer: ``graph`` (None: the environment's rewards only) plus env rewards/failures."""

@@ -345,8 +345,8 @@ class OnlineRLConfig:
                 f"{cfg.trainer.global_batch_size} != algorithm.prompts_per_step x rollout.sampling.n = {samples}",
                 f"set trainer.global_batch_size={samples} (samples per step)",
             )
-        if cfg.rollout.agent.env and (self.max_staleness or cfg.rollout.request_timeout_s or cfg.rollout.chunk_tokens):
-            return ("rollout.agent.env", SYNC_ONLY, "set algorithm.max_staleness=0, rollout.request_timeout_s/chunk_tokens=null")
+        if cfg.rollout.agent.env and (cfg.rollout.request_timeout_s or cfg.rollout.chunk_tokens):
+            return ("rollout.agent.env", SYNC_ONLY, "set rollout.request_timeout_s=null and rollout.chunk_tokens=null")
         asynchronous = (
             self.max_staleness > 0
             or cfg.rollout.chunk_tokens is not None

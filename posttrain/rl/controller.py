@@ -140,8 +140,11 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
 
 
 def is_asynchronous(cfg: RecipeConfig) -> bool:
-    """The bounded-staleness loop runs unless placement is colocated (rollouts cannot overlap training)."""
-    return cfg.cluster.placement != "colocated" and not cfg.rollout.agent.env  # trajectories: synchronous loop
+    """The bounded-staleness loop runs unless placement is colocated (rollouts cannot overlap
+    training); multi-turn rollouts take it only with ``max_staleness > 0`` (k = 0: synchronous loop)."""
+    if cfg.rollout.agent.env:
+        return cfg.algorithm.max_staleness > 0
+    return cfg.cluster.placement != "colocated"
 
 
 def run_loop(rooms: Rooms, cfg: RecipeConfig, parts: LoopParts, start: int, asynchronous: bool) -> None:
@@ -153,7 +156,7 @@ def run_loop(rooms: Rooms, cfg: RecipeConfig, parts: LoopParts, start: int, asyn
     run_pipelined(
         parts, rooms.fleet, rooms.publisher, sampling, rooms.decode, max_staleness=algo.max_staleness,
         policy=algo.staleness_policy, prompts_per_step=algo.prompts_per_step, chunk_tokens=cfg.rollout.chunk_tokens,
-        start_step=start, max_steps=cfg.trainer.max_steps,
+        start_step=start, max_steps=cfg.trainer.max_steps, agent=rooms.agent,
     )  # fmt: skip
 
 

@@ -139,3 +139,27 @@ def test_worker_killed_mid_trajectory_is_replaced_and_its_turns_rerun(grpo_run, 
     killed = {(t["ordinal"], t["sample"]): t["token_ids"] for t in rows(run_dir, "trajectories.jsonl")}
     calm = {(t["ordinal"], t["sample"]): t["token_ids"] for t in rows(grpo_run, "trajectories.jsonl")}
     assert killed == calm  # content seeds: the re-run turns sampled the same tokens
+
+
+def test_trajectories_run_ahead_of_training_within_max_staleness(sft_model, tmp_path) -> None:
+    """``max_staleness: 1``: the pipelined loop's agent side generates step t+1's trajectories while
+    step t trains. Every trained policy token is at most one version old and some are exactly one
+    (the run really overlapped); each step reports its own trajectories; the trainer's ids are
+    still the sampled ids."""
+    run_dir = grpo(sft_model, tmp_path, "grpo_tool_async", ["algorithm.max_staleness=1", "trainer.max_steps=3"])
+    steps = [m for m in read_metrics(run_dir) if "time/step_s" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:
+        assert m["agent/policy_turns"] >= N * PROMPTS and m["samples/masked_fraction"] == 0
+    ledger = rows(run_dir, "samples.jsonl")
+    trajs = {(t["ordinal"], t["sample"]): t for t in rows(run_dir, "trajectories.jsonl")}
+    assert len(ledger) == 3 * N * PROMPTS
+    staleness: Counter[int] = Counter()
+    for row in ledger:
+        t = trajs[(row["ordinal"], row["sample"])]
+        assert row["tokens_sha1"] == t["tokens_sha1"]
+        mask, versions = expand(row["loss_mask"]), expand(row["versions"])
+        policy = [v for v, m in zip(versions, mask, strict=True) if m]
+        assert policy and min(policy) >= 0
+        staleness[row["step"] - 1 - min(policy)] += 1
+    assert set(staleness) <= {0, 1} and staleness[1] > 0, staleness

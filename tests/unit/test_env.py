@@ -160,7 +160,8 @@ class EchoWorkerFleet:
             out = []
             for r in records:
                 turn = TOK.decode(r.token_ids).count("<output>")
-                ids = enc(self.script[min(turn, len(self.script) - 1)])[: sampling.max_tokens]
+                cap = min(sampling.max_tokens, r.max_tokens or sampling.max_tokens)  # as the engines do
+                ids = enc(self.script[min(turn, len(self.script) - 1)])[:cap]
                 out.append(Group(r, [Completion(r, 0, ids, "", [-1.0] * len(ids), [7] * len(ids), "stop")]))
             return out
 
@@ -188,8 +189,8 @@ class SlowToolEnv:
         return StepResult(rewards={"correct": float(action.strip() == "3")}, done=True)
 
 
-def agent(env: dict, fleet, **limits) -> AgentRollouts:
-    return AgentRollouts(AgentConfig(env=env, **limits), TOK, 0, 512).bind(fleet, lambda i, e: None)
+def agent(env: dict, fleet, max_model_len: int = 512, **limits) -> AgentRollouts:
+    return AgentRollouts(AgentConfig(env=env, **limits), TOK, 0, max_model_len).bind(fleet, lambda i, e: None)
 
 
 def test_agent_records_turns_masks_and_limits() -> None:
@@ -303,3 +304,62 @@ def test_turn_batches_stay_within_one_prefill() -> None:
     chunks = prefill_chunks(items)
     assert [len(c) for c in chunks] == [4, 4, 1] and [x for c in chunks for x in c] == items
     assert all(sum(len(r.token_ids) for r, _, _ in c) <= PREFILL_TOKENS for c in chunks)
+
+
+def test_turns_with_different_budgets_share_one_batch() -> None:
+    """Each turn request carries its own token budget, so a worker's waiting turns go out as one
+    engine batch (not one per budget), and each is cut to its own budget."""
+    fleet = EchoWorkerFleet(["9" * 60])
+    a = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0}, fleet, max_model_len=40)
+    prompts = [PromptRecord(0, "", enc("1+2=")), PromptRecord(1, "", enc("1+2+3+4+5+6="))]
+    groups = a.generate(prompts, SamplingConfig(n=1, max_tokens=32))
+    assert fleet.batches == [2]
+    assert [len(g.completions[0].token_ids) for g in groups] == [32, 40 - len(enc("1+2+3+4+5+6="))]
+
+
+def test_agent_rollout_loop_runs_ahead_within_the_gate() -> None:
+    """The pipelined loop's multi-turn side: steps start when the staleness gate opens (k = 1: steps
+    1 and 2 at version 0, step 3 only once version 1 is served), and each step's agent metrics reach
+    the scorer when the trainer takes that step."""
+    from posttrain.rollout.buffer import RolloutBuffer, StalenessBound
+
+    from posttrain.rl.loops.agent_pipelined import AgentRolloutLoop
+
+    fleet = EchoWorkerFleet(["<tool>1</tool>", "3"], delay=0.02)
+    a = agent({"_target_": f"{__name__}.SlowToolEnv", "nap": 0.0}, fleet)
+    batches = iter([[PromptRecord(i, "", enc(f"{i}+2="))] for i in range(3)])
+    buffer = RolloutBuffer()
+    publisher = type("Publisher", (), {"version": 0})()
+    loop = AgentRolloutLoop(a, fleet, publisher, SamplingConfig(n=2, max_tokens=32), lambda: next(batches), buffer,
+                            StalenessBound(1), max_steps=3)  # fmt: skip
+    loop.start()
+    try:
+        first, _ = buffer.take(1, 1, timeout_s=30)
+        second, _ = buffer.take(2, 1, timeout_s=30)
+        assert [g.prompt.ordinal for g in first + second] == [0, 1]
+        assert all(c.v_min == 7 and len(c.turns) == 3 for g in first + second for c in g.completions)
+        time.sleep(0.3)
+        assert loop.launched == 2 and buffer.pending_steps() == []  # step 3 waits for version 1
+        loop.before_step(1)
+        assert a.take_counters()["agent/tool_calls"] == 2.0  # step 1's two trajectories, one call each
+        loop.advance(1)
+        third, _ = buffer.take(3, 1, timeout_s=30)
+        assert third[0].prompt.ordinal == 2
+    finally:
+        loop.stop()
+        loop.join(timeout=10)
+    assert not loop.is_alive()
+
+
+def test_staleness_reads_policy_tokens_only() -> None:
+    """A trajectory's first observation comes before any policy turn: it takes the first turn's
+    version, and the contract reads the versions of sampled tokens only."""
+    from posttrain.rl.agent import Trajectory
+
+    t = Trajectory(0, PROMPT, 0, 0)
+    t.add([5, 6], "env")
+    t.add([7], "policy", [-0.5], version=3)
+    t.add([8], "env")
+    assert t.versions == [3, 3, 3, 3]
+    c = Completion(PROMPT, 0, [1, 2, 3], "", [0.0, -1.0, 0.0], [1, 4, 2], "stop", loss_mask=[0, 1, 0])
+    assert c.policy_versions == [4] and c.v_min == 4

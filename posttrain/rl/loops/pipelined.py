@@ -111,6 +111,9 @@ class RolloutLoop(threading.Thread):
     def stop(self) -> None:
         self._halt.set()
 
+    def before_step(self, step: int) -> None:
+        """Step ``step``'s groups were taken (single-turn rollouts hand nothing else over)."""
+
     def take_idle(self) -> float:
         with self._lock:
             idle, self.idle_s = self.idle_s, 0.0
@@ -310,21 +313,30 @@ def _refill(loop: RolloutLoop, buffer: RolloutBuffer, parts: LoopParts, step: in
 def run_pipelined(
     parts: LoopParts, fleet: WorkerFleet, publisher: WeightPublisher, sampling: Any, decode: Callable[[list[int]], str], *,
     max_staleness: int, policy: str, prompts_per_step: int, chunk_tokens: int | None, start_step: int, max_steps: int,
+    agent: Any = None,
 ) -> None:  # fmt: skip
     """The trainer loop: consumes step t's groups, runs the step, and announces version t.
 
     Starts after ``start_step`` (a resumed run). Rollouts generated ahead of a failed step are
-    dropped with the loop."""
+    dropped with the loop. ``agent`` (posttrain.rl.agent.AgentRollouts): multi-turn rollouts
+    (:class:`~posttrain.rl.loops.agent_pipelined.AgentRolloutLoop`) instead of single completions."""
     buffer = RolloutBuffer()
     # drop: one batch further ahead than the bound allows; what is too stale is dropped later
     gate = StalenessBound(max_staleness + (1 if policy == "drop" else 0))
-    loop = RolloutLoop(fleet, publisher, sampling, parts.next_prompts, buffer, gate, decode,
-                       chunk_tokens=chunk_tokens, max_steps=max_steps, start_step=start_step)  # fmt: skip
+    if agent is not None:
+        from posttrain.rl.loops.agent_pipelined import AgentRolloutLoop
+
+        loop: Any = AgentRolloutLoop(agent, fleet, publisher, sampling, parts.next_prompts, buffer, gate,
+                                     max_steps=max_steps, start_step=start_step)  # fmt: skip
+    else:
+        loop = RolloutLoop(fleet, publisher, sampling, parts.next_prompts, buffer, gate, decode,
+                           chunk_tokens=chunk_tokens, max_steps=max_steps, start_step=start_step)  # fmt: skip
     loop.start()
     bound = StalenessBound(max_staleness)
     try:
         for step in range(start_step + 1, max_steps + 1):
             groups, admit_m = admit(loop, buffer, step, bound, policy, prompts_per_step, sampling.n)
+            loop.before_step(step)
             m = {**parts.step(groups, admit_m["async/trainer_wait_s"], _refill(loop, buffer, parts, step)), **admit_m}
             parts.evaluate(step, m)
             loop.advance(publisher.version)
