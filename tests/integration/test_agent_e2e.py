@@ -146,7 +146,7 @@ def test_trajectories_run_ahead_of_training_within_max_staleness(sft_model, tmp_
     step t trains. Every trained policy token is at most one version old and some are exactly one
     (the run really overlapped); each step reports its own trajectories; the trainer's ids are
     still the sampled ids."""
-    run_dir = grpo(sft_model, tmp_path, "grpo_tool_async", ["algorithm.max_staleness=1", "trainer.max_steps=3"])
+    run_dir = grpo(sft_model, tmp_path, "grpo_tool_async", ["algorithm.max_staleness=1", "cluster.placement=disaggregated", "trainer.max_steps=3"])
     steps = [m for m in read_metrics(run_dir) if "time/step_s" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
     for m in steps:
