@@ -8,7 +8,7 @@ from posttrain.rollout.actor import RolloutWorker
 from posttrain.rollout.engine import RolloutEngine
 from posttrain.rollout.hf_engine import HFEngine, HFEngineConfig
 from posttrain.rollout.sampling import SamplingConfig
-from rollout_contract import assert_well_formed, hf_logprobs
+from rollout_contract import assert_request_caps, assert_well_formed, hf_logprobs
 
 from posttrain.weight_sync import WeightSender, WeightSyncError, WeightSyncProbeError, check_probe
 
@@ -97,3 +97,7 @@ def test_rollout_worker_verbs_without_ray(model_a_dir, model_b, prompts):
     groups = worker.generate(prompts, SamplingConfig(n=2, max_tokens=4, seed=0))
     assert all(c.versions == [5] * len(c.token_ids) for g in groups for c in g.completions)
     assert torch.isfinite(torch.tensor(worker.score_tokens([[1, 5, 6]])[0])).all()
+
+
+def test_a_request_caps_its_own_tokens(engine, prompts):
+    assert_request_caps(engine, prompts, 0)

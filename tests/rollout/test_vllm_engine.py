@@ -7,7 +7,7 @@ import torch
 from posttrain.rollout.engine import RolloutEngine
 from posttrain.rollout.sampling import SamplingConfig
 from posttrain.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-from rollout_contract import assert_well_formed, hf_logprobs
+from rollout_contract import assert_request_caps, assert_well_formed, hf_logprobs
 
 from posttrain.models.factory import TinyModelSpec, build_tiny_model
 from posttrain.weight_sync import WeightSender, WeightSyncError, WeightSyncProbeError, check_probe
@@ -70,6 +70,10 @@ def test_stop_string(engine, prompts):
     stop = text[len(text) // 2]
     c = engine.generate(prompts[:1], SamplingConfig(max_tokens=16, seed=5, stop=[stop]))[0].completions[0]
     assert c.finish_reason == "stop" and c.text == text[: text.index(stop)]
+
+
+def test_a_request_caps_its_own_tokens(engine, prompts):
+    assert_request_caps(engine, prompts, engine.version)
 
 
 def test_weight_sync_end_to_end(engine, model_b, probe_ids, prompts):
