@@ -29,12 +29,13 @@ from collections.abc import Callable
 from typing import Any
 
 from posttrain.rl.fleet import WorkerFleet
+from posttrain.rl.loops.pipelined import LoopControls
 from posttrain.rl.publisher import WeightPublisher
 from posttrain.rollout.buffer import RolloutBuffer, StalenessBound
 from posttrain.types import PromptRecord
 
 
-class AgentRolloutLoop(threading.Thread):
+class AgentRolloutLoop(LoopControls):
     """Multi-turn rollouts ahead of training, within the staleness gate (see the module docstring)."""
 
     def __init__(
@@ -53,11 +54,7 @@ class AgentRolloutLoop(threading.Thread):
         self.idle_s = 0.0
         self.requeued = 0  # turn batches are re-run inside the dispatcher (fleet.replaced counts them)
 
-    # -- called by the trainer loop ------------------------------------------------------------
-    def advance(self, version: int) -> None:
-        with self._lock:
-            self.version = version
-
+    # -- called by the trainer loop (and LoopControls' verbs) -----------------------------------
     def regenerate(self, step: int, prompts: list[PromptRecord]) -> None:
         with self._lock:
             self.queued.append((step, prompts))
@@ -66,14 +63,6 @@ class AgentRolloutLoop(threading.Thread):
         """Step ``step``'s groups were taken: its trajectories' metrics go to the scorer."""
         with self._lock:
             self.agent.counters = self.counters.pop(step, defaultdict(float))
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def take_idle(self) -> float:
-        with self._lock:
-            idle, self.idle_s = self.idle_s, 0.0
-        return idle
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:

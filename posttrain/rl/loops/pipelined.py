@@ -73,7 +73,34 @@ class _Job:
     shard: int = 0  # preferred worker (first chunks keep the synchronous sharding)
 
 
-class RolloutLoop(threading.Thread):
+class LoopControls(threading.Thread):
+    """What the trainer loop calls on a rollout loop thread (single- or multi-turn). Subclasses
+    set ``_lock``, ``_halt`` (an Event), ``version`` and ``idle_s``."""
+
+    _lock: Any
+    _halt: threading.Event
+    version: int
+    idle_s: float
+
+    def advance(self, version: int) -> None:
+        """The workers now serve ``version``: steps whose gate it opens may start."""
+        with self._lock:
+            self.version = version
+
+    def stop(self) -> None:
+        self._halt.set()
+
+    def before_step(self, step: int) -> None:
+        """Step ``step``'s groups were taken (single-turn rollouts hand nothing else over)."""
+
+    def take_idle(self) -> float:
+        """Worker-seconds without a request in flight since the last call."""
+        with self._lock:
+            idle, self.idle_s = self.idle_s, 0.0
+        return idle
+
+
+class RolloutLoop(LoopControls):
     """The rollout loop: consumes prompts, waits for the version gate and idle workers, fills the buffer."""
 
     def __init__(
@@ -97,27 +124,11 @@ class RolloutLoop(threading.Thread):
         self.requeued = 0
         self._starved_since: float | None = None
 
-    # -- called by the trainer loop ------------------------------------------------------------
-    def advance(self, version: int) -> None:
-        """The workers now serve ``version``: steps whose gate it opens may start."""
-        with self._lock:
-            self.version = version
-
+    # -- called by the trainer loop (and LoopControls' verbs) -----------------------------------
     def regenerate(self, step: int, prompts: list[PromptRecord]) -> None:
         """Generate ``prompts`` again for ``step`` now (drop policy), ahead of everything else."""
         with self._lock:
             self._launch(step, prompts)
-
-    def stop(self) -> None:
-        self._halt.set()
-
-    def before_step(self, step: int) -> None:
-        """Step ``step``'s groups were taken (single-turn rollouts hand nothing else over)."""
-
-    def take_idle(self) -> float:
-        with self._lock:
-            idle, self.idle_s = self.idle_s, 0.0
-        return idle
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> None:
