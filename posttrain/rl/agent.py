@@ -201,14 +201,10 @@ class AgentRollouts:
         usable = self.fleet.usable()
         self.fleet.wake(usable, generate=True)
         try:
-            groups, self.counters = asyncio.run(self._generate(prompts, sampling, usable))
+            groups, self.counters = asyncio.run(self.rollout(prompts, sampling, usable, self.dispatcher(sampling)))
             return groups
         finally:
             self.fleet.sleep(usable)
-
-    async def _generate(self, prompts: list[PromptRecord], sampling: Any, usable: list[int]) -> tuple[list[Group], dict[str, float]]:
-        dispatcher = self.dispatcher(sampling)
-        return await self.rollout(prompts, sampling, usable, dispatcher)
 
     def dispatcher(self, sampling: Any) -> TurnDispatcher:
         """A turn batcher over the bound fleet (one per event loop; calls of that loop may share it)."""

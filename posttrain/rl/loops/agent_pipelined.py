@@ -44,7 +44,7 @@ class AgentRolloutLoop(LoopControls):
         max_steps: int, start_step: int = 0,
     ) -> None:  # fmt: skip
         super().__init__(name="posttrain-agent-rollout-loop", daemon=True)
-        self.agent, self.fleet, self.publisher, self.sampling = agent, fleet, publisher, sampling
+        self.agent, self.fleet, self.sampling = agent, fleet, sampling
         self.next_prompts, self.buffer, self.gate, self.max_steps = next_prompts, buffer, gate, max_steps
         self.version, self.launched = publisher.version, start_step
         self.queued: list[tuple[int, list[PromptRecord]]] = []  # regenerations, ahead of new steps
