@@ -60,12 +60,34 @@ def init_rank(
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, **kwargs)
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, backend: str, args: tuple) -> None:
-    init_rank(rank, world_size, store_path, backend)
+def leave_group(ok: bool) -> None:
+    """Leave the default process group at the end of a rank's work.
+
+    After success every rank first meets at a barrier: a rank that tears its group down while a
+    peer still has collectives in flight (FSDP2 issues its reduce-scatters asynchronously) can
+    take that peer down with it (gloo: ``terminate called without an active exception``,
+    SIGABRT). After a failure there is no barrier, since a peer may never reach it; the group is
+    still destroyed so that the error, not a hang, is what the launcher sees.
+    """
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def _run_rank(fn: Callable[..., Any], rank: int, world_size: int, args: tuple) -> None:
+    ok = False
     try:
         fn(rank, world_size, *args)
+        ok = True
     finally:
-        dist.destroy_process_group()
+        leave_group(ok)
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, store_path: str, backend: str, args: tuple) -> None:
+    init_rank(rank, world_size, store_path, backend)
+    _run_rank(fn, rank, world_size, args)
 
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: str = "auto") -> None:
@@ -76,10 +98,7 @@ def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), backend: s
     """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(default_backend() if backend == "auto" else backend)
-        try:
-            fn(dist.get_rank(), dist.get_world_size(), *args)
-        finally:
-            dist.destroy_process_group()
+        _run_rank(fn, dist.get_rank(), dist.get_world_size(), args)
         return
     fd, store_path = tempfile.mkstemp(prefix="posttrain_store_")
     os.close(fd)

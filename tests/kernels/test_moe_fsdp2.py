@@ -18,6 +18,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import Qwen3MoeForCausalLM
 
+from posttrain.engine.dist import leave_group
 from posttrain.models.moe_experts import set_moe_kernels
 
 STEPS = 3
@@ -39,6 +40,7 @@ def _train(model: Qwen3MoeForCausalLM, tokens: torch.Tensor) -> list[float]:
 def _rank_main(rank: int, port: int, out: dict) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     dist.init_process_group("gloo", rank=rank, world_size=2)
+    ok = False
     try:
         torch.manual_seed(0)
         model = Qwen3MoeForCausalLM(_tiny_config())
@@ -51,8 +53,9 @@ def _rank_main(rank: int, port: int, out: dict) -> None:
         dist.all_reduce(losses)
         if rank == 0:
             out["losses"] = (losses / 2).tolist()
+        ok = True
     finally:
-        dist.destroy_process_group()
+        leave_group(ok)
 
 
 def _free_port() -> int:
