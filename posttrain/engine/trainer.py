@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from posttrain.engine.packing import MicroPlan, equalize, plan
+from posttrain.engine.packing import MicroPlan, equalize, plan, uses_varlen
 from posttrain.engine.schedule import ScheduleConfig, build_scheduler
 from posttrain.metrics import metric_reduction
 
@@ -60,6 +60,10 @@ class TrainerConfig:
     # many tokens, micro_batch_size then unused by the update. None: padded micro-batches of
     # micro_batch_size rows.
     max_tokens_per_micro_batch: int | None = None
+    # Packed rows that begin with at least this many equal tokens (a GRPO group's samples of one
+    # prompt) hold that prefix once, each row attending to it (exact; posttrain.engine.packing).
+    # 0 disables. Not with flash-attention varlen on GPU, which cannot express it.
+    share_prefix_min_tokens: int = 16
     # Online RL with cluster.placement=colocated: parameters and optimizer state go to host memory
     # while the rollout engines generate and come back before the trainer's next verb
     # (posttrain/rl/offload.py). On a CPU rank both are host memory: the calls run, nothing moves.
@@ -140,11 +144,13 @@ class TrainEngine:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t.tolist()
 
-    def plan_micro_batches(self, lengths: list[int]) -> list[MicroPlan]:
+    def plan_micro_batches(self, lengths: list[int], input_ids_BT: torch.Tensor | None = None) -> list[MicroPlan]:
         """Packed micro-batches of this rank's rows (``trainer.max_tokens_per_micro_batch``), as many on
-        every rank (collective): FSDP's per-forward all-gathers must pair up across ranks."""
+        every rank (collective): FSDP's per-forward all-gathers must pair up across ranks. With the
+        rows' ids, rows sharing a prefix are planned together (``trainer.share_prefix_min_tokens``)."""
         assert self.cfg.max_tokens_per_micro_batch is not None
-        plans = plan(lengths, self.cfg.max_tokens_per_micro_batch)
+        share = self.cfg.share_prefix_min_tokens if input_ids_BT is not None and not uses_varlen(self.model, self.device) else 0
+        plans = plan(lengths, self.cfg.max_tokens_per_micro_batch, input_ids_BT if share > 0 else None, share)
         (target,) = self._all_reduce([float(len(plans))], dist.ReduceOp.MAX)
         return equalize(plans, int(target))
 

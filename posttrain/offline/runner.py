@@ -147,7 +147,7 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
             micro = [algo.collate([train_ex[i] for i in mine[j : j + t.micro_batch_size]], tok.pad_token_id) for j in range(0, len(mine), t.micro_batch_size)]
         else:  # packed micro-batches of at most max_tokens_per_micro_batch tokens (posttrain.engine.packing)
             rows = algo.collate([train_ex[i] for i in mine], tok.pad_token_id)
-            micro = packed_micro_batches(rows, engine.plan_micro_batches(row_lengths(rows["attention_mask_BT"]).tolist()))
+            micro = packed_micro_batches(rows, engine.plan_micro_batches(row_lengths(rows["attention_mask_BT"]).tolist(), rows["input_ids_BT"]))
         metrics = engine.train_step(micro, algo.loss, algo.count)
         metrics["epoch"] = sampler.epoch
         step = engine.step

@@ -6,14 +6,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.algorithms.offline_losses import sft_loss
 from posttrain.data.formatting import make_sft_example, pad_batch, sft_row_problem
 from posttrain.data.sources import build_examples
 from posttrain.engine.packing import forward as packed_forward
-from posttrain.engine.packing import per_row, token_ids
+from posttrain.engine.packing import next_token
 from posttrain.models.loading import load_causal_lm
 from posttrain.offline.common import Batch, greedy_accuracy, sequence_token_logprobs
 
@@ -48,9 +47,7 @@ class SFT:
 
     def loss(self, model, batch: Batch, global_count: float):
         """Padded or packed (``posttrain.engine.packing``) micro-batch; the loss sees [B, T] either way."""
-        logits = packed_forward(model, batch).logits
-        ids = token_ids(batch)
-        lp = per_row(F.pad(token_logprobs(logits[:, :-1], ids[:, 1:]), (1, 0)), batch)
+        lp = next_token(token_logprobs, packed_forward(model, batch).logits, batch)
         return sft_loss(lp, batch["loss_mask_BT"], global_count)
 
     def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:

@@ -30,7 +30,7 @@ from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
 from posttrain.engine.packing import forward as packed_forward
-from posttrain.engine.packing import packed_micro_batches, per_row, row_lengths, token_ids
+from posttrain.engine.packing import next_token, packed_micro_batches, row_lengths
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
 from posttrain.models.loading import ModelConfig, apply_moe_kernels, load_causal_lm, load_tokenizer
 from posttrain.models.lora import BaseReference, adapter_wire_tensors
@@ -64,6 +64,11 @@ class TrainerSpec:
 def _shifted_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
     """Raw (T=1) logprob of token t at position t (position 0: 0): what the probe compares."""
     return F.pad(token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:]), (1, 0))
+
+
+def _state_value(values: torch.Tensor, _next_ids: torch.Tensor) -> torch.Tensor:
+    """``next_token``'s fn for a value head: V(state before token t) is the output where t-1 was read."""
+    return values
 
 
 def critic_model(model_cfg: ModelConfig, policy_config: Any) -> torch.nn.Module:
@@ -157,7 +162,7 @@ class TrainerWorker:
                      for i in range(0, batch.input_ids_BT.shape[0], size)]  # fmt: skip
             joined = {k: torch.cat([p[k] for p in parts]) for k in (parts[0] if parts else {})}
             return ForwardOutputs(**joined)
-        plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist())
+        plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist(), batch.input_ids_BT)
         joined = {}
         for p, mb in zip(plans, packed_micro_batches(rows, plans, loss_keys=()), strict=True):
             part = self._forward_micro(mb, batch.want_old)
@@ -169,30 +174,24 @@ class TrainerWorker:
 
     def _forward_micro(self, mb: dict[str, torch.Tensor], want_old: bool) -> dict[str, torch.Tensor]:
         mb = {k: v.to(self.device) for k, v in mb.items()}
-        ids = token_ids(mb)
         out = {}
+        sampled = lambda logits, ids: sampled_token_logprobs(logits, ids, self.temperature, self.top_p)  # noqa: E731 (in blocks of positions)
         if want_old:
-            lp = self.policy.forward(lambda m: self._sampled_logprobs(packed_forward(m, mb).logits, ids))
-            out["old_logprobs_BT"] = per_row(lp, mb).cpu()
+            lp = self.policy.forward(lambda m: next_token(sampled, packed_forward(m, mb).logits, mb))
+            out["old_logprobs_BT"] = lp.cpu()
         if self.reference is not None:  # the reference at the same temperature (as verl)
-            lp = self.reference.forward(lambda m: self._sampled_logprobs(packed_forward(m, mb).logits, ids))
-            out["ref_logprobs_BT"] = per_row(lp, mb).cpu()
+            lp = self.reference.forward(lambda m: next_token(sampled, packed_forward(m, mb).logits, mb))
+            out["ref_logprobs_BT"] = lp.cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
-            v = self.critic.forward(lambda m: packed_forward(m, mb).logits[..., 0].float())
-            out["values_BT"] = per_row(F.pad(v[:, :-1], (1, 0)), mb).cpu()
+            v = self.critic.forward(lambda m: next_token(_state_value, packed_forward(m, mb).logits[..., 0].float(), mb))
+            out["values_BT"] = v.cpu()
         return out
 
-    def _sampled_logprobs(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
-        """``_sampled``'s logprobs without its entropy, in blocks of positions (forward verb)."""
-        lp = sampled_token_logprobs(logits_BTV[:, :-1], ids_BT[:, 1:], self.temperature, self.top_p)
-        return F.pad(lp, (1, 0))
-
-    def _sampled(self, logits_BTV: torch.Tensor, ids_BT: torch.Tensor, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logprob of token t at position t and the entropy there, under the distribution the
-        engine sampled from (``logits / temperature``, top-p filtered); position 0: 0. The entropy
-        carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss)."""
-        logits, ids = logits_BTV[:, :-1], ids_BT[:, 1:]
+    def _sampled(self, logits: torch.Tensor, ids: torch.Tensor, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logprob of each id under the logits read just before it, and the entropy there, under
+        the distribution the engine sampled from (``logits / temperature``, top-p filtered). The
+        entropy carries a gradient only with ``entropy_grad`` (an entropy bonus in the loss)."""
         if self.top_p < 1.0:  # a filtered distribution: vLLM's top-p rules
             lp, ent = processed_token_logprobs(logits, ids, self.temperature, 0, self.top_p)
             ent = ent if entropy_grad else ent.detach()
@@ -204,12 +203,12 @@ class TrainerWorker:
             else:
                 with torch.no_grad():
                     ent = entropy_from_logits(scaled.detach())
-        return F.pad(lp, (1, 0)), F.pad(ent, (1, 0))
+        return lp, ent
 
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
-        logits = packed_forward(model, mb).logits
-        lp, ent = (per_row(x, mb) for x in self._sampled(logits, token_ids(mb), entropy_grad=self.algo.loss.entropy_coef > 0))
+        entropy_grad = self.algo.loss.entropy_coef > 0
+        lp, ent = next_token(lambda logits, ids: self._sampled(logits, ids, entropy_grad), packed_forward(model, mb).logits, mb)
         # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
         old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()
         return policy_loss(
@@ -218,8 +217,7 @@ class TrainerWorker:
         )
 
     def _value_loss(self, model, mb: dict[str, Any], _count: float):
-        v = packed_forward(model, mb).logits[..., 0].float()
-        values = per_row(F.pad(v[:, :-1], (1, 0)), mb)
+        values = next_token(_state_value, packed_forward(model, mb).logits[..., 0].float(), mb)
         return value_loss(values, mb["values_BT"], mb["returns_BT"], mb["loss_mask_BT"], self.algo.critic.value_clip, mb["num_tokens"])
 
     def train(self, batch: TrainBatch) -> dict[str, float]:
@@ -227,8 +225,8 @@ class TrainerWorker:
         if self.trainer_cfg.max_tokens_per_micro_batch is None:
             size = self.trainer_cfg.micro_batch_size
             micro = [batch.select(slice(i, i + size)).tensors() for i in range(0, batch.size, size)]
-        else:  # packed: the loss still sees [B, T] tensors and the global counts (see packing.per_row)
-            plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist())
+        else:  # packed: the loss still sees [B, T] tensors and the global counts (see packing.next_token)
+            plans = self.policy.plan_micro_batches(row_lengths(batch.attention_mask_BT).tolist(), batch.input_ids_BT)
             micro = packed_micro_batches(batch.tensors(), plans)
         count = lambda mb: float(mb["loss_mask_BT"].sum())  # noqa: E731 (unused: counts are global)
         metrics = self.policy.train_step(micro, self._policy_loss, count)

@@ -93,12 +93,12 @@ def test_blockwise_forward_logprobs_match_the_training_path():
     ids[1, 7] = -100  # padding label: 0
     for temperature, top_p in [(1.0, 1.0), (0.7, 1.0), (0.7, 0.9), (0.0, 1.0)]:
         rank = SimpleNamespace(temperature=temperature, top_p=top_p)
-        train_lp = TrainerWorker._sampled(rank, logits, ids)[0]
-        verb_lp = TrainerWorker._sampled_logprobs(rank, logits, ids)
+        train_lp = TrainerWorker._sampled(rank, logits[:, :-1], ids[:, 1:])[0]
+        verb_lp = sampled_token_logprobs(logits[:, :-1], ids[:, 1:], temperature, top_p)  # what the forward verb runs
         torch.testing.assert_close(verb_lp, train_lp, rtol=1e-6, atol=1e-6)
         # blocks of 5 positions (2 columns per block for 3 rows) give the same values
         blocked = sampled_token_logprobs(logits[:, :-1], ids[:, 1:], temperature, top_p, chunk_tokens=5)
-        torch.testing.assert_close(blocked, train_lp[:, 1:], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(blocked, train_lp, rtol=1e-6, atol=1e-6)
         assert blocked[1, 6] == 0
 
 

@@ -21,7 +21,16 @@ import torch.distributed as dist
 from posttrain.algorithms.advantages import GRPOAdvantage
 from posttrain.algorithms.policy_loss import PolicyLossConfig
 from posttrain.engine import packing
-from posttrain.engine.packing import MicroPlan, block_causal_mask, equalize, pack, plan, unpack
+from posttrain.engine.packing import (
+    MicroPlan,
+    equalize,
+    families,
+    pack,
+    piece_mask,
+    plan,
+    prefix_order,
+    unpack,
+)
 from posttrain.engine.trainer import OptimConfig, TrainerConfig
 from posttrain.models.factory import TinyModelSpec, build_tiny_model
 from posttrain.models.loading import ModelConfig
@@ -30,7 +39,9 @@ from posttrain.rl.config import OnlineRLConfig, SyncConfig
 from posttrain.rl.trainer_worker import TrainerSpec, TrainerWorker
 from posttrain.types import ForwardBatch, TrainBatch
 
-SPEC = TinyModelSpec(arch="llama", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+SPEC = TinyModelSpec(
+    arch="llama", hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64
+)
 LENGTHS = [12, 3, 7, 12, 5, 9, 4, 11]  # right-padded to T = 12
 
 
@@ -56,7 +67,11 @@ def test_equalize_splits_then_adds_dummies():
     assert [(p.rows, p.dummy) for p in plans] == [([0], False), ([0], True)]
 
 
-def _padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(
+    lengths: list[int], seed: int = 0, group: int = 0, prefix: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random right-padded rows; with ``group``, every ``group`` consecutive rows begin with the same
+    ``prefix`` tokens (as far as they reach), like a GRPO group's samples of one prompt."""
     g = torch.Generator().manual_seed(seed)
     T = max(lengths)
     ids = torch.zeros(len(lengths), T, dtype=torch.long)
@@ -64,6 +79,9 @@ def _padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tens
     for b, n in enumerate(lengths):
         ids[b, :n] = torch.randint(5, 100, (n,), generator=g)
         attn[b, :n] = 1
+        if group and b % group:
+            first = b - b % group
+            ids[b, : min(n, prefix)] = ids[first, : min(n, prefix)]
     return ids, attn
 
 
@@ -71,35 +89,77 @@ def test_pack_positions_restart_and_unpack_round_trips():
     ids, attn = _padded([3, 1, 2])
     p = pack(ids, attn)
     assert p["packed_pos_1N"].tolist() == [[0, 1, 2, 0, 0, 1]]
-    assert p["packed_cu_R1"].tolist() == [0, 3, 4, 6]
-    assert torch.equal(unpack(p["packed_ids_1N"], p["packed_cu_R1"], 3), ids)
+    assert p["packed_cu_S1"].tolist() == [0, 3, 4, 6] and p["packed_parent_S"].tolist() == [-1, -1, -1]
+    assert torch.equal(unpack(p["packed_ids_1N"], p), ids)
     with pytest.raises(ValueError, match="right-padded"):
         pack(ids, attn.flip(-1))
 
 
+def test_pack_shares_a_common_prefix_once_by_hand():
+    a, b, c, d, e, f, x = 11, 12, 13, 14, 15, 16, 17
+    ids = torch.tensor([[a, b, c, d, 0], [a, b, c, e, f], [a, b, x, 0, 0]])
+    attn = (ids > 0).long()
+    # common prefixes: row 1 with row 0: 3 (a b c), row 2 with row 1: 2 (a b); sharing 2 tokens over 3
+    # rows saves 4, more than 3 over rows 0-1
+    assert prefix_order(ids, [4, 5, 3]) == ([0, 1, 2], [0, 3, 2])
+    # any order of the rows: lexicographic order makes rows that begin alike neighbours
+    assert prefix_order(ids[[2, 0, 1]], [3, 4, 5]) == ([1, 2, 0], [0, 3, 2])
+    p = pack(ids, attn, min_shared=2)
+    assert p["packed_ids_1N"].tolist() == [[a, b, c, d, c, e, f, x]]
+    assert p["packed_pos_1N"].tolist() == [[0, 1, 2, 3, 2, 3, 4, 2]]
+    assert p["packed_cu_S1"].tolist() == [0, 2, 4, 7, 8] and p["packed_parent_S"].tolist() == [-1, 0, 0, 0]
+    # row 0's c follows the prefix in the packed row; rows 1 and 2 branch off the prefix's last token
+    assert p["packed_branch_K2"].tolist() == [[1, c], [1, x]]
+    assert torch.equal(unpack(p["packed_ids_1N"], p), ids)
+    assert pack(ids, attn, min_shared=3)["packed_parent_S"].tolist() == [-1, 0, 0, -1]  # rows 0-1 share 3
+    assert pack(ids, attn, min_shared=4)["packed_parent_S"].tolist() == [-1, -1, -1]
+
+
+def test_families_maximise_the_tokens_saved():
+    assert families([0, 25, 25, 10, 25, 25], 16) == [(0, 3, 25), (3, 6, 25)]  # two groups, not the template
+    assert families([0, 25, 25, 10, 25, 25], 8) == [(0, 3, 25), (3, 6, 25)]  # 2*25 + 2*25 > 5*10
+    assert families([0, 20, 20, 18], 4) == [(0, 4, 18)]  # 3*18 > 2*20
+    assert families([0, 20, 20, 18], 0) == [(0, 1, 0), (1, 2, 0), (2, 3, 0), (3, 4, 0)]
+    assert families([0, 3, 20], 4) == [(0, 1, 0), (1, 3, 20)]
+
+
+def test_plan_keeps_a_family_together_and_counts_its_prefix_once():
+    lengths = [10, 10, 10, 10, 10]
+    ids = torch.arange(50).reshape(5, 10) + 100
+    ids[[0, 2, 3, 4], :6] = torch.arange(6)  # rows 0, 2, 3, 4 share 6 tokens; row 1 shares none
+    assert [p.rows for p in plan(lengths, 20)] == [[0, 1], [2, 3], [4]]
+    # 6 + 4 * 4 = 22 > 20: the family is cut after 3 rows (6 + 3 * 4 = 18)
+    plans = plan(lengths, 20, ids, min_shared=4)
+    assert [p.rows for p in plans] == [[0, 2, 3], [1, 4]] and all(p.min_shared == 4 for p in plans)
+    assert [p.rows for p in plan(lengths, 40, ids, min_shared=4)] == [[0, 1, 2, 3, 4]]  # 22 + 10
+    assert [p.rows for p in plan(lengths, 40, ids, min_shared=7)] == [[0, 1, 2, 3], [4]]  # 6 < 7: rows alone
+
+
+@pytest.mark.parametrize("group", [0, 4], ids=["rows", "shared-prefix"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_packed_logits_equal_per_row_logits(arch):
-    """Both CPU paths: per-row SDPA (the default) and the block-diagonal mask (checkpointing)."""
+def test_packed_logits_equal_per_row_logits(arch, group):
+    """Both CPU paths: per-piece SDPA (the default) and the 4-D piece mask (checkpointing)."""
     model = build_tiny_model(dataclasses.replace(SPEC, arch=arch)).eval()
-    ids, attn = _padded(LENGTHS)
-    rows = {"input_ids_BT": ids, "attention_mask_BT": attn, **pack(ids, attn)}
+    ids, attn = _padded(LENGTHS, group=group)
+    rows = {"input_ids_BT": ids, "attention_mask_BT": attn, **pack(ids, attn, min_shared=2 if group else 0)}
+    assert bool((rows["packed_parent_S"] >= 0).any()) == bool(group)
     impl = model.config._attn_implementation
     with torch.no_grad():
         by_rows = packing.forward(model, rows).logits
         assert model.config._attn_implementation == impl  # selected for the packed forward only
         masked = model(input_ids=rows["packed_ids_1N"], position_ids=rows["packed_pos_1N"],
-                       attention_mask=block_causal_mask(rows["packed_cu_R1"])).logits  # fmt: skip
+                       attention_mask=piece_mask(rows["packed_cu_S1"], rows["packed_parent_S"])).logits  # fmt: skip
         for packed in (by_rows, masked):
-            packed = unpack(packed, rows["packed_cu_R1"], ids.shape[1])
+            packed = unpack(packed, rows)
             for b, n in enumerate(LENGTHS):
                 alone = model(input_ids=ids[b : b + 1, :n]).logits[0]
                 torch.testing.assert_close(packed[b, :n], alone, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- RL trainer rank
-def _batch(loss_cfg: PolicyLossConfig, seed: int = 0) -> TrainBatch:
+def _batch(loss_cfg: PolicyLossConfig, seed: int = 0, group: int = 0) -> TrainBatch:
     g = torch.Generator().manual_seed(seed)
-    ids, attn = _padded(LENGTHS, seed)
+    ids, attn = _padded(LENGTHS, seed, group=group)
     B, T = ids.shape
     loss_mask = attn.float()
     loss_mask[:, :2] = 0.0  # prompt of 2 tokens
@@ -125,13 +185,15 @@ def workers(tmp_path):
 
     def make(loss_cfg: PolicyLossConfig, max_tokens: int | None, critic: bool = False) -> TrainerWorker:
         cfg = TrainerConfig(max_steps=4, global_batch_size=8, micro_batch_size=3, grad_clip=0.0, optim=OptimConfig(lr=0.0),
-                            max_tokens_per_micro_batch=max_tokens)  # fmt: skip
+                            max_tokens_per_micro_batch=max_tokens, share_prefix_min_tokens=2)  # fmt: skip
         algo = OnlineRLConfig(advantage=GRPOAdvantage(), loss=loss_cfg)
         if critic:
             from posttrain.rl.config import CriticConfig
 
             algo = dataclasses.replace(algo, critic=CriticConfig())
-        spec = TrainerSpec(1, str(tmp_path / "store"), ModelConfig(factory=SPEC), cfg, algo, SyncConfig(), cpus=1)
+        spec = TrainerSpec(
+            1, str(tmp_path / "store"), ModelConfig(factory=SPEC), cfg, algo, SyncConfig(), cpus=1
+        )
         made.append(TrainerWorker(0, spec))
         return made[-1]
 
@@ -167,11 +229,12 @@ LOSSES = [
 ]
 
 
+@pytest.mark.parametrize("group", [0, 4], ids=["rows", "shared-prefix"])
 @pytest.mark.parametrize("loss_cfg", LOSSES, ids=lambda c: f"{c.aggregation}-{c.ratio_level}")
-def test_rl_packed_update_equals_padded(workers, loss_cfg):
+def test_rl_packed_update_equals_padded(workers, loss_cfg, group):
     padded, packed = workers(loss_cfg, None), workers(loss_cfg, 20)
     gp, gk = _capture_grads(padded.policy), _capture_grads(packed.policy)
-    batch = _batch(loss_cfg)
+    batch = _batch(loss_cfg, group=group)
     # old logprobs from the forward verb, packed vs padded, then one step with them
     fp = padded.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, want_old=True))
     fk = packed.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, want_old=True))
@@ -185,25 +248,36 @@ def test_rl_packed_update_equals_padded(workers, loss_cfg):
     _assert_same_grads(gp, gk)
     # a second step without old logprobs (the loss forward's own, detached)
     gp.clear(), gk.clear()
-    mp, mk = padded.train(_batch(loss_cfg, 1)), packed.train(_batch(loss_cfg, 1))
+    mp, mk = padded.train(_batch(loss_cfg, 1, group)), packed.train(_batch(loss_cfg, 1, group))
     assert abs(mp["loss"] - mk["loss"]) < 1e-5
     _assert_same_grads(gp, gk)
 
 
 def test_rl_packing_really_packs(workers, monkeypatch):
-    """The packed rank runs fewer, fuller micro-batches (20-token budget over 75 tokens: 4)."""
+    """The packed rank runs fewer, fuller micro-batches (20-token budget over 75 tokens: 4); rows
+    that share a prefix hold it once."""
     packed = workers(PolicyLossConfig(), 20)
     seen: list[int] = []
     real = packing.forward
-    monkeypatch.setattr("posttrain.rl.trainer_worker.packed_forward", lambda m, b: seen.append(b["packed_ids_1N"].shape[1]) or real(m, b))
+    monkeypatch.setattr(
+        "posttrain.rl.trainer_worker.packed_forward",
+        lambda m, b: seen.append(b["packed_ids_1N"].shape[1]) or real(m, b),
+    )
     packed.train(_batch(PolicyLossConfig()))
     assert sum(seen) == sum(LENGTHS) and max(seen) <= 20 and len(seen) == 4
+    seen.clear()
+    packed.train(_batch(PolicyLossConfig(), group=4))
+    assert sum(seen) < sum(LENGTHS) and max(seen) <= 20
 
 
-def test_ppo_value_loss_packed_equals_padded(workers):
-    padded, packed = workers(PolicyLossConfig(), None, critic=True), workers(PolicyLossConfig(), 20, critic=True)
+@pytest.mark.parametrize("group", [0, 4], ids=["rows", "shared-prefix"])
+def test_ppo_value_loss_packed_equals_padded(workers, group):
+    padded, packed = (
+        workers(PolicyLossConfig(), None, critic=True),
+        workers(PolicyLossConfig(), 20, critic=True),
+    )
     gp, gk = _capture_grads(padded.critic), _capture_grads(packed.critic)
-    batch = _batch(PolicyLossConfig())
+    batch = _batch(PolicyLossConfig(), group=group)
     vp = padded.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, want_old=False)).values_BT
     vk = packed.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, want_old=False)).values_BT
     valid = batch.attention_mask_BT.bool()
@@ -214,14 +288,15 @@ def test_ppo_value_loss_packed_equals_padded(workers):
 
 
 # ---------------------------------------------------------------- SFT
+@pytest.mark.parametrize("group", [0, 4], ids=["rows", "shared-prefix"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_sft_packed_loss_and_grads_equal_padded(checkpointing):
+def test_sft_packed_loss_and_grads_equal_padded(checkpointing, group):
     model = build_tiny_model(SPEC)
-    if checkpointing:  # the packed forward then takes the block-diagonal mask path
+    if checkpointing:  # the packed forward then takes the 4-D piece mask path
         model.gradient_checkpointing_enable()
     model.train()
     sft = SFT(SFTConfig())
-    ids, attn = _padded(LENGTHS)
+    ids, attn = _padded(LENGTHS, group=group)
     loss_mask = attn.float()
     loss_mask[:, :3] = 0.0
     rows = {"input_ids_BT": ids, "attention_mask_BT": attn, "loss_mask_BT": loss_mask}
@@ -237,8 +312,12 @@ def test_sft_packed_loss_and_grads_equal_padded(checkpointing):
         return total, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     padded = [{k: v[i : i + 3] for k, v in rows.items()} for i in range(0, len(LENGTHS), 3)]
-    packed = packing.packed_micro_batches(rows, plan(LENGTHS, 20))
-    assert len(packed) == 4
+    lengths = LENGTHS
+    packed = packing.packed_micro_batches(rows, plan(lengths, 20, ids, min_shared=2 if group else 0))
+    # sharing makes room: the 75 tokens fit in 3 micro-batches of 20, not 4
+    assert len(packed) == (3 if group else 4) and any(
+        bool((mb["packed_parent_S"] >= 0).any()) for mb in packed
+    ) == bool(group)
     lp, gp = run(padded)
     lk, gk = run(packed)
     assert abs(lp - lk) < 1e-5 and lp > 0
@@ -281,4 +360,9 @@ def test_dpo_refuses_packing_with_the_fix(tmp_path, repo_root):
     from posttrain.config.errors import PosttrainError
 
     with pytest.raises(PosttrainError, match="max_tokens_per_micro_batch.*does not support"):
-        _recipe_run(f"{repo_root}/recipes/dpo_tiny_arith.yaml", tmp_path, "dpo", ["trainer.max_tokens_per_micro_batch=64"])
+        _recipe_run(
+            f"{repo_root}/recipes/dpo_tiny_arith.yaml",
+            tmp_path,
+            "dpo",
+            ["trainer.max_tokens_per_micro_batch=64"],
+        )
