@@ -20,7 +20,9 @@ temperature 1.0, lr constant (5e-4 tiny, 1e-6 realistic), AdamW betas (0.9, 0.95
 clip 0.2, no KL, per-sequence token-mean loss, group-std-scaled advantages, float32.
 posttrain runs its synchronous loop (``max_staleness: 0``) with its defaults: each phase on all
 the cores (``cluster.phase_threads: auto``); the realistic row also packs micro-batches
-(``trainer.max_tokens_per_micro_batch``, ``--pack-tokens``). TRL runs on torch's default threads.
+(``trainer.max_tokens_per_micro_batch``, ``--pack-tokens``), where a group's 8 samples hold their
+shared prompt once (``trainer.share_prefix_min_tokens``, default on). TRL runs on torch's default
+threads.
 
 A step's time is the wall time between two consecutive finished steps (what a user sees: it
 includes generation, rewards, the optimizer step, weight sync on posttrain, and each loop's own

@@ -154,6 +154,28 @@ def plan(
     return [MicroPlan(sorted(rows), min_shared=shared) for _, rows in bins]
 
 
+def plan_pairs(
+    lengths: Sequence[int], max_tokens: int, ids_BT: torch.Tensor | None = None, min_shared: int = 0
+) -> list[MicroPlan]:
+    """``plan`` for preference pairs: rows are P chosen then P rejected sequences (row i and row
+    P + i are pair i), and a pair never leaves its micro-batch. The plans hold PAIR indices (expand
+    them with ``pair_rows``); a pair costs its two lengths less the prompt they share when sharing."""
+    P = len(lengths) // 2
+    shared = [0] * P
+    if ids_BT is not None and min_shared > 0:
+        for i in range(P):
+            _, (_, common) = prefix_order(ids_BT[[i, P + i]], [lengths[i], lengths[P + i]])
+            shared[i] = common if common >= min_shared else 0
+    costs = [int(lengths[i]) + int(lengths[P + i]) - shared[i] for i in range(P)]
+    return [MicroPlan(p.rows, min_shared=min_shared if ids_BT is not None else 0) for p in plan(costs, max_tokens)]
+
+
+def pair_rows(plans: list[MicroPlan], num_pairs: int) -> list[MicroPlan]:
+    """Pair plans -> row plans: the chosen rows of the pairs, then their rejected rows (the layout
+    the pair losses split in halves)."""
+    return [MicroPlan(p.rows + [num_pairs + i for i in p.rows], p.dummy, p.min_shared) for p in plans]
+
+
 def equalize(plans: list[MicroPlan], target: int) -> list[MicroPlan]:
     """Grow to ``target`` micro-batches: split the one with the most rows, else add dummies."""
     plans = list(plans)

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from posttrain.engine.packing import MicroPlan, equalize, plan, uses_varlen
+from posttrain.engine.packing import MicroPlan, equalize, pair_rows, plan, plan_pairs, uses_varlen
 from posttrain.engine.schedule import ScheduleConfig, build_scheduler
 from posttrain.metrics import metric_reduction
 
@@ -144,15 +144,18 @@ class TrainEngine:
             dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
         return t.tolist()
 
-    def plan_micro_batches(self, lengths: list[int], input_ids_BT: torch.Tensor | None = None) -> list[MicroPlan]:
+    def plan_micro_batches(self, lengths: list[int], input_ids_BT: torch.Tensor | None = None, pairs: bool = False) -> list[MicroPlan]:
         """Packed micro-batches of this rank's rows (``trainer.max_tokens_per_micro_batch``), as many on
         every rank (collective): FSDP's per-forward all-gathers must pair up across ranks. With the
-        rows' ids, rows sharing a prefix are planned together (``trainer.share_prefix_min_tokens``)."""
+        rows' ids, rows sharing a prefix are planned together (``trainer.share_prefix_min_tokens``).
+        ``pairs``: the rows are preference pairs (``packing.plan_pairs``), kept together."""
         assert self.cfg.max_tokens_per_micro_batch is not None
         share = self.cfg.share_prefix_min_tokens if input_ids_BT is not None and not uses_varlen(self.model, self.device) else 0
-        plans = plan(lengths, self.cfg.max_tokens_per_micro_batch, input_ids_BT if share > 0 else None, share)
+        how = plan_pairs if pairs else plan
+        plans = how(lengths, self.cfg.max_tokens_per_micro_batch, input_ids_BT if share > 0 else None, share)
         (target,) = self._all_reduce([float(len(plans))], dist.ReduceOp.MAX)
-        return equalize(plans, int(target))
+        plans = equalize(plans, int(target))
+        return pair_rows(plans, len(lengths) // 2) if pairs else plans
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn, count_fn: CountFn) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches. Returns globally reduced metrics.

@@ -7,12 +7,14 @@ from typing import Any
 
 import torch
 
-from posttrain.algorithms.logprobs import masked_sum
+from posttrain.algorithms.logprobs import masked_sum, token_logprobs
 from posttrain.algorithms.offline_losses import DPOLossConfig, dpo_loss
 from posttrain.data.formatting import make_pair_example, pad_batch, pair_row_problem
 from posttrain.data.sources import build_examples
+from posttrain.engine.packing import forward as packed_forward
+from posttrain.engine.packing import next_token
 from posttrain.models.loading import load_causal_lm
-from posttrain.offline.common import Batch, sequence_token_logprobs
+from posttrain.offline.common import Batch
 
 
 @dataclass
@@ -45,9 +47,12 @@ class PreferencePairs:
     def count(self, batch: Batch) -> float:
         return batch["input_ids_BT"].shape[0] / 2
 
+    pairs = True  # packed micro-batches keep each pair whole (packing.plan_pairs)
+
 
 class DPO(PreferencePairs):
     needs_reference = True
+    packs = True  # trainer.max_tokens_per_micro_batch: pairs packed whole, chosen and rejected share the prompt
 
     def __init__(self, cfg: DPOConfig) -> None:
         self.cfg = cfg
@@ -59,7 +64,8 @@ class DPO(PreferencePairs):
 
     @staticmethod
     def _seq_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
+        """Per-sequence logprob sums of the chosen and the rejected halves (padded or packed batch)."""
+        lp = next_token(token_logprobs, packed_forward(model, batch).logits, batch)
         sums = masked_sum(lp, batch["loss_mask_BT"], dim=-1)
         B = sums.shape[0] // 2
         return sums[:B], sums[B:]
@@ -70,6 +76,13 @@ class DPO(PreferencePairs):
         else:
             ref_c, ref_r = self.reference.forward(lambda ref: self._seq_logps(ref, batch))
         pol_c, pol_r = self._seq_logps(model, batch)
+        mask = batch["loss_mask_BT"]
+        B = mask.shape[0] // 2
+        live = (mask[:B].sum(-1) > 0) | (mask[B:].sum(-1) > 0)  # a packed filler micro-batch's pairs are not
+        if not bool(live.all()):
+            if not bool(live.any()):
+                return (pol_c.sum() + pol_r.sum()) * 0.0, {}  # the forward ran (FSDP collectives); no loss
+            pol_c, pol_r, ref_c, ref_r = pol_c[live], pol_r[live], ref_c[live], ref_r[live]
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, self.cfg.loss, global_count)
 
     def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:

@@ -84,9 +84,9 @@ class DivergedError(PosttrainError):
 class PackingUnsupportedError(PosttrainError):
     def __init__(self, algo: str) -> None:
         super().__init__(
-            f"trainer.max_tokens_per_micro_batch: {algo} does not support sequence packing (its rows are not "
-            "independent: chosen and rejected of a pair share a micro-batch).\n  fix: remove "
-            "trainer.max_tokens_per_micro_batch (padded micro-batches of trainer.micro_batch_size), or use SFT"
+            f"trainer.max_tokens_per_micro_batch: {algo} does not support sequence packing (its score head "
+            "reads each padded row's last token).\n  fix: remove trainer.max_tokens_per_micro_batch (padded "
+            "micro-batches of trainer.micro_batch_size); SFT, DPO and the RL trainers pack"
         )
 
 
@@ -147,7 +147,9 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
             micro = [algo.collate([train_ex[i] for i in mine[j : j + t.micro_batch_size]], tok.pad_token_id) for j in range(0, len(mine), t.micro_batch_size)]
         else:  # packed micro-batches of at most max_tokens_per_micro_batch tokens (posttrain.engine.packing)
             rows = algo.collate([train_ex[i] for i in mine], tok.pad_token_id)
-            micro = packed_micro_batches(rows, engine.plan_micro_batches(row_lengths(rows["attention_mask_BT"]).tolist(), rows["input_ids_BT"]))
+            lengths = row_lengths(rows["attention_mask_BT"]).tolist()
+            plans = engine.plan_micro_batches(lengths, rows["input_ids_BT"], pairs=getattr(algo, "pairs", False))
+            micro = packed_micro_batches(rows, plans)
         metrics = engine.train_step(micro, algo.loss, algo.count)
         metrics["epoch"] = sampler.epoch
         step = engine.step

@@ -356,13 +356,67 @@ def test_sft_runner_packed_matches_padded(tmp_path, repo_root):
         assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-4
 
 
-def test_dpo_refuses_packing_with_the_fix(tmp_path, repo_root):
+def test_dpo_runner_packed_matches_padded(tmp_path, repo_root):
+    """DPO packs whole pairs (chosen and rejected share their prompt once): same losses as padded."""
+    recipe = f"{repo_root}/recipes/dpo_tiny_arith.yaml"
+    padded = _recipe_run(recipe, tmp_path, "padded", [])
+    packed = _recipe_run(recipe, tmp_path, "packed", ["trainer.max_tokens_per_micro_batch=160", "trainer.share_prefix_min_tokens=4"])
+    assert [m["step"] for m in packed] == [1, 2, 3]
+    assert abs(padded[0]["loss"] - packed[0]["loss"]) < 1e-5
+    for a, b in zip(padded, packed, strict=True):
+        assert abs(a["loss"] - b["loss"]) / abs(a["loss"]) < 1e-4
+
+
+def test_plan_pairs_keeps_chosen_and_rejected_together():
+    from posttrain.engine.packing import pair_rows, plan_pairs
+
+    # pairs: (10, 6), (4, 4), (9, 9); rows 0-2 chosen, 3-5 rejected
+    lengths = [10, 4, 9, 6, 4, 9]
+    plans = pair_rows(plan_pairs(lengths, 18), 3)
+    assert [p.rows for p in plans] == [[2, 5], [0, 3], [1, 4]]  # 18, 16, 8: no two fit together
+    ids = torch.arange(60).reshape(6, 10)
+    ids[3, :5] = ids[0, :5]  # pair 0 shares 5 tokens: 16 - 5 = 11, room for pair 1 (8)
+    plans = pair_rows(plan_pairs(lengths, 19, ids, min_shared=4), 3)
+    assert [p.rows for p in plans] == [[2, 5], [0, 1, 3, 4]]
+    assert plans[1].min_shared == 4
+
+
+def test_dpo_packed_loss_and_grads_equal_padded_with_a_filler_micro_batch():
+    from posttrain.offline.dpo import DPO, DPOConfig
+
+    model = build_tiny_model(SPEC).train()
+    dpo = DPO(DPOConfig())
+    reference = build_tiny_model(dataclasses.replace(SPEC, seed=1)).eval()
+    dpo.reference = type("Frozen", (), {"forward": staticmethod(lambda fn: fn(reference))})()
+    ids, attn = _padded([9, 7, 12, 5, 9, 11, 4, 6], group=0)
+    P = 4
+    ids[P:, :3] = ids[:P, :3]  # chosen and rejected of a pair share a 3-token prompt
+    loss_mask = attn.float()
+    loss_mask[:, :3] = 0.0
+    rows = {"input_ids_BT": ids, "attention_mask_BT": attn, "loss_mask_BT": loss_mask}
+
+    def run(micro) -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        total = 0.0
+        for mb in micro:
+            loss, _ = dpo.loss(model, mb, float(P))
+            loss.backward()
+            total += float(loss.detach())
+        return total, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp, gp = run([rows])
+    # pair costs 15, 15, 13, 8 in 24 tokens: [0, 3], [1], [2]; equalized to 5: singles and a filler
+    plans = packing.equalize(packing.plan_pairs(attn.sum(-1).tolist(), 24, ids, min_shared=2), 5)
+    assert any(p.dummy for p in plans)  # a filler (as FSDP ranks with fewer micro-batches get) adds nothing
+    packed = packing.packed_micro_batches(rows, packing.pair_rows(plans, P))
+    assert any(bool((mb["packed_parent_S"] >= 0).any()) for mb in packed)
+    lk, gk = run(packed)
+    assert abs(lp - lk) < 1e-5 and lp > 0
+    _assert_same_grads(gp, gk)
+
+
+def test_reward_model_refuses_packing_with_the_fix(tmp_path, repo_root):
     from posttrain.config.errors import PosttrainError
 
     with pytest.raises(PosttrainError, match="max_tokens_per_micro_batch.*does not support"):
-        _recipe_run(
-            f"{repo_root}/recipes/dpo_tiny_arith.yaml",
-            tmp_path,
-            "dpo",
-            ["trainer.max_tokens_per_micro_batch=64"],
-        )
+        _recipe_run(f"{repo_root}/recipes/rm_tiny_arith.yaml", tmp_path, "rm", ["trainer.max_tokens_per_micro_batch=64"])
