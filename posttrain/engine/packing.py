@@ -1,7 +1,8 @@
 """Sequence packing for the trainer: rows of different lengths share one [1, N] micro-batch.
 
 ``plan`` groups rows (by their unpadded lengths) into micro-batches of at most ``max_tokens``
-tokens (dynamic batching: the number of rows per micro-batch varies). ``pack`` lays one group's
+tokens (dynamic batching: the number of rows per micro-batch varies); ``plan_pairs`` does the
+same for preference pairs (DPO), each pair whole in one micro-batch. ``pack`` lays one group's
 rows out as *pieces* in ``packed_ids_1N``, with ``packed_cu_S1`` (cumulative piece lengths) and
 ``packed_parent_S`` (the piece a piece continues, -1 for none):
 
