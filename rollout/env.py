@@ -72,6 +72,9 @@ class AgentConfig:
         max_observation_tokens: an observation longer than this is cut (a flood), saying so.
         trajectories_file: trajectories of every step written to the run dir (for
             ``posttrain rollouts show``); "" writes none.
+        turn_linger_s: a free worker holds its waiting turns up to this long while fewer than half
+            of its live trajectories wait (the others still in their tool calls), so that turns
+            returning close together go out as one engine batch; 0 sends them at once.
     """
 
     env: dict[str, Any] | None = None
@@ -81,6 +84,7 @@ class AgentConfig:
     stop: list[str] = field(default_factory=lambda: ["</tool>"])
     max_observation_tokens: int = 96
     trajectories_file: str = "trajectories.jsonl"
+    turn_linger_s: float = 0.0
 
     def validate(self) -> tuple[str, str, str] | None:
         if self.max_turns < 1:
@@ -91,6 +95,8 @@ class AgentConfig:
             return ("tool_timeout_s", f"{self.tool_timeout_s} must be > 0", "set rollout.agent.tool_timeout_s=10")
         if self.max_observation_tokens < 1:
             return ("max_observation_tokens", f"{self.max_observation_tokens} must be >= 1", "e.g. 64")
+        if self.turn_linger_s < 0:
+            return ("turn_linger_s", f"{self.turn_linger_s} must be >= 0", "set rollout.agent.turn_linger_s=0 (no lingering)")
         return None
 
 

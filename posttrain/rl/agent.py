@@ -82,8 +82,8 @@ class Trajectory:
 PREFILL_TOKENS = 4096
 
 
-def prefill_chunks(items: list[tuple[PromptRecord, int, Any]]) -> list[list[tuple[PromptRecord, int, Any]]]:
-    """``items`` in order, cut into runs of at most ``PREFILL_TOKENS`` prefix tokens each."""
+def prefill_chunks(items: list[tuple]) -> list[list[tuple]]:
+    """``items`` ((record, ...) tuples) in order, cut into runs of at most ``PREFILL_TOKENS`` prefix tokens each."""
     chunks, size = [[]], 0
     for item in items:
         n = len(item[0].token_ids)
@@ -97,27 +97,36 @@ def prefill_chunks(items: list[tuple[PromptRecord, int, Any]]) -> list[list[tupl
 
 class TurnDispatcher:
     """Per-worker batching of turn requests: a worker gets everything that waited while its last
-    batch generated. ``lockstep`` (the benchmark's baseline): a batch goes out only when every
-    live trajectory waits, so no tool call overlaps generation."""
+    batch generated. ``linger_s`` > 0: a free worker holds its waiting turns up to that long while
+    fewer than half of its live trajectories wait (``rollout.agent.turn_linger_s``). ``lockstep``
+    (the benchmark's baseline): a batch goes out only when every live trajectory waits, so no tool
+    call overlaps generation."""
 
-    def __init__(self, fleet: Any, on_lost: OnLost, sampling: Any, stop: list[str], lockstep: bool = False) -> None:
-        self.fleet, self.on_lost, self.lockstep = fleet, on_lost, lockstep
+    def __init__(self, fleet: Any, on_lost: OnLost, sampling: Any, stop: list[str], lockstep: bool = False,
+                 linger_s: float = 0.0) -> None:  # fmt: skip
+        self.fleet, self.on_lost, self.lockstep, self.linger_s = fleet, on_lost, lockstep, linger_s
         # a turn ends at the tool-call marker (the engine keeps the marker's tokens in token_ids)
         self.sampling = dataclasses.replace(sampling, stop=list(sampling.stop) + [s for s in stop if s not in sampling.stop])
-        self.pending: dict[int, list[tuple[PromptRecord, int, asyncio.Future]]] = defaultdict(list)
+        self.pending: dict[int, list[tuple[PromptRecord, int, asyncio.Future, float]]] = defaultdict(list)
         self.busy: set[int] = set()
         self.live = 0  # trajectories not finished (lockstep waits for all of them)
+        self.live_on: dict[int, int] = defaultdict(int)  # per worker (a trajectory keeps its worker)
         self.generate_s = 0.0  # summed wall time of the batches (per worker)
         self.scheduled = False
 
+    def started(self, worker: int) -> None:
+        self.live += 1
+        self.live_on[worker] += 1
+
     async def turn(self, worker: int, record: PromptRecord, max_tokens: int) -> Completion:
         fut = asyncio.get_running_loop().create_future()
-        self.pending[worker].append((record, max_tokens, fut))
+        self.pending[worker].append((record, max_tokens, fut, time.perf_counter()))
         self.kick()
         return await fut
 
-    def finished(self) -> None:
+    def finished(self, worker: int) -> None:
         self.live -= 1
+        self.live_on[worker] -= 1
         self.kick()
 
     def kick(self) -> None:
@@ -131,25 +140,30 @@ class TurnDispatcher:
         waiting = sum(len(v) for v in self.pending.values())
         if self.lockstep and (self.busy or waiting < self.live):
             return
+        loop = asyncio.get_running_loop()
         for worker, items in list(self.pending.items()):
             if items and worker not in self.busy:
+                held = self.linger_s - (time.perf_counter() - items[0][3])
+                if held > 0 and 2 * len(items) < self.live_on[worker]:  # most still in tools: wait a little
+                    loop.call_later(held, self.kick)
+                    continue
                 self.busy.add(worker)
                 self.pending[worker] = []
-                asyncio.get_running_loop().create_task(self.run(worker, items))
+                loop.create_task(self.run(worker, items))
 
-    async def run(self, worker: int, items: list[tuple[PromptRecord, int, asyncio.Future]]) -> None:
+    async def run(self, worker: int, items: list[tuple[PromptRecord, int, asyncio.Future, float]]) -> None:
         try:
             t0 = time.perf_counter()
             for batch in prefill_chunks(items):  # each request carries its own token budget: one batch
-                records = [dataclasses.replace(r, max_tokens=budget) for r, budget, _ in batch]
-                groups = await self.submit(worker, records, max(budget for _, budget, _ in batch))
-                for (_, _, fut), group in zip(batch, groups, strict=True):
-                    fut.set_result(group.completions[0])
+                records = [dataclasses.replace(item[0], max_tokens=item[1]) for item in batch]
+                groups = await self.submit(worker, records, max(item[1] for item in batch))
+                for item, group in zip(batch, groups, strict=True):
+                    item[2].set_result(group.completions[0])
             self.generate_s += time.perf_counter() - t0
         except BaseException as err:  # noqa: BLE001 - handed to the waiting trajectories
-            for _, _, fut in items:
-                if not fut.done():
-                    fut.set_exception(err)
+            for item in items:
+                if not item[2].done():
+                    item[2].set_exception(err)
         finally:
             self.busy.discard(worker)
             self.kick()
@@ -208,7 +222,7 @@ class AgentRollouts:
 
     def dispatcher(self, sampling: Any) -> TurnDispatcher:
         """A turn batcher over the bound fleet (one per event loop; calls of that loop may share it)."""
-        return TurnDispatcher(self.fleet, self.on_lost, sampling, self.limits.stop, self.lockstep)
+        return TurnDispatcher(self.fleet, self.on_lost, sampling, self.limits.stop, self.lockstep, self.limits.turn_linger_s)
 
     async def rollout(self, prompts: list[PromptRecord], sampling: Any, usable: list[int],
                       dispatcher: TurnDispatcher) -> tuple[list[Group], dict[str, float]]:  # fmt: skip
@@ -216,7 +230,8 @@ class AgentRollouts:
         metrics). Several calls may share a dispatcher (the pipelined loop's steps in flight)."""
         trajs = [Trajectory(p.ordinal * sampling.n + i, p, i, usable[(k * sampling.n + i) % len(usable)])
                  for k, p in enumerate(prompts) for i in range(sampling.n)]  # fmt: skip
-        dispatcher.live += len(trajs)
+        for t in trajs:
+            dispatcher.started(t.worker)
         t0, busy0 = time.perf_counter(), dispatcher.generate_s
         await asyncio.gather(*(self.run_one(t, dispatcher, sampling) for t in trajs))
         counters: dict[str, float] = defaultdict(float)
@@ -239,7 +254,7 @@ class AgentRollouts:
             traj.error = f"{type(err).__name__}: {err}"[:300]
             traj.counters["agent/env_errors"] += 1
         finally:
-            dispatcher.finished()
+            dispatcher.finished(traj.worker)
             close = getattr(env, "close", None)
             if close is not None:
                 result = close()

