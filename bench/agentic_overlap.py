@@ -118,10 +118,7 @@ def main() -> None:  # noqa: PLR0915 - one straight script
                                            "reorders the same CPU work, it cannot finish sooner than that work on all cores",
            "note": "2 shared CPU cores: vLLM, the sandbox and other engineers' jobs compete for them"}  # fmt: skip
     path = write_result("agentic_overlap", "lockstep turns (no tool call overlaps generation)", value, base,
-                        "trajectories/s", value / base, raw)  # fmt: skip
-    if args.out:
-        os.replace(path, args.out)
-        path = args.out
+                        "trajectories/s", value / base, raw, path=args.out)  # fmt: skip
     print(f"overlapped {value:.2f} vs lockstep {base:.2f} trajectories/s: ratio {value / base:.2f} "
           f"(bound on this machine: {raw['ratio_upper_bound']}, lockstep CPU utilisation {util:.2f}) -> {path}")
 

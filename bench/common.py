@@ -21,13 +21,17 @@ def device_name() -> str:
     return f"cpu {os.cpu_count()} cores ({platform.machine()})"
 
 
-def write_result(name: str, baseline: str, value: float, baseline_value: float, unit: str, ratio: float, raw: dict) -> str:
+def write_result(
+    name: str, baseline: str, value: float, baseline_value: float, unit: str, ratio: float, raw: dict, path: str | None = None
+) -> str:
+    """Write the result record to ``path`` (default ``bench/results/<name>.json``) and print it."""
     out = {
         "name": name, "device": device_name(), "date": datetime.date.today().isoformat(), "baseline": baseline,
         "value": value, "baseline_value": baseline_value, "unit": unit, "ratio": ratio, "raw": raw,
     }
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    if path is None:
+        os.makedirs(RESULTS, exist_ok=True)
+        path = os.path.join(RESULTS, f"{name}.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))
