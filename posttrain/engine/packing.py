@@ -45,16 +45,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-PACKED_KEYS = (
-    "packed_ids_1N",
-    "packed_pos_1N",
-    "packed_cu_S1",
-    "packed_parent_S",
-    "packed_tok_BT",
-    "packed_src_BT",
-    "packed_branch_K2",
-)
-
 
 @dataclass
 class MicroPlan:
@@ -387,15 +377,6 @@ def forward(model: torch.nn.Module, batch: dict[str, Any]) -> Any:
 def token_ids(batch: dict[str, Any]) -> torch.Tensor:
     """The ids the model saw: [1, N] packed or [B, T] padded."""
     return batch["packed_ids_1N"] if is_packed(batch) else batch["input_ids_BT"]
-
-
-def unpack(x_1N: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-    """[1, N, ...] packed per-token values -> [B, T, ...] rows (a shared prefix's values in every
-    row of its family), zeros on padding (differentiable)."""
-    tok = batch["packed_tok_BT"].to(x_1N.device)
-    out = x_1N[0][tok.clamp(min=0)]
-    keep = (tok >= 0).reshape(*tok.shape, *([1] * (out.dim() - 2)))
-    return torch.where(keep, out, torch.zeros_like(out))
 
 
 def next_token(

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from posttrain.rl.agent_scoring import TrajectoryScorer
 from posttrain.rl.fleet import OnLost, batch_seed
@@ -95,6 +95,15 @@ def prefill_chunks(items: list[tuple]) -> list[list[tuple]]:
     return chunks
 
 
+class WaitingTurn(NamedTuple):
+    """A turn request queued for its worker's next batch."""
+
+    record: PromptRecord
+    max_tokens: int
+    future: asyncio.Future
+    since: float  # time.perf_counter() when it was queued
+
+
 class TurnDispatcher:
     """Per-worker batching of turn requests: a worker gets everything that waited while its last
     batch generated. ``linger_s`` > 0: a free worker holds its waiting turns up to that long while
@@ -107,25 +116,27 @@ class TurnDispatcher:
         self.fleet, self.on_lost, self.lockstep, self.linger_s = fleet, on_lost, lockstep, linger_s
         # a turn ends at the tool-call marker (the engine keeps the marker's tokens in token_ids)
         self.sampling = dataclasses.replace(sampling, stop=list(sampling.stop) + [s for s in stop if s not in sampling.stop])
-        self.pending: dict[int, list[tuple[PromptRecord, int, asyncio.Future, float]]] = defaultdict(list)
+        self.pending: dict[int, list[WaitingTurn]] = defaultdict(list)
         self.busy: set[int] = set()
-        self.live = 0  # trajectories not finished (lockstep waits for all of them)
-        self.live_on: dict[int, int] = defaultdict(int)  # per worker (a trajectory keeps its worker)
+        self.live_on: dict[int, int] = defaultdict(int)  # unfinished trajectories per worker (each keeps its worker)
         self.generate_s = 0.0  # summed wall time of the batches (per worker)
         self.scheduled = False
 
+    @property
+    def live(self) -> int:
+        """Trajectories not finished (lockstep waits for all of them)."""
+        return sum(self.live_on.values())
+
     def started(self, worker: int) -> None:
-        self.live += 1
         self.live_on[worker] += 1
 
     async def turn(self, worker: int, record: PromptRecord, max_tokens: int) -> Completion:
         fut = asyncio.get_running_loop().create_future()
-        self.pending[worker].append((record, max_tokens, fut, time.perf_counter()))
+        self.pending[worker].append(WaitingTurn(record, max_tokens, fut, time.perf_counter()))
         self.kick()
         return await fut
 
     def finished(self, worker: int) -> None:
-        self.live -= 1
         self.live_on[worker] -= 1
         self.kick()
 
@@ -143,7 +154,7 @@ class TurnDispatcher:
         loop = asyncio.get_running_loop()
         for worker, items in list(self.pending.items()):
             if items and worker not in self.busy:
-                held = self.linger_s - (time.perf_counter() - items[0][3])
+                held = self.linger_s - (time.perf_counter() - items[0].since)
                 if held > 0 and 2 * len(items) < self.live_on[worker]:  # most still in tools: wait a little
                     loop.call_later(held, self.kick)
                     continue
@@ -151,19 +162,19 @@ class TurnDispatcher:
                 self.pending[worker] = []
                 loop.create_task(self.run(worker, items))
 
-    async def run(self, worker: int, items: list[tuple[PromptRecord, int, asyncio.Future, float]]) -> None:
+    async def run(self, worker: int, items: list[WaitingTurn]) -> None:
         try:
             t0 = time.perf_counter()
             for batch in prefill_chunks(items):  # each request carries its own token budget: one batch
-                records = [dataclasses.replace(item[0], max_tokens=item[1]) for item in batch]
-                groups = await self.submit(worker, records, max(item[1] for item in batch))
-                for item, group in zip(batch, groups, strict=True):
-                    item[2].set_result(group.completions[0])
+                records = [dataclasses.replace(w.record, max_tokens=w.max_tokens) for w in batch]
+                groups = await self.submit(worker, records, max(w.max_tokens for w in batch))
+                for w, group in zip(batch, groups, strict=True):
+                    w.future.set_result(group.completions[0])
             self.generate_s += time.perf_counter() - t0
         except BaseException as err:  # noqa: BLE001 - handed to the waiting trajectories
-            for item in items:
-                if not item[2].done():
-                    item[2].set_exception(err)
+            for w in items:
+                if not w.future.done():
+                    w.future.set_exception(err)
         finally:
             self.busy.discard(worker)
             self.kick()

@@ -29,7 +29,6 @@ from posttrain.engine.packing import (
     piece_mask,
     plan,
     prefix_order,
-    unpack,
 )
 from posttrain.engine.trainer import OptimConfig, TrainerConfig
 from posttrain.models.factory import TinyModelSpec, build_tiny_model
@@ -65,6 +64,15 @@ def test_equalize_splits_then_adds_dummies():
     assert [p.rows for p in plans] == [[0, 1], [2, 3], [4]]
     plans = equalize([MicroPlan([0])], 2)
     assert [(p.rows, p.dummy) for p in plans] == [([0], False), ([0], True)]
+
+
+def unpack(x_1N: torch.Tensor, batch: dict) -> torch.Tensor:
+    """[1, N, ...] packed per-token values -> [B, T, ...] rows through ``packed_tok_BT`` (a shared
+    prefix's values in every row of its family), zeros on padding: the layout check of these tests."""
+    tok = batch["packed_tok_BT"]
+    out = x_1N[0][tok.clamp(min=0)]
+    keep = (tok >= 0).reshape(*tok.shape, *([1] * (out.dim() - 2)))
+    return torch.where(keep, out, torch.zeros_like(out))
 
 
 def _padded(
