@@ -11,9 +11,11 @@ k1 -> 0 (E_pi[grad log pi] = 0: k1 in the loss does nothing in expectation, so t
 k2 -> grad KL(pi || ref); k3 -> grad KL(ref || pi) (E_pi[-(ref/pi) grad log pi] = -E_ref[grad log pi]).
 In the *reward* (a constant per token, no gradient through it) any of them estimates KL(pi || ref).
 
-Clamps, as verl's ``kl_penalty``: x is clamped to [-20, 20] before ``exp`` and k3 to at most
-``MAX_KL_TOKEN`` = 10 nats per token; k2 is clamped to the same bound. One token at logprob -30
-against -1 would otherwise give k3 = e^29 = 3.9e12. A clamped token gets no gradient from this term.
+Clamps, as verl's ``kl_penalty``: for k3 only, x is clamped to [-20, 20] before ``exp`` and k3 to
+at most ``MAX_KL_TOKEN`` = 10 nats per token (one token at logprob -30 against -1 would otherwise
+give k3 = e^29 = 3.9e12); a token past either clamp gets no gradient from this term. k1 and k2 are
+not clamped (nor are they in verl): k2 = x^2 / 2 grows quadratically, and its gradient x keeps
+pulling a far-off token back however far it went.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def _k1(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def _k2(log_ratio: torch.Tensor) -> torch.Tensor:
-    return (0.5 * log_ratio**2).clamp(max=MAX_KL_TOKEN)
+    return 0.5 * log_ratio**2
 
 
 def _k3(log_ratio: torch.Tensor) -> torch.Tensor:

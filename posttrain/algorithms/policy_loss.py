@@ -10,7 +10,7 @@ the end), not copies of the loss. Per valid token t of sequence i:
     pg_t      = min(pg_t, -A_t dual_clip)   where A_t < 0     (dual clip, optional)
     loss_t    = w_t pg_t + kl_coef KL_t - entropy_coef H_t
 
-``KL_t`` is a per-token estimator from ``posttrain.algorithms.kl`` (clamped as in verl). Its
+``KL_t`` is a per-token estimator from ``posttrain.algorithms.kl`` (k3 clamped as in verl, k2 not). Its
 gradient in the loss is that of KL(pi || ref) for k2 and of KL(ref || pi) for k3; k1 has zero
 expected gradient, so ``kl_estimator: k1`` with ``kl_coef > 0`` is rejected.
 

@@ -33,20 +33,28 @@ def test_estimators_and_their_sign():
     assert kl_penalty(ref, lp, "k3").item() == pytest.approx(1 - LN(2))
 
 
-def test_k3_and_k2_are_clamped_and_carry_no_gradient_past_the_clamp():
+def test_k3_is_clamped_and_carries_no_gradient_past_the_clamp():
     lp = torch.tensor([-30.0, -1.0], requires_grad=True)
     ref = torch.tensor([-1.0, -1.0])
     k3 = kl_penalty(lp, ref, "k3")  # unclamped: e^29 - 1 - 29 = 3.9e12
     assert k3.tolist() == [MAX_KL_TOKEN, 0.0]
     k3.sum().backward()
     assert lp.grad.tolist() == [0.0, 0.0]  # clamped token: none; x = 0: 1 - e^0 = 0
-    assert kl_penalty(torch.tensor([4.0]), torch.tensor([-1.0]), "k2").item() == MAX_KL_TOKEN  # 12.5 -> 10
     # just inside the clamp: x = -2: e^2 - 1 - 2 = 4.389, gradient 1 - e^2 = -6.389
     x = torch.tensor([-2.0], requires_grad=True)
     v = kl_penalty(x, torch.tensor([0.0]), "k3")
     v.backward()
     assert v.item() == pytest.approx(math.e**2 - 3, rel=1e-6)
     assert x.grad.item() == pytest.approx(1 - math.e**2, rel=1e-6)
+
+
+def test_k2_is_not_clamped_as_in_verl():
+    # x = 5: k2 = 12.5 (above k3's 10-nat clamp) and its gradient x = 5 still pulls back
+    lp = torch.tensor([4.0], requires_grad=True)
+    k2 = kl_penalty(lp, torch.tensor([-1.0]), "k2")
+    k2.backward()
+    assert k2.item() == 12.5 > MAX_KL_TOKEN
+    assert lp.grad.item() == 5.0
 
 
 def test_loss_gradients_of_k2_and_k3():
