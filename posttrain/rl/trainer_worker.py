@@ -10,8 +10,10 @@ that normalise the loss are global (computed over the whole mini-batch before sh
 from __future__ import annotations
 
 import os
+import re
 import resource
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +73,50 @@ def _state_value(values: torch.Tensor, _next_ids: torch.Tensor) -> torch.Tensor:
     return values
 
 
+# Names of dropout probabilities, in configs and as module attributes across model families:
+# attention_dropout / hidden_dropout / classifier_dropout (Llama, Qwen, BERT-likes), attn_pdrop /
+# resid_pdrop / embd_pdrop (GPT-2, Phi), hidden_dropout_prob (BERT), dropout_rate (T5).
+_DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_rate", re.IGNORECASE)
+
+
+def _zero_dropout_probs(obj: Any) -> int:
+    """Set every float attribute of ``obj`` whose name is a dropout probability to 0; the count."""
+    hits = 0
+    for name, value in list(vars(obj).items()):
+        if _DROPOUT_NAME.search(name) and isinstance(value, float) and value != 0.0:
+            setattr(obj, name, 0.0)
+            hits += 1
+    return hits
+
+
+def _configs(config: Any) -> Iterator[Any]:
+    """A config and its nested sub-configs (text_config, vision_config, ...)."""
+    from transformers import PretrainedConfig
+
+    yield config
+    for value in vars(config).values():
+        if isinstance(value, PretrainedConfig):
+            yield from _configs(value)
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Switch off every dropout of ``model``, whatever its family; returns how many were on.
+
+    Walks the modules: every ``nn.Dropout`` (and its 1d/2d/3d/alpha kinds) gets ``p = 0``, and every
+    float attribute named like a dropout probability (``self.attention_dropout``, read by the
+    attention functions as ``dropout=... if self.training``) is zeroed; so is every such key of the
+    model's config and its sub-configs (code that reads the config at forward time)."""
+    hits = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != 0.0:
+            module.p, hits = 0.0, hits + 1
+        hits += _zero_dropout_probs(module)
+    config = getattr(model, "config", None)
+    for sub in _configs(config) if config is not None else ():
+        hits += _zero_dropout_probs(sub)
+    return hits
+
+
 def critic_model(model_cfg: ModelConfig, policy_config: Any) -> torch.nn.Module:
     """PPO's value model: a 1-label token-classification head on the policy's backbone, with every
     dropout off (value clipping compares its values with the deterministic ones of the forward)."""
@@ -82,13 +128,13 @@ def critic_model(model_cfg: ModelConfig, policy_config: Any) -> torch.nn.Module:
     config = AutoConfig.from_pretrained(src, local_files_only=True) if src else copy.deepcopy(policy_config)
     config.num_labels = 1
     config.classifier_dropout = 0.0  # token-classification heads default to 0.1 when the config has none
-    for name, value in list(vars(config).items()):
-        if "dropout" in name and isinstance(value, float):
-            setattr(config, name, 0.0)
+    for sub in _configs(config):  # before construction: layers built from these probabilities
+        _zero_dropout_probs(sub)
     if src:
         critic = AutoModelForTokenClassification.from_pretrained(src, config=config, local_files_only=True)
     else:
         critic = AutoModelForTokenClassification.from_config(config)
+    disable_dropout(critic)  # after: whatever a family hard-codes or names otherwise
     apply_moe_kernels(critic, model_cfg.moe_kernels)  # an MoE backbone runs the same experts as the policy
     return critic
 
