@@ -1,6 +1,7 @@
 """One RL step on finished groups, as its data flow::
 
-    groups ─► ledger ─► score (reward graph) ─► [dynamic sampling: filter all-equal groups, refill]
+    groups ─► ledger ─► score (reward graph) ─► [dynamic sampling: drop groups whose advantages
+              (the step's own: same batch builder, overlong filter, token rewards) are all zero, refill]
            ─► make_batch (masked-sample guard)
            ─► train_inputs (forward: old/ref logprobs, values; token rewards + KL into the reward
               per token; advantages)
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import torch
 
-from posttrain.algorithms.advantages import dynamic_sampling_keep, place_token_rewards
+from posttrain.algorithms.advantages import AdvantageResult, place_token_rewards
 from posttrain.algorithms.kl import kl_reward_penalty
 from posttrain.algorithms.logprobs import masked_mean
 from posttrain.config.errors import PosttrainError
@@ -116,21 +117,44 @@ def token_rewards(scored: list[ScoredGroup], batch: RLBatch) -> torch.Tensor | N
     return place_token_rewards(lists, batch.loss_mask_BT)
 
 
+def step_forward(batch: RLBatch, algo: OnlineRLConfig, trainers: Trainers) -> ForwardOutputs:
+    """The forward verb when the step needs one (old logprobs, reference, critic), else nothing."""
+    if not (algo.recompute_old or algo.use_reference or algo.critic is not None):
+        return ForwardOutputs()
+    return trainers.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, algo.recompute_old))
+
+
+def step_advantages(batch: RLBatch, scored: list[ScoredGroup], algo: OnlineRLConfig, fwd: ForwardOutputs,
+                    kl_coef: float) -> tuple[AdvantageResult, torch.Tensor | None]:  # fmt: skip
+    """The advantages the update trains on: token (process) rewards and the KL penalty (per token,
+    as verl, at ``kl_coef``) into the reward, then the estimator. Returns (advantages, kl_BT or None)."""
+    rewards_BT, kl = token_rewards(scored, batch), None
+    if algo.kl_in_reward:
+        penalty, kl = kl_reward_penalty(fwd.old_logprobs_BT, fwd.ref_logprobs_BT, batch.loss_mask_BT, kl_coef, algo.kl_in_reward_estimator)
+        rewards_BT = penalty if rewards_BT is None else rewards_BT + penalty
+    return algo.advantage.compute(advantage_inputs(batch, rewards_BT, fwd.values_BT)), kl
+
+
 def train_inputs(batch: RLBatch, scored: list[ScoredGroup], algo: OnlineRLConfig, trainers: Trainers,
                  kl_ctl: Any) -> tuple[TrainInputs, dict[str, float]]:  # fmt: skip
-    """Forward pass when needed (old logprobs, reference, critic); token rewards and the KL penalty
-    (per token, as verl) into the reward; advantages. ``kl_ctl`` adapts to the measured KL."""
-    need_forward = algo.recompute_old or algo.use_reference or algo.critic is not None
-    fwd = trainers.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, algo.recompute_old)) if need_forward else ForwardOutputs()
-    rewards_BT, m = token_rewards(scored, batch), {}
-    if algo.kl_in_reward:
-        penalty, kl = kl_reward_penalty(fwd.old_logprobs_BT, fwd.ref_logprobs_BT, batch.loss_mask_BT, kl_ctl.value, algo.kl_in_reward_estimator)
-        rewards_BT = penalty if rewards_BT is None else rewards_BT + penalty
+    """Forward pass when needed (old logprobs, reference, critic), then ``step_advantages``.
+    ``kl_ctl`` adapts to the measured KL."""
+    fwd = step_forward(batch, algo, trainers)
+    adv, kl = step_advantages(batch, scored, algo, fwd, kl_ctl.value)
+    m = {}
+    if kl is not None:
         m["kl_in_reward/kl"] = float(masked_mean(kl, batch.loss_mask_BT))
         m["kl_in_reward/coef"] = kl_ctl.value
         kl_ctl.update(m["kl_in_reward/kl"], batch.size)
-    adv = algo.advantage.compute(advantage_inputs(batch, rewards_BT, fwd.values_BT))
     return TrainInputs(batch, adv.advantages_BT, fwd, adv.returns_BT), m
+
+
+def zero_advantage_groups(advantages_BT: torch.Tensor, loss_mask_BT: torch.Tensor, sizes: list[int]) -> list[bool]:
+    """Per group (rows in group-major order, ``sizes`` samples each): whether every trainable token
+    of the group has advantage exactly 0 (so the group gives no policy gradient). A group with no
+    trainable token at all (every sample masked) counts as zero too."""
+    nonzero_B = ((advantages_BT != 0) & (loss_mask_BT > 0)).any(-1)
+    return [not bool(part.any()) for part in nonzero_B.split(sizes)]
 
 
 def mini_batches(inputs: TrainInputs, count: int, order: torch.Tensor | None = None) -> Iterator[TrainBatch]:
@@ -165,13 +189,66 @@ class DynamicSamplingExhausted(PosttrainError):
     """Dynamic sampling could not find enough groups with varied rewards within its rounds."""
 
 
-def keep_varied(scored: list[ScoredGroup]) -> tuple[list[ScoredGroup], int]:
-    """Groups whose valid rewards are not all equal (DAPO), and how many were filtered out."""
+def group_sizes(scored: list[ScoredGroup]) -> list[int]:
+    return [len(sg.group.completions) for sg in scored]
+
+
+def keep_trainable(scored: list[ScoredGroup], algo: OnlineRLConfig, pad_id: int, trainers: Trainers,
+                   kl_coef: float) -> tuple[list[ScoredGroup], list[ScoredGroup]]:  # fmt: skip
+    """DAPO's filter on the advantages the step would train these groups on: the same batch builder
+    and overlong filter, the same token rewards, KL penalty and critic values (their forward runs
+    only when the advantages need it). Returns (kept, dropped): a group is dropped exactly when every
+    trainable token's advantage is zero.
+
+    Group estimators normalise within a group, so a kept group trains on these same advantages;
+    estimators that whiten over the batch (REINFORCE++) judge each round's batch, and the step
+    reports what it trained (``samples/zero_advantage_groups``)."""
     if not scored:
-        return [], 0
-    batch = build_rl_batch(scored, 0, False)
-    keep = [bool(k) for k in dynamic_sampling_keep(batch.rewards_NG, batch.sample_mask_NG.bool())]
-    return [sg for sg, k in zip(scored, keep, strict=True) if k], keep.count(False)
+        return [], []
+    batch = build_rl_batch(scored, pad_id, algo.overlong_filter)
+    needs_forward = algo.kl_in_reward or algo.critic is not None
+    fwd = trainers.forward(ForwardBatch(batch.input_ids_BT, batch.attention_mask_BT, algo.kl_in_reward)) if needs_forward else ForwardOutputs()
+    adv, _ = step_advantages(batch, scored, algo, fwd, kl_coef)
+    zero = zero_advantage_groups(adv.advantages_BT, batch.loss_mask_BT, group_sizes(scored))
+    return [sg for sg, z in zip(scored, zero, strict=True) if not z], [sg for sg, z in zip(scored, zero, strict=True) if z]
+
+
+# Reward-graph counters that add up over scoring rounds (dynamic sampling scores several per step).
+_ROUND_SUMS = ("/errors", "/timeouts", "/masked", "/not_applicable", "/gated", "/calls", "/cache_hits", "reward/samples", "reward/step_s")
+
+
+def merge_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """The scorer's metrics of every round of a step: counters summed, latencies the max, the
+    rest from the first round (``trained_reward_metrics`` then restates what describes samples)."""
+    out = dict(rounds[0]) if rounds else {}
+    for m in rounds[1:]:
+        for k, v in m.items():
+            if k.endswith(_ROUND_SUMS):
+                out[k] = out.get(k, 0.0) + v
+            elif "latency" in k:
+                out[k] = max(out.get(k, v), v)
+            else:
+                out.setdefault(k, v)
+    return out
+
+
+def trained_reward_metrics(scored: list[ScoredGroup], metrics: dict[str, float]) -> dict[str, float]:
+    """Per-node means (``reward/<node>/mean``, the agent's ``env/<name>``) and the masked fraction
+    over the samples the step trains on, replacing those of whatever the scorer scored."""
+    out: dict[str, float] = {}
+    rewards = [r for sg in scored for r in sg.rewards]
+    if rewards:
+        out["reward/masked_fraction"] = sum(r is None for r in rewards) / len(rewards)
+    for name in sorted({k for sg in scored for k in sg.breakdown}):
+        env = name.startswith("env/")
+        values = [v for sg in scored if name in sg.breakdown for v, r in zip(sg.breakdown[name], sg.rewards, strict=True)
+                  if v is not None and (r is not None or not env)]  # fmt: skip
+        key = name if env else f"reward/{name}/mean"
+        if values:
+            out[key] = sum(values) / len(values)
+        elif key in metrics:
+            out[key] = float("nan")
+    return out
 
 
 def probe_sequences(scored: list[ScoredGroup]) -> list[list[int]]:
@@ -206,6 +283,8 @@ def batch_metrics(inputs: TrainInputs, scored: list[ScoredGroup]) -> dict[str, f
         "reward/std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
         "advantage/mean": float(adv[valid].mean()) if valid.any() else 0.0,
         "advantage/abs_mean": float(adv[valid].abs().mean()) if valid.any() else 0.0,
+        # trained groups whose every trainable token has advantage 0 (no gradient): 0 under DAPO
+        "samples/zero_advantage_groups": float(sum(zero_advantage_groups(adv, batch.loss_mask_BT, group_sizes(scored)))),
         "response/length_mean": float(lens.mean()),
         "response/length_max": float(lens.max()),
         "response/truncated_fraction": sum(c.truncated for c in completions) / batch.size,
@@ -229,9 +308,9 @@ class Step:
             self.ledger.write(step, groups)
         with timer("reward"):
             scored, m_reward = self.scorer.score_groups_sync(groups)
-        m_dyn = self.dynamic_sampling(scored, refill, timer) if self.algo.dynamic_sampling else {}
+        m_dyn = {}
         if self.algo.dynamic_sampling:
-            scored = scored[: self.algo.prompts_per_step]
+            m_reward, m_dyn = self.dynamic_sampling(scored, m_reward, refill, timer)
             self.ledger.write(step, [sg.group for sg in scored])  # the groups that enter the step
         self.ledger.scored(step, scored)
         with timer("prepare"):
@@ -242,34 +321,44 @@ class Step:
         with timer("sync"):
             m_sync = self.publisher.publish(probe_sequences(scored))
         m_sync.update(getattr(self.trainers, "offload_stats", {}))  # trainer.offload: rank 0's last moves
+        m_reward.update(trained_reward_metrics(scored, m_reward))
         return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, scored), **timer.metrics(),
                 **throughput(inputs.batch, timer.step_s), "policy_version": float(self.publisher.version)}  # fmt: skip
 
-    def dynamic_sampling(self, scored: list[ScoredGroup], refill: Refill | None, timer: PhaseTimer) -> dict[str, float]:
-        """Keep groups with varied rewards in ``scored`` (in place); generate and score new prompts
-        until there are ``prompts_per_step`` of them (at most ``dynamic_sampling_max_rounds`` rounds).
-        Filtered groups are counted as ``samples/filtered_*``, never as failures."""
-        want, rounds, filtered = self.algo.prompts_per_step, 0, 0
-        kept, dropped = keep_varied(scored)
-        filtered += dropped
+    def dynamic_sampling(self, scored: list[ScoredGroup], m_reward: dict[str, float], refill: Refill | None,
+                         timer: PhaseTimer) -> tuple[dict[str, float], dict[str, float]]:  # fmt: skip
+        """Keep in ``scored`` (in place) the first ``prompts_per_step`` groups that would train (some
+        trainable token with a non-zero advantage, see ``keep_trainable``); generate and score new
+        prompts until there are enough (at most ``dynamic_sampling_max_rounds`` rounds). Returns the
+        scorer's metrics over every round (``merge_rounds``) and the filter's: dropped groups as
+        ``samples/filtered_*`` (never as failures), with the mean reward of their samples."""
+        want, rounds, dropped, scores = self.algo.prompts_per_step, 0, [], [m_reward]
+        keep = lambda sgs: keep_trainable(sgs, self.algo, self.pad_id, self.trainers, self.kl_ctl.value)  # noqa: E731
+        kept, out = keep(scored)
+        dropped += out
         while len(kept) < want:
             if refill is None or rounds >= self.algo.dynamic_sampling_max_rounds:
                 raise DynamicSamplingExhausted(
-                    f"dynamic sampling: {len(kept)} of {want} groups have varied rewards after {rounds} refill rounds "
-                    f"({filtered} groups filtered: all their samples scored the same).\n  fix: raise "
-                    "algorithm.dynamic_sampling_max_rounds or rollout.sampling.n, or use prompts of mixed difficulty"
+                    f"dynamic sampling: {len(kept)} of {want} groups have a non-zero advantage after {rounds} refill rounds "
+                    f"({len(dropped)} groups filtered: every trainable token's advantage was 0, e.g. all samples scored "
+                    "the same).\n  fix: raise algorithm.dynamic_sampling_max_rounds or rollout.sampling.n, or use prompts "
+                    "of mixed difficulty"
                 )
             t0 = time.perf_counter()
             more = refill(want - len(kept))
             timer.add("generate", time.perf_counter() - t0)
             with timer("reward"):
-                more_scored, _ = self.scorer.score_groups_sync(more)
-            varied, dropped = keep_varied(more_scored)
-            kept, filtered, rounds = kept + varied, filtered + dropped, rounds + 1
-        scored[:] = kept
-        n = len(scored[0].group.completions) if scored else 0
-        return {"samples/filtered_groups": float(filtered), "samples/filtered_samples": float(filtered * n),
-                "samples/refill_rounds": float(rounds)}  # fmt: skip
+                more_scored, m_more = self.scorer.score_groups_sync(more)
+            scores.append(m_more)
+            varied, out = keep(more_scored)
+            kept, dropped, rounds = kept + varied, dropped + out, rounds + 1
+        scored[:] = kept[:want]
+        filtered_rewards = [r for sg in dropped for r in sg.rewards if r is not None]
+        m_dyn = {"samples/filtered_groups": float(len(dropped)), "samples/filtered_samples": float(sum(group_sizes(dropped))),
+                 "samples/refill_rounds": float(rounds), "samples/scored_groups": float(len(kept) + len(dropped))}  # fmt: skip
+        if filtered_rewards:
+            m_dyn["samples/filtered_reward_mean"] = sum(filtered_rewards) / len(filtered_rewards)
+        return merge_rounds(scores), m_dyn
 
     def state_dict(self) -> dict[str, Any]:
         return {"kl_ctl": self.kl_ctl.state_dict()}

@@ -3,6 +3,8 @@
 * a token-level (process) reward node changes the GRPO advantages as the hand computation says;
 * KL in the reward reaches a group estimator (GRPO) through the summed score;
 * DAPO dynamic sampling filters all-equal groups (counted as filtered, not failed) and refills;
+  it judges the advantages the step trains on (overlong filter, process rewards), and the reward
+  metrics describe the trained batch;
 * PPO epochs: 2 passes over 4 mini-batches, the second pass shuffled, metrics max-combined.
 """
 
@@ -19,9 +21,10 @@ from posttrain.rl.step import DynamicSamplingExhausted, Step
 from posttrain.types import Completion, ForwardOutputs, Group, PromptRecord
 
 
-def _group(ordinal: int, answers: list[str]) -> Group:
+def _group(ordinal: int, answers: list[str], truncated: tuple[int, ...] = ()) -> Group:
     p = PromptRecord(ordinal, "q", [1, 2 + ordinal], {"answer": "7"})
-    return Group(p, [Completion(p, i, [10 + len(a)] * len(a), a, [-0.5] * len(a), [0] * len(a), "stop") for i, a in enumerate(answers)])
+    return Group(p, [Completion(p, i, [10 + len(a)] * len(a), a, [-0.5] * len(a), [0] * len(a), "length" if i in truncated else "stop")
+                     for i, a in enumerate(answers)])  # fmt: skip
 
 
 def exact(sample) -> float:
@@ -144,3 +147,44 @@ def test_ppo_epochs_pass_twice_over_four_shuffled_minibatches():
     assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # in another order
     assert all(b.old_logprobs_BT is not None for b in trainers.batches)  # recomputed before the update
     assert m["ratio_max"] == 8.0 and m["loss"] == 1.0  # _max keys take the max, others the mean
+
+
+def test_dynamic_sampling_drops_a_group_whose_only_spread_is_overlong_filtered():
+    """[7, 7, 7, 8] with the 8 truncated: the overlong filter masks it, the rest all score 1, so the
+    group would train on advantages [0, 0, 0, masked]. The old filter (outcomes, no overlong
+    filter) kept it: the trained batch had a zero-advantage group."""
+    step, trainers, ledger = _step([RewardNode("correct", exact)], dynamic_sampling=True, overlong_filter=True)
+    m = step([_group(0, ["7", "7", "7", "8"], truncated=(3,)), _group(1, ["7", "8", "9", "9"])], 0.0,
+             lambda count: [_group(20 + i, ["7", "8", "7", "9"]) for i in range(count)])
+    assert ledger.written == [[1, 20]]
+    assert m["samples/filtered_groups"] == 1.0 and m["samples/refill_rounds"] == 1.0
+    assert m["samples/zero_advantage_groups"] == 0.0
+    assert all(a != 0.0 for a in _advantages(trainers))
+
+
+def test_dynamic_sampling_keeps_a_group_that_only_process_rewards_separate():
+    """All outcomes 0, process rewards summing to [.1, -.2, .1, -.3]: GRPO gives non-zero
+    advantages, so the group trains (the old filter looked at outcomes only and dropped it)."""
+    nodes = [RewardNode("correct", exact), RewardNode("process", per_token_bonus, token_level=True)]
+    step, trainers, ledger = _step(nodes, dynamic_sampling=True)
+    m = step([_group(0, ["8", "12", "9", "123"]), _group(1, ["7", "8", "9", "9"])], 0.0)  # no refill needed
+    assert ledger.written == [[0, 1]] and m["samples/filtered_groups"] == 0.0
+    assert _advantages(trainers)[:4] == pytest.approx(_grpo([0.1, -0.2, 0.1, -0.3]), abs=1e-5)
+
+
+def test_dynamic_sampling_reward_metrics_describe_the_trained_batch():
+    """The first round's all-right group is filtered: reward/<node>/mean is over the trained groups;
+    the filtered ones are counted apart, and the scorer's counters add up over both rounds."""
+    step, _, _ = _step([RewardNode("correct", exact)], dynamic_sampling=True)
+    m = step([_group(0, ["7", "7", "7", "7"]), _group(1, ["7", "8", "9", "9"])], 0.0,
+             lambda count: [_group(20 + i, ["7", "7", "7", "9"]) for i in range(count)])
+    assert m["reward/correct/mean"] == pytest.approx((1 + 3) / 8)  # first round alone: 5 / 8
+    assert m["reward/mean"] == pytest.approx((1 + 3) / 8)
+    assert m["samples/filtered_reward_mean"] == 1.0 and m["samples/filtered_samples"] == 4.0
+    assert m["reward/samples"] == 12.0 and m["samples/scored_groups"] == 3.0  # 8 + 4 samples scored
+
+
+def test_zero_advantage_groups_are_counted_without_dynamic_sampling():
+    step, _, _ = _step([RewardNode("correct", exact)])
+    m = step([_group(0, ["7", "7", "7", "7"]), _group(1, ["7", "8", "9", "9"])], 0.0)
+    assert m["samples/zero_advantage_groups"] == 1.0
