@@ -101,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from posttrain.config.loader import load_recipe
     from posttrain.config.preflight import check_before_start, key_source
     from posttrain.metrics import quiet_library_logs, redact
+    from posttrain.run_record import check_resume_identity, restore_on_failure, write_config
 
     cfg, resolved = load_recipe(args.recipe, args.overrides)
     quiet_library_logs(cfg.logging.verbose)
@@ -109,12 +110,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(redact(resolved), sort_keys=False))
         print("# derived counts")
         print(yaml.safe_dump(derived_counts(cfg), sort_keys=False))
+        print(_memory_plan(cfg))
         return 0
     resume_line = _resume_line(cfg, args.recipe, args.overrides) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume:  # before anything is written: a resume must be the same run
+        check_resume_identity(os.path.join(cfg.run.output_dir, cfg.run.name), redact(resolved),
+                              key_source("checkpoint.resume", args.recipe, args.overrides))
     try:
         run_dir = _make_run_dir(cfg.run.output_dir, cfg.run.name, bool(cfg.checkpoint.resume))
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(redact(resolved), f, sort_keys=False)
+        previous_record = write_config(run_dir, redact(resolved))
     except OSError as exc:
         raise ConfigError(
             "run.output_dir", key_source("run.output_dir", args.recipe, args.overrides),
@@ -124,19 +128,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     if resume_line:
         print(resume_line, flush=True)
-    runner = _runner_for(cfg)
-    with _interrupts_stop_cleanly():
+    with restore_on_failure(run_dir, previous_record), _interrupts_stop_cleanly():
         try:
-            summary = runner(cfg, resolved, run_dir)
+            summary = _runner_for(cfg)(cfg, resolved, run_dir)
         except KeyboardInterrupt:
-            print(
-                f"posttrain: interrupted; checkpoints so far are in {run_dir}/checkpoints.\n"
-                f"  resume: {_resume_command(args.recipe, args.overrides, run_dir)}",
-                file=sys.stderr, flush=True,
-            )
+            print(interrupted_message(run_dir, _resume_command(args.recipe, args.overrides, run_dir)),
+                  file=sys.stderr, flush=True)
             return 130
     _print_summary(summary)
     return 0
+
+
+def interrupted_message(run_dir: str, resume_command: str) -> str:
+    """What a Ctrl-C prints: the checkpoint a resume would take, or that there is none yet."""
+    from posttrain.engine.checkpoint import discard_partial, resume_point
+
+    discard_partial(os.path.join(run_dir, "checkpoints"))  # a save the Ctrl-C cut short
+    point = resume_point("auto", os.path.join(run_dir, "checkpoints"))
+    if point is None:
+        return (f"posttrain: interrupted; no checkpoint yet in {run_dir}/checkpoints, so a rerun starts from step 0.\n"
+                f"  rerun: {resume_command}")
+    path, step = point
+    return (f"posttrain: interrupted; the newest checkpoint is step {step} ({path}).\n"
+            f"  resume: {resume_command}")
 
 
 def _runner_for(cfg):
@@ -184,6 +198,24 @@ def _print_summary(summary: dict[str, Any]) -> None:
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
         print(f"{key}: before {fmt(b)}  after {fmt(a)}")
     print(json.dumps({"summary": summary}))
+
+
+def _memory_plan(cfg) -> str:
+    """The per-device memory plan of ``cfg`` (posttrain.plan), as printed by ``plan`` and ``--dry-run``."""
+    from posttrain.plan import plan_recipe, render
+
+    return render(plan_recipe(cfg))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the per-device memory plan from the model's config.json alone; exit 3 if it does not fit."""
+    from posttrain.config.loader import load_recipe
+    from posttrain.plan import plan_recipe, render
+
+    cfg, _ = load_recipe(args.recipe, args.overrides)
+    plan = plan_recipe(cfg)
+    print(render(plan))
+    return 0 if plan.fits or not plan.inputs.on_gpu else 3
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -286,10 +318,19 @@ def _try_line(result: dict[str, Any]) -> str:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from posttrain.export import check_run_dir, export_checkpoint, is_lora_run
     from posttrain.models.lora_export import export_merged
 
+    check_run_dir(args.run_dir)
+    if args.step is not None:
+        print(f"checkpoint step {args.step}: {export_checkpoint(args.run_dir, args.step, args.out, args.merge)}")
+        return 0
+    hf = os.path.join(args.run_dir, "hf")
     if not args.merge:
-        print(f"{os.path.join(args.run_dir, 'hf')} already holds the export (a LoRA run's adapter); add --merge for the merged model")
+        if is_lora_run(args.run_dir):
+            print(f"{hf} holds this LoRA run's adapter (PEFT format); add --merge for the merged model, --step N for a checkpoint")
+        else:
+            print(f"{hf} holds this run's full model (written at the end of the run); add --step N to export a checkpoint")
         return 0
     print(f"merged model: {export_merged(args.run_dir, args.out)}")
     return 0
@@ -304,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax); group=option selects a config group")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and derived counts, then exit")
     r.set_defaults(fn=cmd_run)
+    pn = sub.add_parser("plan", help="per-device memory plan of a recipe (config.json only, no weights): posttrain plan recipes/X.yaml")
+    pn.add_argument("recipe")
+    pn.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
+    pn.set_defaults(fn=cmd_plan)
     sb = sub.add_parser("submit", help="run a recipe as a Ray job: posttrain submit recipes/X.yaml key=value ... [--wait]")
     sb.add_argument("recipe")
     sb.add_argument("overrides", nargs="*", help="key=value overrides, as for run; RL recipes get cluster.address=auto")
@@ -318,10 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run_dir")
     pl.add_argument("--out", default=None)
     pl.set_defaults(fn=cmd_plot)
-    ex = sub.add_parser("export", help="export a finished run's model: posttrain export RUN_DIR --merge (LoRA: the merged model)")
+    ex = sub.add_parser("export", help="export a run's model: posttrain export RUN_DIR [--step N] [--merge] (LoRA: the merged model)")
     ex.add_argument("run_dir")
     ex.add_argument("--merge", action="store_true", help="fold the LoRA adapter into the base and write a full model")
-    ex.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_merged)")
+    ex.add_argument("--step", type=int, default=None, help="export checkpoint step N (default: the end-of-run export RUN_DIR/hf)")
+    ex.add_argument("--out", default=None, help="output directory (default: RUN_DIR/hf_merged, or RUN_DIR/hf_step_N)")
     ex.set_defaults(fn=cmd_export)
     rw = sub.add_parser("rewards", help="inspect a recipe's reward graph without training")
     rsub = rw.add_subparsers(dest="rewards_command", required=True)

@@ -22,6 +22,9 @@ def plot_run(run_dir: str, out: str | None = None, keys: list[str] | None = None
 
     rows = read_metrics(run_dir)
     present = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("step", "time_s")}
+    if not present:
+        raise PosttrainError(f"'{run_dir}' has no metrics yet (metrics.jsonl holds no values).\n"
+                             "  fix: plot again once the run has logged its first step")
     keys = keys or [k for k in PREFERRED if k in present] + sorted(k for k in present if k.startswith("eval/") and k not in PREFERRED)
     keys = keys[:9] or sorted(present)[:9]
     cols = min(3, len(keys))

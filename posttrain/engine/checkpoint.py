@@ -105,6 +105,42 @@ def save_checkpoint(root: str, step: int, engine, extra: dict[str, Any], keep_la
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp, exist_ok=True)
     _barrier()
+    try:
+        _write_step(root, step, engine, extra, keep_last, tmp, final)
+    except BaseException as exc:  # a Ctrl-C or a failed write: no half-written step_N.tmp stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if as_interrupt(exc) is exc:
+            raise
+        raise KeyboardInterrupt from exc
+    return final
+
+
+def as_interrupt(exc: BaseException) -> BaseException:
+    """``exc``, or a KeyboardInterrupt when ``exc`` is DCP's CheckpointException wrapping one: DCP
+    catches BaseException on each rank and re-raises a CheckpointException (itself a
+    BaseException), which would turn a Ctrl-C during a save into a traceback and exit 1."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(exc, dcp.api.CheckpointException) and isinstance(failures, dict):
+        for wrapped in failures.values():
+            inner = wrapped[0] if isinstance(wrapped, tuple) and wrapped else wrapped
+            if isinstance(inner, KeyboardInterrupt):
+                return KeyboardInterrupt()
+    return exc
+
+
+def discard_partial(root: str) -> list[str]:
+    """Remove ``step_N.tmp`` directories (saves that never finished) under ``root``; returns them.
+    Call only when no rank is writing (after a run stopped)."""
+    gone = []
+    if os.path.isdir(root):
+        for d in sorted(os.listdir(root)):
+            if d.startswith("step_") and d.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+                gone.append(d)
+    return gone
+
+
+def _write_step(root: str, step: int, engine, extra: dict[str, Any], keep_last: int, tmp: str, final: str) -> None:
     dcp.save(engine.state_dict(), checkpoint_id=tmp)
     state = {"step": step, "scheduler": engine.scheduler.state_dict(), "rng": rng_state(), **extra}
     torch.save(state, os.path.join(tmp, f"extra_rank{_rank()}.pt"))
@@ -122,7 +158,6 @@ def save_checkpoint(root: str, step: int, engine, extra: dict[str, Any], keep_la
         _write_latest(root, os.path.basename(final))
         _prune(root, keep_last)
     _barrier()
-    return final
 
 
 def _write_latest(root: str, name: str) -> None:
@@ -211,7 +246,12 @@ def load_checkpoint(path: str, engine) -> dict[str, Any]:
 
     ``path`` should come from ``find_checkpoint``, which verifies it."""
     state = engine.state_dict()
-    dcp.load(state, checkpoint_id=path)
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except BaseException as exc:
+        if as_interrupt(exc) is exc:
+            raise
+        raise KeyboardInterrupt from exc
     engine.load_state_dict(state)
     extra = torch.load(os.path.join(path, f"extra_rank{_rank()}.pt"), weights_only=True)
     engine.scheduler.load_state_dict(extra["scheduler"])
