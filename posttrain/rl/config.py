@@ -92,8 +92,13 @@ class ClusterConfig:
     # (algorithm.max_staleness: 0 or colocated, local Ray); "all" does so always; "reserved" runs
     # each actor on as many threads as the CPUs it reserved.
     phase_threads: Literal["auto", "all", "reserved"] = "auto"
+    # Memory of one GPU (GiB): the per-device memory plan (posttrain plan, --dry-run) checks
+    # every device against it. 80: H100/A100-80GB.
+    gpu_memory_gib: float = 80.0
 
     def validate(self) -> tuple[str, str, str] | None:
+        if self.gpu_memory_gib <= 0:
+            return ("gpu_memory_gib", f"{self.gpu_memory_gib} must be > 0", "set cluster.gpu_memory_gib to your GPU's memory, e.g. 80")
         if self.phase_threads not in ("auto", "all", "reserved"):
             return ("phase_threads", f"{self.phase_threads!r} is not a thread policy", "use auto, all or reserved")
         if self.call_timeout_s is not None and self.call_timeout_s <= 0:
@@ -197,6 +202,11 @@ class OnlineRLConfig:
     kl_in_reward_estimator: KLEstimator = "k1"
     adaptive_kl: AdaptiveKLController | None = None
     use_reference: bool = False  # load a frozen reference model (needed when any KL coefficient > 0)
+    # What the reference's logprobs are of. temperature: softmax(logits / rollout temperature), a
+    # distribution (as verl). sampler: also the sampler's top-p filter, with the sampled token kept
+    # in the nucleus as for the behaviour logprobs: NOT a distribution (with logits [2, 0, -2] and
+    # top_p 0.5 the probabilities of the three tokens sum to 1.137), so the "KL" is not a KL.
+    reference_logprobs: Literal["temperature", "sampler"] = "temperature"
     # auto: with one mini-batch (and no KL in the reward) the trainer's logprobs before the update
     # are those of the loss's own forward, detached, so no separate forward pass is run for them;
     # always: recompute them in a forward pass before training (e.g. for models with dropout).
@@ -236,6 +246,12 @@ class OnlineRLConfig:
                 "staleness_policy",
                 f"{self.staleness_policy!r} is not allowed",
                 "use pace (default) or drop",
+            )
+        if self.reference_logprobs not in ("temperature", "sampler"):
+            return (
+                "reference_logprobs",
+                f"{self.reference_logprobs!r} is not allowed",
+                "use temperature (default, as verl) or sampler (top-p filtered too; not a distribution)",
             )
         if self.recompute_old_logprobs not in ("auto", "always"):
             return (

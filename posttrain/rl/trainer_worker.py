@@ -24,13 +24,13 @@ import torch.nn.functional as F
 from posttrain.algorithms.logprobs import (
     entropy_from_logits,
     processed_token_logprobs,
-    sampled_token_logprobs,
     token_logprobs,
 )
 from posttrain.algorithms.policy_loss import policy_loss, value_loss
 from posttrain.diagnose import where_now
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, init_rank
+from posttrain.engine.head_logprobs import model_logprobs
 from posttrain.engine.packing import forward as packed_forward
 from posttrain.engine.packing import next_token, packed_micro_batches, row_lengths
 from posttrain.engine.trainer import OptimConfig, TrainEngine, TrainerConfig
@@ -186,6 +186,10 @@ class TrainerWorker:
         if algo.use_reference:  # LoRA: the policy with its adapters off, no second copy
             self.reference = BaseReference(self.policy) if model_cfg.lora else TrainEngine(load_causal_lm(model_cfg), trainer_cfg, self.device, trainable=False)
         self.temperature, self.top_p = spec.temperature, spec.top_p
+        # The reference at the sampler's temperature only (as verl's compute_ref_log_prob: logits /
+        # rollout temperature, no top-p), a distribution; algorithm.reference_logprobs=sampler
+        # applies the sampler's top-p too (not a distribution: see OnlineRLConfig).
+        self.reference_top_p = spec.top_p if algo.reference_logprobs == "sampler" else 1.0
         self.critic = None
         if algo.critic is not None:
             critic = critic_model(model_cfg, policy.config)
@@ -221,12 +225,12 @@ class TrainerWorker:
     def _forward_micro(self, mb: dict[str, torch.Tensor], want_old: bool) -> dict[str, torch.Tensor]:
         mb = {k: v.to(self.device) for k, v in mb.items()}
         out = {}
-        sampled = lambda logits, ids: sampled_token_logprobs(logits, ids, self.temperature, self.top_p)  # noqa: E731 (in blocks of positions)
+        ref_top_p, fused = self.reference_top_p, self.model_cfg.fused_lm_head  # fused: LM head + logprob in chunks
         if want_old:
-            lp = self.policy.forward(lambda m: next_token(sampled, packed_forward(m, mb).logits, mb))
+            lp = self.policy.forward(lambda m: model_logprobs(m, mb, self.temperature, self.top_p, fused=fused)[0])
             out["old_logprobs_BT"] = lp.cpu()
-        if self.reference is not None:  # the reference at the same temperature (as verl)
-            lp = self.reference.forward(lambda m: next_token(sampled, packed_forward(m, mb).logits, mb))
+        if self.reference is not None:
+            lp = self.reference.forward(lambda m: model_logprobs(m, mb, self.temperature, ref_top_p, fused=fused)[0])
             out["ref_logprobs_BT"] = lp.cpu()
         if self.critic is not None:
             # values_BT[t] = V(state before token t) = the critic's output at position t-1
@@ -254,7 +258,8 @@ class TrainerWorker:
     # -- training ----------------------------------------------------------------------------
     def _policy_loss(self, model, mb: dict[str, Any], _count: float):
         entropy_grad = self.algo.loss.entropy_coef > 0
-        lp, ent = next_token(lambda logits, ids: self._sampled(logits, ids, entropy_grad), packed_forward(model, mb).logits, mb)
+        lp, ent = model_logprobs(model, mb, self.temperature, self.top_p, entropy="grad" if entropy_grad else "metric",
+                                 fused=self.model_cfg.fused_lm_head)  # fmt: skip (no [B, T, V] logits: engine/head_logprobs.py)
         # No recomputed old logprobs (one mini-batch): the policy before this update is this forward's.
         old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()
         return policy_loss(
