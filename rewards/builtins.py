@@ -1,6 +1,9 @@
 """Built-in rule rewards, all batch-mode: ``fn(samples, **options) -> list[float | None]``.
 
-Each returns None (not applicable) for a sample that lacks the dataset field it needs, never 0.
+Each returns None (not applicable) for a sample that lacks the dataset field it needs, never 0,
+and scores every sample on its own: a sample whose gold answer is unusable gets a
+:class:`~posttrain.rewards.errors.BadReference` (that sample masked, counted as
+``reward/<node>/bad_reference``), never an exception that would mask the whole batch.
 Expected completion formats are described in :mod:`posttrain.rewards.parsing`.
 """
 
@@ -10,8 +13,16 @@ import logging
 import re
 
 from posttrain.rewards.countdown import countdown_reward
+from posttrain.rewards.errors import BadReference
 from posttrain.rewards.fn import batch_reward
-from posttrain.rewards.parsing import extract_answer, normalize_answer, strip_end, tagged
+from posttrain.rewards.parsing import (
+    extract_answer,
+    final_answer,
+    normalize_answer,
+    number_value,
+    restates_prompt,
+    strip_end,
+)
 
 from posttrain.types import RewardSample
 
@@ -53,31 +64,61 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_drop_timeout_notice)
 
 
+# gold answers that mean "no answer": math_verify would read "N/A" as the symbols N / A
+_NO_ANSWER = frozenset({"", "n/a", "na", "none", "null", "nan", "unknown", "?", "-", "tbd"})
+
+
+def _parse_math(text: str) -> list:
+    """math_verify's parse of one answer (LaTeX or plain), [] when it finds nothing."""
+    from math_verify import parse  # imported lazily: sympy takes a second to load
+
+    return parse(f"\\boxed{{{text}}}", parsing_timeout=None) or parse(text, parsing_timeout=None)
+
+
 @batch_reward
 def math_answer(
     samples: list[RewardSample], field: str = "answer", tag: str = "answer"
 ) -> list[float | None]:
-    """1.0 when ``math_verify`` finds the completion's answer equal to ``fields[field]``, else 0.0.
+    """1.0 when the completion's *final answer* equals ``fields[field]``, else 0.0.
 
-    Format: a bare answer, ``<answer>...</answer>`` or LaTeX with ``\\boxed{...}``. math_verify's own
-    signal-based timeouts are off (they only work on the main thread): the node's timeout applies.
-    Raises ValueError when the gold answer does not parse (a data bug, so the sample is masked).
+    The final answer is read before any maths (:func:`posttrain.rewards.parsing.final_answer`):
+    the last ``<tag>...</tag>`` or ``\\boxed{...}``, else the last number in the text; no
+    expression of the completion is ever evaluated. A numeric gold answer (``65``, ``0.5``,
+    ``1/2``) is matched exactly by value and only by a slot stating one number: ``\\boxed{65}``,
+    ``<answer>65.0</answer>``, ``17 + 48 = 65`` score 1; ``17 + 48``, ``17 + 48 = \\boxed{}``,
+    ``\\boxed{17+48}`` score 0. Other gold answers (``\\sqrt{2}``, ``x^2+1``) are compared by
+    math_verify, and a slot that copies an expression of the prompt scores 0.
+
+    A gold answer that states no number and that math_verify cannot parse, or a placeholder
+    (``"N/A"``, ``"none"``, ``""``), masks only its own sample (``reward/<node>/bad_reference``). math_verify's own signal-based
+    timeouts are off (they only work on the main thread): the node's timeout applies.
     """
-    from math_verify import parse, verify  # imported lazily: sympy takes a second to load
+    from math_verify import verify  # imported lazily: sympy takes a second to load
 
-    out: list[float | None] = []
+    out: list[float | None | BadReference] = []
     for s in samples:
         if field not in s.fields:
             out.append(None)
             continue
-        gold_text = str(s.fields[field])
-        gold = parse(gold_text, parsing_timeout=None)
-        if not gold:
-            raise ValueError(f"math_answer: gold answer {gold_text!r} in field {field!r} does not parse")
-        body = strip_end(s.completion)
-        pred = parse(tagged(body, tag) or body, parsing_timeout=None)
-        out.append(1.0 if pred and verify(gold, pred, timeout_seconds=None) else 0.0)
+        gold_text = str(s.fields[field]).strip()
+        gold_number = number_value(gold_text, strict=False)
+        usable = gold_text.lower().rstrip(".") not in _NO_ANSWER
+        gold = _parse_math(gold_text) if gold_number is None and usable else []
+        if gold_number is None and not gold:
+            out.append(BadReference(f"math_answer: gold answer {gold_text!r} in field {field!r} does not parse"))
+            continue
+        answer = final_answer(s.completion, tag)
+        if not answer or restates_prompt(answer, s.prompt):
+            out.append(0.0)
+        elif gold_number is not None:
+            out.append(1.0 if number_value(answer) == gold_number else 0.0)
+        else:
+            pred = _parse_math(answer)
+            out.append(1.0 if pred and verify(gold, pred, timeout_seconds=None) else 0.0)
     return out
+
+
+math_answer.failure_metrics = ("bad_reference",)  # type: ignore[attr-defined]
 
 
 @batch_reward

@@ -27,6 +27,7 @@ class Cell:
     error: str = ""
     masked: bool = False
     cached: bool = False
+    reason: str = ""  # a failure's counter name (SampleFailure.metric), e.g. "bad_reference"
 
     @property
     def scalar(self) -> float | None:
@@ -46,7 +47,7 @@ def check_value(raw: Any, token_level: bool, n_tokens: int | None) -> Cell:
             return Cell("ok", value)
         return Cell("error", error=f"returned {value} (nan/inf is an error, not a score)")
     if isinstance(raw, SampleFailure):  # a batch function failed this one sample
-        return Cell("error", error=str(raw))
+        return Cell("error", error=str(raw), reason=raw.metric or "")
     if token_level:
         if not isinstance(raw, list | tuple) or not all(_is_number(v) for v in raw):
             return Cell(

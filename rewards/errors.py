@@ -38,4 +38,29 @@ class RewardActorError(RewardError):
 
 class SampleFailure(RewardError):
     """Returned (not raised) by a batch or group function in place of one sample's value: that
-    sample is recorded as an error with this message, the other samples keep their values."""
+    sample is recorded as an error with this message, the other samples keep their values.
+
+    ``metric`` (optional) names a per-node counter: each such failure adds 1 to
+    ``reward/<node>/<metric>`` for the step (e.g. ``bad_reference``), besides ``errors``.
+    """
+
+    def __init__(self, message: str, metric: str | None = None) -> None:
+        super().__init__(message)
+        self.metric = metric
+
+    def __reduce__(self):  # keep ``metric`` across pickling (reward nodes in Ray actors)
+        return (_restore_failure, (type(self), self.args, self.metric))
+
+
+def _restore_failure(cls: type[SampleFailure], args: tuple, metric: str | None) -> SampleFailure:
+    failure = cls.__new__(cls)
+    failure.args, failure.metric = args, metric
+    return failure
+
+
+class BadReference(SampleFailure):
+    """A sample's gold answer (a dataset field) cannot be used: a data bug in that one row. The
+    sample is masked and counted as ``reward/<node>/bad_reference``; the rest of the batch scores."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, metric="bad_reference")

@@ -4,11 +4,18 @@ Every node is an asyncio task that waits for its dependencies and gates, then ca
 on the samples it applies to: async functions on the event loop, sync ones on daemon threads (so
 a hung function costs its timeout, never the step). Within a step, identical inputs
 (node, prompt, completion, fields, dependency values) are computed once.
+
+A node's timeout counts running time. An async function that first waits for a resource of its
+own (a sandbox slot) declares ``queue_timeout_s`` (its bound on that wait) and calls
+:func:`start_clock` once the resource is acquired: its ``timeout_s`` then counts from there, and
+the whole call is bounded by ``queue_timeout_s + timeout_s``. What a queue wait past its bound
+means (scored 0 as a timeout, re-queued) is the function's decision, not a masked sample.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import hashlib
 import json
@@ -24,6 +31,18 @@ from posttrain.rewards.node import RewardNode
 from posttrain.rewards.threads import DaemonThreadPool
 
 from posttrain.types import RewardSample
+
+_CLOCK: contextvars.ContextVar[Any] = contextvars.ContextVar("posttrain_reward_clock", default=None)
+
+
+def start_clock() -> Any:
+    """The callable that starts the calling node's timeout when called (see the module docstring).
+    Thread-safe: a sandbox's worker thread calls it once it holds a slot. A no-op outside a node
+    that declares ``queue_timeout_s``."""
+    start = _CLOCK.get()
+    if start is None:
+        return lambda: None
+    return start
 
 
 @dataclass
@@ -100,15 +119,40 @@ class _NodeRun:
             start = time.perf_counter()
             try:
                 if node.is_async:
+                    queue_s = getattr(node.fn, "queue_timeout_s", None)
                     coro = node.fn(arg, **inputs, **node.kwargs)
                     if sys.version_info < (3, 11):
-                        return await asyncio.wait_for(coro, node.timeout_s)
-                    async with asyncio.timeout(node.timeout_s):  # no extra task per call, unlike wait_for
-                        return await coro
+                        return await asyncio.wait_for(coro, node.timeout_s + (queue_s or 0.0))
+                    if queue_s is None:
+                        async with asyncio.timeout(node.timeout_s):  # no extra task per call, unlike wait_for
+                            return await coro
+                    return await self._queued(coro, float(queue_s))
                 thunk = functools.partial(node.fn, arg, **inputs, **node.kwargs)
                 return await self.pool.run(thunk, node.timeout_s)
             finally:
                 self.stats.latencies_s.append(time.perf_counter() - start)
+
+    async def _queued(self, coro: Any, queue_s: float) -> Any:
+        """Await a call whose ``timeout_s`` starts at its ``start_clock()`` (bounded by
+        ``queue_s + timeout_s`` before that)."""
+        loop = asyncio.get_running_loop()
+        timeout_s = self.node.timeout_s
+        running = [True]
+        async with asyncio.timeout(queue_s + timeout_s) as clock:
+
+            def reschedule(when: float) -> None:
+                if running[0] and not clock.expired():
+                    clock.reschedule(when)
+
+            def started() -> None:
+                loop.call_soon_threadsafe(reschedule, loop.time() + timeout_s)
+
+            token = _CLOCK.set(started)
+            try:
+                return await coro
+            finally:
+                running[0] = False
+                _CLOCK.reset(token)
 
     async def _sync_samples(self, todo: dict[int, tuple[Any, dict[str, Any]]], out: list[Any]) -> None:
         """Sample-mode sync fn: one pool job per distinct sample, no task per sample (the hot path)."""
@@ -212,7 +256,7 @@ class _NodeRun:
             out[i] = by_key[todo[i][0]]
 
     def _apply_policy(self, cell: Cell) -> Cell:
-        cell = Cell(cell.status, cell.value, cell.error)  # deduplicated samples share a Cell: copy
+        cell = Cell(cell.status, cell.value, cell.error, reason=cell.reason)  # deduplicated samples share a Cell: copy
         if cell.status in FAILED:
             if self.node.on_error == "default":
                 cell.value = self.node.default

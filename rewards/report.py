@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 
 from posttrain.rewards.aggregate import Aggregator
@@ -29,7 +30,7 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def _node_metrics(name: str, cells: list[Cell], out: StepOutput) -> dict[str, float]:
+def _node_metrics(name: str, node: RewardNode, cells: list[Cell], out: StepOutput) -> dict[str, float]:
     values = [c.scalar for c in cells if c.scalar is not None and not c.masked]
     lat = out.stats[name].latencies_s
     prefix = f"reward/{name}"
@@ -42,6 +43,13 @@ def _node_metrics(name: str, cells: list[Cell], out: StepOutput) -> dict[str, fl
         f"{prefix}/calls": float(len(lat)),
         f"{prefix}/cache_hits": float(out.stats[name].cache_hits),
     }
+    # per-sample failure counters (SampleFailure.metric): the ones the function declares in
+    # ``failure_metrics`` are always present (0 on a clean step), any other one when it occurs
+    for reason in getattr(node.fn, "failure_metrics", ()):
+        m[f"{prefix}/{reason}"] = 0.0
+    for c in cells:
+        if c.reason:
+            m[f"{prefix}/{c.reason}"] = m.get(f"{prefix}/{c.reason}", 0.0) + 1.0
     if values:  # left out (not NaN) when the node scored nothing this step
         m[f"{prefix}/mean"] = statistics.fmean(values)
     if lat:
@@ -96,11 +104,15 @@ def summarize(nodes: dict[str, RewardNode], aggregate: Aggregator, out: StepOutp
         metrics["reward/mean"] = statistics.fmean(scored)
         metrics["reward/std"] = statistics.pstdev(scored)
     for nm in nodes:
-        metrics.update(_node_metrics(nm, out.cells[nm], out))
+        metrics.update(_node_metrics(nm, nodes[nm], out.cells[nm], out))
         step_metrics = getattr(nodes[nm].fn, "step_metrics", None)
         if callable(step_metrics):  # nodes with their own counters (judge retries, parse failures, ...)
             metrics.update({f"reward/{nm}/{k}": float(v) for k, v in step_metrics().items()})
     return StepReport(rewards, masked, token_rewards, out.cells, metrics)
+
+
+# what to do about each per-sample failure counter a built-in returns
+_REASON_FIX = {"bad_reference": "the data's gold answers do not parse: repair those rows"}
 
 
 def failure_summary(nodes: dict[str, RewardNode], report: StepReport) -> str:
@@ -110,7 +122,9 @@ def failure_summary(nodes: dict[str, RewardNode], report: StepReport) -> str:
         bad = [c for c in report.cells[nm] if c.masked and c.status != "upstream"]
         if bad:
             timeouts = sum(c.status == "timeout" for c in bad)
+            reasons = Counter(c.reason for c in bad if c.reason)
+            counted = "".join(f" ({k} {v}: {_REASON_FIX.get(k, 'see the node')})" for k, v in reasons.items())
             lines.append(
-                f"  node {nm!r}: {len(bad) - timeouts} errors, {timeouts} timeouts; first: {bad[0].error}"
+                f"  node {nm!r}: {len(bad) - timeouts} errors{counted}, {timeouts} timeouts; first: {bad[0].error}"
             )
     return "\n".join(lines)

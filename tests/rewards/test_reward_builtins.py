@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import pickle
+from fractions import Fraction
 
 import pytest
 from posttrain.rewards import call_reward_fn
@@ -15,6 +17,8 @@ from posttrain.rewards.builtins import (
     repetition_penalty,
 )
 from posttrain.rewards.countdown import InvalidExpression, evaluate_countdown
+from posttrain.rewards.errors import BadReference
+from posttrain.rewards.parsing import final_answer, number_value
 
 from posttrain.types import RewardSample
 
@@ -46,9 +50,70 @@ def test_math_answer_uses_math_verify() -> None:
     assert math_answer(samples) == [1.0, 1.0, 0.0, 0.0, None]
 
 
-def test_math_answer_rejects_unparseable_gold() -> None:
-    with pytest.raises(ValueError, match="gold answer"):
-        math_answer([s("1", answer="")])
+def test_math_answer_bad_gold_fails_only_its_own_sample() -> None:
+    out = math_answer([s("1", answer=""), s("95", answer="95"), s("\\boxed{3}", answer="N/A")])
+    assert isinstance(out[0], BadReference) and "gold answer ''" in str(out[0])
+    assert out[1] == 1.0
+    assert isinstance(out[2], BadReference) and out[2].metric == "bad_reference"
+    again = pickle.loads(pickle.dumps(out[2]))  # crosses a Ray actor boundary intact
+    assert isinstance(again, BadReference) and again.metric == "bad_reference" and str(again) == str(out[2])
+
+
+ADD = "What is 17 + 48? Put the final answer in \\boxed{}."
+# the question restated, in every form a policy can find: none names the answer 65 itself
+RESTATED = [
+    "17 + 48",
+    "17 + 48 = \\boxed{}",
+    "17+48=",
+    "\\boxed{17+48}",  # decided: a numeric answer must be stated as a number, not left to evaluate
+    "\\boxed{17 + 48}",
+    "<answer>17 + 48</answer>",
+    "\\boxed{130/2}",  # an unreduced fraction is an expression too
+    "What is 17 + 48?",
+    "The sum is \\boxed{}.",
+]
+HONEST = [
+    "\\boxed{65}",
+    "17 + 48 = \\boxed{65}",
+    "17 + 48 = 65",  # no slot: the last number is the fallback
+    "The answer is \\boxed{65}.",
+    "<answer>65</answer>",
+    "<think>17+48</think><answer>65.0</answer>",
+    "65<|im_end|>",
+    "\\boxed{17+48=65}",  # text after the slot's last '=' is its answer
+    "\\boxed{65 \\text{ apples}}",
+]
+
+
+@pytest.mark.parametrize("completion", RESTATED)
+def test_math_answer_does_not_pay_for_the_restated_question(completion: str) -> None:
+    sample = RewardSample(prompt=ADD, completion=completion, fields={"answer": "65"})
+    assert math_answer([sample]) == [0.0]
+
+
+@pytest.mark.parametrize("completion", HONEST)
+def test_math_answer_pays_for_the_stated_answer(completion: str) -> None:
+    sample = RewardSample(prompt=ADD, completion=completion, fields={"answer": 65})
+    assert math_answer([sample]) == [1.0]
+
+
+def test_math_answer_symbolic_gold_and_copied_expression() -> None:
+    prompt = "Simplify \\sqrt{8}/2."
+    samples = [
+        RewardSample(prompt=prompt, completion=c, fields={"answer": "\\sqrt{2}"})
+        for c in ("\\boxed{\\sqrt{8}/2}", "\\boxed{\\sqrt{2}}", "\\boxed{\\sqrt{3}}")
+    ]
+    assert math_answer(samples) == [0.0, 1.0, 0.0]
+
+
+def test_final_answer_slot_and_fallback() -> None:
+    assert final_answer("x \\boxed{\\frac{1}{2}} then \\boxed{7}") == "7"
+    assert final_answer("<answer>so \\boxed{4}</answer> \\boxed{9}") == "4"  # the tag wins
+    assert final_answer("17 + 48 = \\boxed{}") == ""  # an empty slot is an empty answer
+    assert final_answer("a+b= 17 + 48") == "48" and final_answer("no digits") is None
+    assert number_value("1,065") == 1065 and number_value("-3.5") == Fraction(-7, 2)
+    assert number_value("17+48") is None and number_value("130/2") is None
+    assert number_value("130/2", strict=False) == 65
 
 
 def test_format_reward_answer_and_think_tags() -> None:

@@ -248,3 +248,25 @@ def test_broken_aggregate_is_named(group_of) -> None:
 def test_empty_step() -> None:
     scored, metrics = run(correctness_pipeline(), [])
     assert scored == [] and metrics["reward/samples"] == 0.0 and "reward/mean" not in metrics
+
+
+def test_bad_gold_answer_masks_one_sample_not_the_batch(group_of) -> None:
+    from posttrain.rewards.builtins import math_answer
+
+    groups = [
+        group_of("What is 1+1?", ["\\boxed{2}", "\\boxed{3}", "\\boxed{2}"], ordinal=0, answer="2"),
+        group_of("What is 2+2?", ["\\boxed{4}", "\\boxed{4}"], ordinal=1, answer="N/A"),
+        group_of("What is 3+3?", ["\\boxed{6}", "6"], ordinal=2, answer=6),
+        group_of("What is 4+4?", ["\\boxed{8}", "\\boxed{9}", "8", "x"], ordinal=3, answer="8"),
+    ]
+    graph = RewardGraph([RewardNode("correct", math_answer)], max_failed_fraction=0.2)
+    scored, metrics = run(graph, groups)
+    assert [g.rewards for g in scored] == [[1.0, 0.0, 1.0], [None, None], [1.0, 1.0], [1.0, 0.0, 1.0, 0.0]]
+    assert metrics["reward/correct/bad_reference"] == 2.0  # the two samples of the N/A row
+    assert metrics["reward/masked_fraction"] == 2 / 11
+    # a clean step still reports the counter, at 0
+    _, clean = run(graph, [groups[0]])
+    assert clean["reward/correct/bad_reference"] == 0.0
+    # above the limit the message says what to repair
+    with pytest.raises(RewardFailureError, match=r"(?s)bad_reference 2: .*repair those rows"):
+        run(graph, groups[:2])
