@@ -5,7 +5,9 @@
 * DAPO dynamic sampling filters all-equal groups (counted as filtered, not failed) and refills;
   it judges the advantages the step trains on (overlong filter, process rewards), and the reward
   metrics describe the trained batch;
-* PPO epochs: 2 passes over 4 mini-batches, the second pass shuffled, metrics max-combined.
+* PPO epochs: 2 passes over 4 mini-batches, the second pass shuffled, metrics max-combined; each
+  later epoch draws its own shuffle;
+* the overlong penalty lowers the advantage of a longer sample (its sign, in the fast suite).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from posttrain.rewards import RewardGraph, RewardNode
+from posttrain.rewards.overlong import OverlongPenalty
 
 from posttrain.algorithms.advantages import GRPOAdvantage
 from posttrain.algorithms.policy_loss import GRPOLossConfig
@@ -188,3 +191,27 @@ def test_zero_advantage_groups_are_counted_without_dynamic_sampling():
     step, _, _ = _step([RewardNode("correct", exact)])
     m = step([_group(0, ["7", "7", "7", "7"]), _group(1, ["7", "8", "9", "9"])], 0.0)
     assert m["samples/zero_advantage_groups"] == 1.0
+
+
+def test_each_ppo_epoch_draws_its_own_shuffle():
+    """3 epochs of 1 mini-batch: epoch 1 in the generated order, epochs 2 and 3 in the first and
+    second permutation drawn from the step's generator (seed + step): different orders."""
+    step, trainers, _ = _step([RewardNode("correct", exact)], prompts_per_step=4, ppo_epochs=3)
+    groups = [_group(i, ["7", "8", "9", "7"]) for i in range(4)]
+    step(groups, 0.0)
+    assert len(trainers.batches) == 3
+    first = trainers.batches[0].input_ids_BT
+    gen = torch.Generator().manual_seed(0 + 1)  # Step(seed=0), step 1
+    for epoch, want in zip((1, 2), (torch.randperm(16, generator=gen), torch.randperm(16, generator=gen)), strict=True):
+        assert torch.equal(trainers.batches[epoch].input_ids_BT, first[want]), epoch
+    assert not torch.equal(trainers.batches[1].input_ids_BT, trainers.batches[2].input_ids_BT)
+
+
+def test_overlong_penalty_lowers_the_longer_samples_advantage():
+    """DAPO's soft overlong punishment (max 6 tokens, soft zone of 2): 4 tokens -> 0, 5 -> -0.5,
+    6 -> -1. All four answers are wrong, so the penalty alone orders the advantages."""
+    nodes = [RewardNode("correct", exact), RewardNode("overlong", OverlongPenalty(6, 2))]
+    step, trainers, _ = _step(nodes, prompts_per_step=1)
+    m = step([_group(0, ["1234", "12345", "123456", "1234"])], 0.0)
+    assert _advantages(trainers) == pytest.approx(_grpo([0.0, -0.5, -1.0, 0.0]), abs=1e-5)
+    assert m["reward/overlong/mean"] == pytest.approx(-1.5 / 4)
