@@ -7,6 +7,14 @@ nothing of algorithms beyond the ``loss_fn``/``count_fn`` it is handed, and impo
 Gradient accumulation is exact: every micro-batch loss is normalised by the GLOBAL count (all
 micro-batches, all ranks) and the backward is scaled by the world size to undo FSDP's average over ranks, so k
 micro-batches on r ranks give the same update as one batch of the same samples.
+
+Models larger than one device: a sharded engine never moves an unsharded model to its device.
+Rank 0 holds the loaded weights on the host (other ranks build the model on the meta device,
+``posttrain.models.loading``); every rank turns its model into a meta skeleton, applies
+``fully_shard``, allocates only its own shards on the device (``to_empty``) and receives them from
+rank 0 (``set_model_state_dict(full_state_dict, broadcast_from_rank0)``). Gradients are
+reduce-scattered after every micro-batch, so what accumulates is each rank's gradient shard, never
+an unsharded fp32 gradient of the whole model.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
@@ -114,6 +123,62 @@ def shard_model(model: torch.nn.Module, mesh, mixed_precision: bool) -> torch.nn
     return model
 
 
+def on_meta(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is a skeleton (every parameter on the meta device, no bytes held)."""
+    return all(p.is_meta for p in model.parameters())
+
+
+def to_meta_skeleton(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Turn ``model`` into a meta-device skeleton in place; returns what it held on the host.
+
+    Returns ``(state_dict, extra_buffers)``: the full state dict (the original tensors, no copy)
+    and the non-persistent buffers (rotary ``inv_freq`` ...), which ``load_state_dict`` does not
+    restore. Tied parameters stay tied (one meta Parameter per original), which ``Module.to("meta")``
+    would not guarantee. A model already on meta gives meta tensors (names and shapes only).
+    """
+    state = model.state_dict()
+    persistent = set(state)
+    extra = {n: b for n, b in model.named_buffers() if n not in persistent}
+    memo: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in memo:
+                    memo[id(p)] = torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+                module._parameters[name] = memo[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.empty_like(b, device="meta")
+    return state, extra
+
+
+def materialize_sharded(
+    model: torch.nn.Module, mesh, mixed_precision: bool, device: torch.device, source: bool
+) -> torch.nn.Module:
+    """Shard ``model`` and fill its shards on ``device`` without ever placing it whole there.
+
+    ``source``: this rank holds the real weights (rank 0); the other ranks' models may be meta
+    skeletons already. Collective: every rank of the mesh calls it. Peak device memory is this
+    rank's shards plus one tensor in flight; rank 0 keeps the full weights on the host until the
+    broadcast ends.
+    """
+    world = mesh.size()
+    state, extra = to_meta_skeleton(model)  # on other ranks: meta tensors, only their names count
+    shard_model(model, mesh, mixed_precision)
+    model.to_empty(device=device)  # allocates the local shards (and replicated buffers) only
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=world > 1)
+    set_model_state_dict(model, state if source else {}, options=options)
+    # Non-persistent buffers are not in the state dict: rank 0's values, broadcast.
+    buffers = dict(model.named_buffers())
+    for name in sorted(extra):
+        target = buffers[name]
+        if source:
+            target.copy_(extra[name])
+        if world > 1:
+            dist.broadcast(target, src=0)
+    return model
+
+
 class TrainEngine:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, device: torch.device, trainable: bool = True) -> None:
         self.cfg, self.device = cfg, device
@@ -125,7 +190,16 @@ class TrainEngine:
         # One rank without mixed precision gains nothing from FSDP's all-gathers: keep the plain
         # module (same maths; bench/sft_throughput.py measures the difference).
         self.sharded = world > 1 or use_bf16
-        self.model = shard_model(model.to(device), self.mesh, use_bf16) if self.sharded else model.to(device)
+        if self.sharded:
+            # fully_shard before anything reaches the device; rank 0's weights are the source.
+            source = (dist.get_rank() == 0) if dist.is_initialized() else True
+            if source and on_meta(model):
+                raise RuntimeError("rank 0 must hold the loaded weights; its model is on the meta device")
+            self.model = materialize_sharded(model, self.mesh, use_bf16, device, source)
+        else:
+            if on_meta(model):
+                raise RuntimeError("a one-rank engine without sharding needs a loaded model, not a meta skeleton")
+            self.model = model.to(device)
         self.step = 0
         self.optimizer = self.scheduler = None
         if trainable:
@@ -168,10 +242,13 @@ class TrainEngine:
         global_count = max(global_count, 1.0)
         world = dist.get_world_size() if dist.is_initialized() else 1
         loss_sum, sums, peaks = 0.0, defaultdict(float), {}
-        for i, mb in enumerate(micro_batches):
+        for mb in micro_batches:
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-            if self.sharded:
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            # Sharded: every micro-batch's backward reduce-scatters (FSDP2's default), so each rank
+            # accumulates its gradient shard. Skipping the sync until the last micro-batch
+            # (set_requires_gradient_sync(False)) would keep an unsharded fp32 gradient of the
+            # whole model on every rank: 4 bytes x parameters, what a model larger than one device
+            # cannot afford.
             loss, metrics = loss_fn(self.model, mb, global_count)
             (loss * world).backward()  # FSDP averages gradients over ranks; the loss is already global
             loss_sum += float(loss.detach())

@@ -89,6 +89,14 @@ def build_tiny_model(spec: TinyModelSpec, dtype: torch.dtype = torch.float32) ->
     return model
 
 
+def build_on_meta(config: PretrainedConfig, dtype: torch.dtype, cls=AutoModelForCausalLM, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The model of ``config`` on the meta device: every parameter and buffer has its shape and
+    dtype but no storage. Costs no memory (a 30B MoE builds in under a second), so the memory plan
+    and the trainer ranks that receive their weights by broadcast start from it."""
+    with torch.device("meta"):
+        return cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
 def save_tiny_model(spec: TinyModelSpec, out_dir: str) -> str:
     """Build and save model + tokenizer as a Hugging Face directory (safetensors)."""
     model = build_tiny_model(spec)

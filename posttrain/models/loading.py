@@ -1,4 +1,10 @@
-"""Model and tokenizer loading: a local Hugging Face checkpoint or a tiny-model factory spec."""
+"""Model and tokenizer loading: a local Hugging Face checkpoint or a tiny-model factory spec.
+
+In a trainer group of several ranks only rank 0 reads the weights; the other ranks build the same
+model on the meta device (no bytes), and the trainer engine shards it and broadcasts rank 0's
+weights into the shards (``posttrain.engine.trainer.materialize_sharded``). A 30B model thus costs
+one host copy per node's rank 0, not one per rank, and never lands whole on a device.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +13,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
 )
 
 from posttrain.config.errors import ModelLoadError
-from posttrain.models.factory import TinyModelSpec, build_config, build_tiny_model
+from posttrain.models.factory import TinyModelSpec, build_config, build_on_meta, build_tiny_model
 from posttrain.models.lora import LoRAConfig, apply_lora
 from posttrain.models.tokenizer import build_char_tokenizer
 
@@ -33,6 +42,9 @@ class ModelConfig:
     activation_checkpointing: bool = False
     moe_kernels: Literal["triton", "grouped_mm", "eager"] = "eager"
     lora: LoRAConfig | None = None  # train low-rank adapters only (posttrain.models.lora); None: full fine-tuning
+    # LM head fused with the logprob, chunked over tokens (posttrain.engine.head_logprobs): no
+    # [B, T, V] logits in the trainer. Exact; false: full logits, then the chunked logprob.
+    fused_lm_head: bool = True
 
     def validate(self) -> tuple[str, str, str] | None:
         if (self.path is None) == (self.factory is None):
@@ -73,10 +85,38 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
-    """A causal LM from a local path or the factory, in ``cfg.dtype``."""
-    dtype = DTYPES[cfg.dtype]
+def skeleton_rank() -> bool:
+    """Whether this process builds models on the meta device: a rank other than 0 of an initialised
+    process group of more than one rank (rank 0 loads the weights and broadcasts them)."""
+    return dist.is_initialized() and dist.get_world_size() > 1 and dist.get_rank() != 0
+
+
+def model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The model's transformers config, from ``config.json`` or the factory spec (no weights read)."""
     if cfg.factory is not None:
+        return build_config(cfg.factory)
+    if not os.path.isfile(os.path.join(cfg.path or "", "config.json")):
+        _check_path(cfg.path)
+    try:
+        return AutoConfig.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read the model config in '{cfg.path}': {exc}\n  fix: check its config.json") from None
+
+
+def load_causal_lm(cfg: ModelConfig, meta: bool | None = None) -> PreTrainedModel:
+    """A causal LM from a local path or the factory, in ``cfg.dtype``.
+
+    ``meta``: build the model on the meta device from its config (no weights read); None: on the
+    ranks that :func:`skeleton_rank` names.
+    """
+    dtype = DTYPES[cfg.dtype]
+    if meta is None:
+        meta = skeleton_rank()
+    if meta:
+        if cfg.path is not None:
+            _check_path(cfg.path)  # the same message on every rank as rank 0's load gives
+        model = build_on_meta(model_config(cfg), dtype, AutoModelForCausalLM, cfg.trust_remote_code)
+    elif cfg.factory is not None:
         model = build_tiny_model(cfg.factory, dtype=dtype)
     else:
         _check_path(cfg.path)
@@ -95,7 +135,11 @@ def load_causal_lm(cfg: ModelConfig) -> PreTrainedModel:
 def load_sequence_classifier(cfg: ModelConfig) -> PreTrainedModel:
     """A scalar-head sequence classifier (reward model); from a causal-LM path the head is new."""
     dtype = DTYPES[cfg.dtype]
-    if cfg.factory is not None:
+    if skeleton_rank():  # rank 0 loads, the trainer engine broadcasts (module docstring)
+        config = model_config(cfg)
+        config.num_labels = 1
+        model = build_on_meta(config, dtype, AutoModelForSequenceClassification, cfg.trust_remote_code)
+    elif cfg.factory is not None:
         config = build_config(cfg.factory)
         config.num_labels = 1
         with torch.random.fork_rng():
