@@ -145,6 +145,9 @@ def _validate(tree: dict[str, Any]) -> RecipeConfig:
         elif tree.get(name) is not None:
             algo = type(cfg.algorithm).__name__
             raise ConfigError(name, "", f"section '{name}' is not used by {algo}", "remove it, or use an online-RL algorithm")
+    if cfg.eval.scorer is not None and "reward" not in extra:
+        raise ConfigError("eval.scorer", "", f"eval.scorer is read by online-RL recipes only, not by {type(cfg.algorithm).__name__}",
+                          "remove it (offline eval uses the task's checker or exact match)")  # fmt: skip
     problem = cfg.algorithm.check_recipe(cfg) if hasattr(cfg.algorithm, "check_recipe") else None
     if problem:
         raise ConfigError(problem[0], "", problem[1], problem[2])

@@ -41,6 +41,10 @@ class DataConfig:
 class EvalConfig:
     every_steps: int = 0  # 0: only before and after training
     max_new_tokens: int = 16
+    # Online RL: one reward node ({name, fn, kwargs}, the reward section's form) that scores eval
+    # alone; None: a synthetic task's checker, else the recipe's reward graph (posttrain/rl/evaluation.py).
+    scorer: dict[str, Any] | None = None
+    pass_reward: float = 1.0  # a reward-scored eval completion is correct at this reward or above
 
 
 @dataclass

@@ -33,12 +33,11 @@ from posttrain.diagnose import remote_class
 from posttrain.metrics import MetricsLogger
 from posttrain.models.factory import save_tiny_model
 from posttrain.models.loading import ModelConfig, load_tokenizer
-from posttrain.offline.runner import make_checker
 from posttrain.rewards.config import build_reward_graph
 from posttrain.rl.agent import build_agent
 from posttrain.rl.checkpointing import Checkpointer
 from posttrain.rl.config import Deadlines
-from posttrain.rl.evaluation import Evaluator
+from posttrain.rl.evaluation import Evaluator, eval_scorer
 from posttrain.rl.fleet import WorkerFleet
 from posttrain.rl.loops import LoopParts
 from posttrain.rl.loops.pipelined import run_pipelined
@@ -107,6 +106,7 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction) if d.eval else []
     agent = build_agent(cfg.rollout.agent, tok, cfg.run.seed, cfg.rollout.engine, run_dir)  # None: single-turn
     graph = build_reward_graph(cfg.reward) if cfg.reward.nodes or not agent else None  # an env may score alone
+    scorer = eval_scorer(cfg.eval, d.eval, graph, build_reward_graph)  # eval/accuracy: like the reward
     path = model_dir(cfg, run_dir)
     engine_cfg = build_target({**cfg.rollout.engine, "model_path": path}, "rollout.engine", "recipe")
     worker_cls = remote_class(import_object(cfg.rollout.worker, "rollout.worker", "recipe"))
@@ -129,7 +129,7 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
 
     stream = PromptStream(train, algo.prompts_per_step, cfg.run.seed, d.shuffle)
     generate = agent.bind(fleet, publisher.replace).generate if agent else functools.partial(fleet.generate, on_lost=publisher.replace)
-    evaluator = Evaluator(held_out, make_checker(d.eval), generate, cfg.eval.max_new_tokens, cfg.eval.every_steps,
+    evaluator = Evaluator(held_out, scorer, generate, cfg.eval.max_new_tokens, cfg.eval.every_steps,
                           cfg.trainer.max_steps)  # fmt: skip
     checkpoints = Checkpointer(cfg.checkpoint, run_dir, trainers, publisher, stream, cfg.trainer.max_steps)
     recovery = Recovery(trainers, checkpoints, cfg.cluster.max_trainer_restarts)
