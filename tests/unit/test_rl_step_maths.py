@@ -149,6 +149,7 @@ def test_ppo_epochs_pass_twice_over_four_shuffled_minibatches():
     assert as_rows(first) == as_rows(second)  # each epoch covers every sample once
     assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=True))  # in another order
     assert all(b.old_logprobs_BT is not None for b in trainers.batches)  # recomputed before the update
+    assert all(b.num_tokens == float(b.loss_mask_BT.sum()) for b in trainers.batches)  # each mini-batch's own count
     assert m["ratio_max"] == 8.0 and m["loss"] == 1.0  # _max keys take the max, others the mean
 
 
@@ -157,12 +158,15 @@ def test_dynamic_sampling_drops_a_group_whose_only_spread_is_overlong_filtered()
     group would train on advantages [0, 0, 0, masked]. The old filter (outcomes, no overlong
     filter) kept it: the trained batch had a zero-advantage group."""
     step, trainers, ledger = _step([RewardNode("correct", exact)], dynamic_sampling=True, overlong_filter=True)
+    # the refill's group has a truncated sample too, but its other samples vary: it trains
     m = step([_group(0, ["7", "7", "7", "8"], truncated=(3,)), _group(1, ["7", "8", "9", "9"])], 0.0,
-             lambda count: [_group(20 + i, ["7", "8", "7", "9"]) for i in range(count)])
+             lambda count: [_group(20 + i, ["7", "8", "7", "9"], truncated=(3,)) for i in range(count)])
     assert ledger.written == [[1, 20]]
     assert m["samples/filtered_groups"] == 1.0 and m["samples/refill_rounds"] == 1.0
     assert m["samples/zero_advantage_groups"] == 0.0
-    assert all(a != 0.0 for a in _advantages(trainers))
+    (batch,) = trainers.batches
+    valid = batch.loss_mask_BT > 0
+    assert valid[7].sum() == 0 and (batch.advantages_BT[valid] != 0).all()  # masked, and non-zero elsewhere
 
 
 def test_dynamic_sampling_keeps_a_group_that_only_process_rewards_separate():
