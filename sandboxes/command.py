@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +48,47 @@ def _root_links() -> list[str]:
     return args
 
 
+_PATHS_SRC = (
+    "import json, os, sys, sysconfig; "
+    "print(json.dumps([os.path.realpath(sys.executable), sysconfig.get_paths()['stdlib'], "
+    "sysconfig.get_paths()['platstdlib']]))"
+)
+_LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
+
+
+@functools.lru_cache(maxsize=4)
+def interpreter_tree(python: str) -> tuple[str, ...]:
+    """Host paths the interpreter needs, and nothing else of /usr: its executable, its standard
+    library (not site-packages, not /usr/local) and the shared libraries that the executable and
+    its extension modules link (as ``ldd`` resolves them, under /usr). Raises OSError when they
+    cannot be found (the caller refuses to start)."""
+    out = subprocess.run([python, "-I", "-S", "-c", _PATHS_SRC], capture_output=True, timeout=30, check=True)
+    exe, stdlib, platstdlib = json.loads(out.stdout)
+    paths = {exe, stdlib, platstdlib}
+    if python != exe:
+        paths.add(python)
+    objects = [exe]
+    for root in {stdlib, platstdlib}:
+        dynload = Path(root) / "lib-dynload"
+        if dynload.is_dir():
+            objects += sorted(str(f) for f in dynload.glob("*.so"))
+    ldd = subprocess.run(["ldd", *objects], capture_output=True, timeout=60, check=False, text=True)
+    libs = set(_LDD_PATH.findall(ldd.stdout))
+    if not libs:
+        raise OSError(f"ldd found no shared libraries of {exe}: {ldd.stderr.strip()[:200]}")
+    for lib in libs:
+        # /lib -> usr/lib on a usr-merged host: bind the name the loader looks up, in its /usr directory
+        paths.add(os.path.join(os.path.realpath(os.path.dirname(lib)), os.path.basename(lib)))
+    return tuple(sorted(p for p in paths if p.startswith("/usr/")))
+
+
+def _interpreter_binds(python: str) -> list[str]:
+    args: list[str] = []
+    for path in interpreter_tree(python):
+        args += ["--ro-bind", path, path]
+    return args
+
+
 def sandbox_argv(spec: SpawnSpec) -> list[str]:
     """argv of a warm sandbox process: it prints a ready byte on result_fd and waits for a job."""
     lim = spec.limits
@@ -55,7 +100,9 @@ def sandbox_argv(spec: SpawnSpec) -> list[str]:
     shm = fsize // 4  # /tmp and /dev/shm together hold at most file_size_mb
     argv += [
         "prlimit",
-        f"--as={lim.memory_mb * MiB}",
+        # The address space is a backstop at twice the memory limit: the cgroup's OOM killer, whose
+        # kill counter the parent reads, is what ends a program that really uses too much memory.
+        f"--as={2 * lim.memory_mb * MiB}",
         f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}",
         f"--nproc={lim.nproc + HARNESS_PROCS}",
         f"--fsize={fsize}",
@@ -81,7 +128,7 @@ def sandbox_argv(spec: SpawnSpec) -> list[str]:
         "--setenv", "PATH", "/usr/bin:/bin",
         "--setenv", "HOME", "/tmp",
         "--cap-drop", "ALL",
-        "--ro-bind", "/usr", "/usr",
+        *_interpreter_binds(spec.python),  # not all of /usr: no /usr/local, no site-packages
         *_root_links(),
         "--proc", "/proc",
         "--dev", "/dev",

@@ -11,9 +11,12 @@ Scoring rules (what a program cannot fake; the design is in sandboxes/README.md)
   tests, the expected values or any record channel.
   - value tests, ``assert EXPR == LITERAL`` (either side literal): T evaluates EXPR; its value
     travels here as plain data and is compared with the literal, which never enters the sandbox.
-  - other tests (statements, ``check(candidate)``): run in T; every ``==``/``!=`` inside an
-    ``assert`` goes through ``values_equal`` and T reports the compared plain values, which the
-    parent compares again; a test passes when T reports it ok and every comparison agrees.
+  - other tests (statements, ``check(candidate)``): run in T as ``__main__``; every ``==``/``!=``
+    inside an ``assert`` goes through ``values_equal`` (``!=`` holds only between two plain
+    values) and T reports the compared plain values, which the parent compares again; a test
+    passes when T reports it ok and every comparison agrees.
+  - no tests, or no assertion reached in the whole job: NO_TESTS (score 0, a data problem).
+* out-of-memory is the cgroup's OOM-kill counter, never text the program wrote.
 * the result channel is a pipe only the runner holds, closed by a per-run nonce the runner reads
   only after the program's processes have exited.
 """
@@ -32,6 +35,8 @@ from .slot import RawOutcome
 from .verdict import Status, Verdict
 
 _STRICT = "__pt_eq__"
+_STRICT_NE = "__pt_ne__"
+_COUNT = "__pt_assert__"  # called right before each assert statement runs: asserts reached
 _TEST_KEYS = {"test", "rel_tol", "abs_tol"}
 
 
@@ -44,14 +49,17 @@ class TestSpec:
     expected: list | None = None
     rel_tol: float = DEFAULT_REL_TOL
     abs_tol: float = DEFAULT_ABS_TOL
+    exact_ints: bool = True  # False when the test set rel_tol/abs_tol: then ints compare with it too
 
 
 class _StrictAsserts(ast.NodeTransformer):
-    """Rewrites `a == b` / `a != b` inside assert statements into type-strict calls."""
+    """Rewrites `a == b` / `a != b` inside assert statements into type-strict calls, and counts
+    every assert reached (a job in which none ran proves nothing)."""
 
-    def visit_Assert(self, node: ast.Assert) -> ast.Assert:
+    def visit_Assert(self, node: ast.Assert) -> list[ast.stmt]:
         node.test = _StrictCompare().visit(node.test)
-        return node
+        count = ast.Expr(ast.Call(func=ast.Name(_COUNT, ast.Load()), args=[], keywords=[]))
+        return [count, node]
 
 
 class _StrictCompare(ast.NodeTransformer):
@@ -59,10 +67,8 @@ class _StrictCompare(ast.NodeTransformer):
         self.generic_visit(node)
         if len(node.ops) != 1 or not isinstance(node.ops[0], (ast.Eq, ast.NotEq)):
             return node
-        call = ast.Call(
-            func=ast.Name(_STRICT, ast.Load()), args=[node.left, node.comparators[0]], keywords=[]
-        )
-        return call if isinstance(node.ops[0], ast.Eq) else ast.UnaryOp(op=ast.Not(), operand=call)
+        name = _STRICT if isinstance(node.ops[0], ast.Eq) else _STRICT_NE
+        return ast.Call(func=ast.Name(name, ast.Load()), args=[node.left, node.comparators[0]], keywords=[])
 
 
 def _literal(node: ast.AST) -> tuple[bool, object]:
@@ -72,7 +78,7 @@ def _literal(node: ast.AST) -> tuple[bool, object]:
         return False, None
 
 
-def _tolerances(i: int, test: Mapping) -> tuple[str, float, float]:
+def _tolerances(i: int, test: Mapping) -> tuple[str, float, float, bool]:
     unknown = set(test) - _TEST_KEYS
     if unknown or "test" not in test:
         raise ValueError(
@@ -85,7 +91,7 @@ def _tolerances(i: int, test: Mapping) -> tuple[str, float, float]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise ValueError(f"tests[{i}].{key}={value!r} is invalid: use a finite number >= 0")
         tol.append(float(value))
-    return test["test"], tol[0], tol[1]
+    return test["test"], tol[0], tol[1], not ({"rel_tol", "abs_tol"} & set(test))
 
 
 def prepare_tests(tests: list) -> list[TestSpec]:
@@ -95,8 +101,10 @@ def prepare_tests(tests: list) -> list[TestSpec]:
     """
     specs = []
     for i, item in enumerate(tests):
-        src, rel_tol, abs_tol = (
-            _tolerances(i, item) if isinstance(item, Mapping) else (item, DEFAULT_REL_TOL, DEFAULT_ABS_TOL)
+        src, rel_tol, abs_tol, exact_ints = (
+            _tolerances(i, item)
+            if isinstance(item, Mapping)
+            else (item, DEFAULT_REL_TOL, DEFAULT_ABS_TOL, True)
         )
         if not isinstance(src, str):
             raise ValueError(
@@ -109,7 +117,7 @@ def prepare_tests(tests: list) -> list[TestSpec]:
                 f"tests[{i}] is not valid Python ({exc.msg}, line {exc.lineno}): fix the test"
             ) from None
         kind, payload, expected = _classify(tree)
-        specs.append(TestSpec(kind, payload, expected, rel_tol, abs_tol))
+        specs.append(TestSpec(kind, payload, expected, rel_tol, abs_tol, exact_ints))
     return specs
 
 
@@ -140,6 +148,7 @@ def build_job(code: str, specs: list[TestSpec] | None, inputs: list[str] | None)
                 "expr" if s.kind == "value" else "src": s.payload,
                 "rel_tol": s.rel_tol,
                 "abs_tol": s.abs_tol,
+                "exact_ints": s.exact_ints,
             }
             for s in specs
         ]
@@ -174,7 +183,8 @@ def _token(tok: str) -> list:
 def outputs_match(
     got: str, expected: str, rel_tol: float = DEFAULT_REL_TOL, abs_tol: float = DEFAULT_ABS_TOL
 ) -> bool:
-    """io comparison: normalized text equal, else same tokens per line with numbers under tolerance."""
+    """io comparison: normalized text equal, else same tokens per line; numbers under the policy of
+    ``plain.values_equal`` (an integer token needs an equal whole number: no tolerance)."""
     a, b = normalize_output(got), normalize_output(expected)
     if a == b:
         return True
@@ -208,7 +218,6 @@ class JobJudge:
     broken: str = ""
     xcpu: bool = False
     over: bool = False
-    memory_error: bool = False
     candidate: dict | None = None
     tests_unit: dict | None = None
 
@@ -236,7 +245,6 @@ class JobJudge:
         self.xcpu |= msg["exit"] == -signal.SIGXCPU
         self.over |= msg.get("over") is True
         excerpt = {"stdout": msg["stdout"], "stderr": msg["stderr"], "exit": msg["exit"]}
-        self.memory_error |= "MemoryError" in str(msg.get("rec", ""))[:4096]
         if self.specs is not None:  # unit 0: the candidate C, unit 1: the tests T
             if self.units == 1:
                 self.candidate = excerpt
@@ -273,8 +281,8 @@ class JobJudge:
             return verdict(Status.SANDBOX_ERROR, raw.harness_error)
         if raw.timed_out:
             return verdict(Status.TIMEOUT, "wall-clock limit reached; every process of the run was killed")
-        if raw.oom_killed or self.memory_error:
-            return verdict(Status.OOM, "memory limit reached")
+        if raw.oom_killed:  # the kernel's OOM-kill counter of the slot's cgroup: nothing the program wrote
+            return verdict(Status.OOM, "memory limit reached (the cgroup's OOM killer ended a process)")
         n_units = 2 if specs is not None else len(io_cases) if io_cases is not None else 1
         if not self.ended or self.units != n_units:
             if raw.result_overflow:
@@ -330,6 +338,15 @@ class JobJudge:
         passed = sum(per)
         if not done:
             first_error = f"the tests ended before all reported (exit {unit['exit']}); {first_error}"
+        elif not any("error" in r for r in by_index.values()) and not any(
+            type(r.get("asserts")) is int and r["asserts"] > 0 for r in by_index.values()
+        ):  # every test ran to its end and not one assertion was reached: the job proved nothing
+            return verdict(
+                Status.NO_TESTS,
+                "no assertion ran in any test (a data problem: check the dataset's tests)",
+                0,
+                (False,) * len(specs),
+            )
         status = Status.PASS if passed == len(specs) and done else Status.FAIL
         return verdict(status, first_error or f"{passed}/{len(specs)} tests passed", passed, tuple(per))
 
@@ -346,14 +363,14 @@ def _test_ok(spec: TestSpec, rec: dict) -> tuple[bool, str]:
     for cmp in cmps:
         if not (isinstance(cmp, list) and len(cmp) == 3 and isinstance(cmp[2], bool)):
             return False, "malformed comparison record"
-        if values_equal(cmp[0], cmp[1], spec.rel_tol, spec.abs_tol) is not cmp[2]:
+        if values_equal(cmp[0], cmp[1], spec.rel_tol, spec.abs_tol, spec.exact_ints) is not cmp[2]:
             return False, "a comparison the tests reported disagrees with the parent's"
     if spec.kind == "value":
         if "value" not in rec:
             return False, "no value"
         return (
             (True, "")
-            if values_equal(rec["value"], spec.expected, spec.rel_tol, spec.abs_tol)
+            if values_equal(rec["value"], spec.expected, spec.rel_tol, spec.abs_tol, spec.exact_ints)
             else (False, "wrong value")
         )
     return (True, "") if rec.get("ok") is True else (False, "not reported ok")

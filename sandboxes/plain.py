@@ -10,9 +10,11 @@ Encoding (JSON-safe, tagged, built only from exact builtin types):
 for an object that is not plain data (it stays in the candidate's process).
 
 Comparison policy (`values_equal`), decided on encodings, never by objects a candidate made:
-* numbers: int == int exactly; int/float against float equal when equal exactly or when
-  ``math.isclose(a, b, rel_tol, abs_tol)``, so ``3.0`` answers an expected ``3``; complex per part.
-  Defaults ``rel_tol=1e-9, abs_tol=0.0``; each test may set its own. NaN equals nothing.
+* numbers: int == int exactly; an int against a float (or complex) only when they are exactly
+  equal, as Python compares them, so ``3.0`` answers an expected ``3`` but ``1000000008.0`` does
+  not answer ``1000000007``; float against float (and complex parts) when equal or
+  ``math.isclose(a, b, rel_tol, abs_tol)``. Defaults ``rel_tol=1e-9, abs_tol=0.0``; a test that
+  sets its own tolerance (``exact_ints=False``) applies it to ints against floats too. NaN equals nothing.
 * bool equals only bool (``True`` is not an answer for ``1``); None only None.
 * str and bytes exactly; list vs tuple never (as in Python); set equals frozenset (as in Python).
 * containers element-wise with the same tolerance; set elements and dict keys by their exact
@@ -130,16 +132,23 @@ def _close(a: float | int, b: float | int, rel_tol: float, abs_tol: float) -> bo
 
 
 def values_equal(
-    a: object, b: object, rel_tol: float = DEFAULT_REL_TOL, abs_tol: float = DEFAULT_ABS_TOL
+    a: object,
+    b: object,
+    rel_tol: float = DEFAULT_REL_TOL,
+    abs_tol: float = DEFAULT_ABS_TOL,
+    exact_ints: bool = True,
 ) -> bool:
-    """Equality of two encodings under the documented tolerance policy (malformed input: False)."""
+    """Equality of two encodings under the documented tolerance policy (malformed input: False).
+
+    exact_ints: an int against a float or complex compares exactly (no tolerance); False only
+    when a test set its own tolerance."""
     try:
-        return _eq(a, b, rel_tol, abs_tol, 0)
+        return _eq(a, b, rel_tol, abs_tol, 0, exact_ints)
     except (ValueError, TypeError, IndexError, KeyError, RecursionError):
         return False
 
 
-def _eq(a: list, b: list, rel_tol: float, abs_tol: float, depth: int) -> bool:
+def _eq(a: list, b: list, rel_tol: float, abs_tol: float, depth: int, exact_ints: bool = True) -> bool:
     if depth > MAX_DEPTH or type(a) is not list or type(b) is not list or not a or not b:
         return False
     ta, tb = a[0], b[0]
@@ -147,14 +156,20 @@ def _eq(a: list, b: list, rel_tol: float, abs_tol: float, depth: int) -> bool:
         return False
     if ta in ("int", "float") and tb in ("int", "float"):
         x, y = _number(a), _number(b)
-        if ta == tb == "int":
-            return x == y
+        if ta == tb == "int" or (exact_ints and "int" in (ta, tb)):
+            return x == y  # Python compares int with float exactly: an int needs an equal whole number
         return _close(x, y, rel_tol, abs_tol)
     if ta == "complex" or tb == "complex":
         if ta == "bool" or tb == "bool" or "None" in (ta, tb) or ta not in ("int", "float", "complex"):
             return False
         if tb not in ("int", "float", "complex"):
             return False
+        if exact_ints and "int" in (ta, tb):
+            x, y = (
+                (_number(a) if ta == "int" else complex(a[1])),
+                (_number(b) if tb == "int" else complex(b[1])),
+            )
+            return x == y
         x = complex(a[1]) if ta == "complex" else complex(_number(a))
         y = complex(b[1]) if tb == "complex" else complex(_number(b))
         return _close(x.real, y.real, rel_tol, abs_tol) and _close(x.imag, y.imag, rel_tol, abs_tol)
@@ -167,10 +182,12 @@ def _eq(a: list, b: list, rel_tol: float, abs_tol: float, depth: int) -> bool:
         return a[1:] == b[1:]
     if ta in ("list", "tuple"):
         return len(a[1]) == len(b[1]) and all(
-            _eq(x, y, rel_tol, abs_tol, depth + 1) for x, y in zip(a[1], b[1], strict=True)
+            _eq(x, y, rel_tol, abs_tol, depth + 1, exact_ints) for x, y in zip(a[1], b[1], strict=True)
         )
     if ta == "dict":
         da = {_canonical(k): v for k, v in a[1]}
         db = {_canonical(k): v for k, v in b[1]}
-        return da.keys() == db.keys() and all(_eq(da[k], db[k], rel_tol, abs_tol, depth + 1) for k in da)
+        return da.keys() == db.keys() and all(
+            _eq(da[k], db[k], rel_tol, abs_tol, depth + 1, exact_ints) for k in da
+        )
     return False

@@ -103,7 +103,10 @@ def _child_candidate(code: str, req_fd: int, rep_fd: int) -> None:
 
     names = {}
     for name, value in list(g.items()):
-        if name.startswith("__") or type(value).__name__ == "module":
+        if name.startswith("__"):
+            continue
+        if type(value).__name__ == "module":  # T imports the real module itself (or leaves it out)
+            names[name] = ["module", str(getattr(value, "__name__", ""))]
             continue
         try:
             names[name] = encode(value) if not callable(value) else ["callable"]
@@ -164,8 +167,11 @@ class CandidateError(Exception):
     """The candidate raised an exception that is not a builtin one (name and message kept)."""
 
 
-class ChannelError(Exception):
-    """The candidate's process ended or broke the channel protocol."""
+class ChannelError(BaseException):
+    """The candidate's process ended or broke the channel protocol.
+
+    A BaseException, so a test's own ``except Exception`` cannot swallow it: T fails the test
+    that met it and every later one (the channel is dead)."""
 
 
 class _Channel:
@@ -201,20 +207,38 @@ class _Channel:
             self.dead = "the candidate's process ended"
             raise ChannelError(self.dead) from None
         reply = self.receive()
-        if reply.get("id") != self.next_id:
-            self.dead = "the candidate broke the channel protocol (reply out of order)"
+        # A reply answers exactly the request it names: its id, one payload, and `stop` only for
+        # `next`. Anything else (a forged `stop` ending a map() early, a plain value where a ref
+        # is due) kills the channel: the test fails, never passes.
+        payload = set(reply) - {"id"}
+        if (
+            type(reply.get("id")) is not int
+            or reply["id"] != self.next_id
+            or len(payload) != 1
+            or not payload <= {"value", "raise", "stop"}
+            or ("stop" in reply and (op != "next" or reply["stop"] is not True))
+        ):
+            self.dead = f"the candidate broke the channel protocol (bad reply to {op} #{self.next_id})"
             raise ChannelError(self.dead)
         if "raise" in reply:
-            name, text = reply["raise"]
+            try:
+                name, text = reply["raise"]
+            except (TypeError, ValueError):
+                self.dead = "the candidate broke the channel protocol (malformed exception)"
+                raise ChannelError(self.dead) from None
             cls = _BUILTIN_EXC.get(str(name))
             raise (cls or CandidateError)(str(text) if cls else f"{name}: {text}")
-        if reply.get("stop") is True:
+        if "stop" in reply:
             raise StopIteration
         try:
-            return decode(reply["value"], lambda i, t: Remote(["ref", i], t))
+            value = decode(reply["value"], lambda i, t: Remote(["ref", i], t))
         except (KeyError, ValueError, TypeError, RecursionError, OverflowError) as exc:
             self.dead = f"the candidate broke the channel protocol ({type(exc).__name__})"
             raise ChannelError(self.dead) from None
+        if op == "iter" and type(value) is not Remote:
+            self.dead = "the candidate broke the channel protocol (iter answered without an iterator)"
+            raise ChannelError(self.dead)
+        return value
 
 
 _BUILTIN_EXC = {
@@ -271,6 +295,67 @@ class Remote:
         return f"<candidate {object.__getattribute__(self, '_type')}>"
 
 
+# Modules a test may use under a name the candidate defined: T imports them itself (the real module,
+# never the candidate's object). Pure computation only: nothing that reaches files, processes or
+# the network beyond what T already can.
+MODULE_ALLOW = frozenset(
+    """math cmath decimal fractions numbers random statistics string re collections collections.abc
+    itertools functools operator heapq bisect array copy json datetime calendar time typing
+    dataclasses enum textwrap unicodedata difflib struct binascii base64 hashlib sys""".split()
+)
+
+
+def _module_bases(tests: list[dict]) -> set[str]:
+    """Names the tests use as `name.attr` (read as modules when they name an allowed module)."""
+    import ast
+
+    bases: set[str] = set()
+    for test in tests:
+        try:
+            tree = ast.parse(test.get("src") or test.get("expr") or "")
+        except (SyntaxError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                bases.add(node.value.id)
+    return bases
+
+
+def _test_namespace(names: dict, tests: list[dict]) -> dict:
+    """T's globals: a fresh `__main__` with the real builtins, then the candidate's names, except
+    builtins and dunders (a candidate `range`, `all` or `isinstance` would make the tests' own
+    loops and checks lie). Candidate modules, and allowed module names the tests use as modules,
+    are imported here from MODULE_ALLOW; other modules are left out."""
+    import builtins
+    import importlib
+
+    g = _fresh_main("__main__")
+    g["__builtins__"] = builtins
+    reserved = set(vars(builtins))
+    as_modules = _module_bases(tests)
+    for name, enc in names.items():
+        if type(name) is not str or not name.isidentifier() or name.startswith("__") or name in reserved:
+            continue
+        module = None
+        if name in MODULE_ALLOW and name in as_modules:
+            module = name
+        elif type(enc) is list and len(enc) == 2 and enc[0] == "module":
+            module = enc[1]
+            if module not in MODULE_ALLOW:
+                continue
+        if module is not None:
+            try:
+                g[name] = importlib.import_module(module)
+            except ImportError:
+                pass
+            continue
+        try:
+            g[name] = Remote(["name", name]) if enc == ["callable"] else decode(enc)
+        except (ValueError, TypeError, RecursionError, OverflowError):
+            continue
+    return g
+
+
 def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> None:
     """Run every test against proxies of the candidate; one record per test on rec_fd."""
     dumps, write = json.dumps, _write_all
@@ -286,22 +371,17 @@ def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> No
             (dumps({"load_error": str(hello.get("load_error", "bad announcement"))[:500]}) + "\n").encode(),
         )
         return
-    g: dict = {"__name__": "__tests__"}
-    for name, enc in hello["names"].items():
-        if type(name) is not str:
-            continue
-        try:
-            g[name] = Remote(["name", name]) if enc == ["callable"] else decode(enc)
-        except (ValueError, TypeError, RecursionError, OverflowError):
-            continue
-    state: dict = {}
+    g = _test_namespace(hello["names"], tests)
+    state: dict = {"asserts": 0}
 
     def strict_eq(a: object, b: object) -> bool:
         try:
             ea, eb = encode(a), encode(b)
         except NotPlainError:
             ea = eb = None
-        equal = ea is not None and values_equal(ea, eb, state["rel_tol"], state["abs_tol"])
+        equal = ea is not None and values_equal(
+            ea, eb, state["rel_tol"], state["abs_tol"], state["exact_ints"]
+        )
         if ea is not None:
             size = len(dumps(ea)) + len(dumps(eb))
             if state["budget"] >= size:
@@ -311,21 +391,40 @@ def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> No
                 state["partial"] = True
         return equal
 
-    g["__pt_eq__"] = strict_eq
+    def strict_ne(a: object, b: object) -> bool:
+        """`a != b` holds only for two plain values that differ: an object is never unequal."""
+        try:
+            encode(a), encode(b)
+        except NotPlainError:
+            return False
+        return not strict_eq(a, b)
+
+    def counted() -> None:
+        state["asserts"] += 1
+
+    g["__pt_eq__"], g["__pt_ne__"], g["__pt_assert__"] = strict_eq, strict_ne, counted
     for i, test in enumerate(tests):
         state.update(
-            rel_tol=test["rel_tol"], abs_tol=test["abs_tol"], budget=CMP_BUDGET, cmps=[], partial=False
-        )
+            rel_tol=test["rel_tol"], abs_tol=test["abs_tol"], exact_ints=test.get("exact_ints", True),
+            budget=CMP_BUDGET, cmps=[], partial=False, asserts=0,
+        )  # fmt: skip
         rec: dict = {"i": i}
         try:
+            if channel.dead:
+                raise ChannelError(channel.dead)
             if test["kind"] == "value":
+                state["asserts"] += 1
                 rec["value"] = encode(eval(compile(test["expr"], f"<test {i}>", "eval"), g))
             else:
                 exec(compile(test["src"], f"<test {i}>", "exec"), g)
                 rec["ok"] = True
+            if channel.dead:  # met inside the test and swallowed there (a bare `except:`)
+                raise ChannelError(channel.dead)
         except BaseException as exc:  # noqa: BLE001 - a failing test, whatever it raised
+            rec.pop("ok", None)
+            rec.pop("value", None)
             rec["error"] = _format_exc(exc)
-        rec["cmps"], rec["partial"] = state["cmps"], state["partial"]
+        rec["cmps"], rec["partial"], rec["asserts"] = state["cmps"], state["partial"], state["asserts"]
         write(rec_fd, (dumps(rec) + "\n").encode())
     write(rec_fd, b'{"done": true}\n')
 

@@ -8,14 +8,17 @@ import os
 import queue
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .canary import canary_program, judge_canary, start_listener
 from .cgroups import SlotCgroup, create_slot_cgroup
-from .command import HARNESS_PROCS, MiB
+from .command import HARNESS_PROCS, MiB, interpreter_tree
 from .config import REQUIRED_LAYERS, Layer, Limits, SandboxConfig
 from .errors import SandboxClosedError, SandboxEscapeError, SandboxUnavailableError
 from .judge import JobJudge, build_job, prepare_tests
@@ -46,6 +49,9 @@ class Sandbox:
         self._lease: UidLease | None = None
         self.uid_base = -1  # the leased range's first uid, set by _start
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when a run leaves its slot
+        self._busy: set[Slot] = set()  # slots running a job now
+        self._killed_by_close: set[Slot] = set()
         self._slots: list[Slot] = []
         self._free: queue.Queue[Slot] = queue.Queue()
         self._recycler = ThreadPoolExecutor(
@@ -140,6 +146,13 @@ class Sandbox:
                 "to start: set user.max_user_namespaces to a positive value"
             )
         assert REQUIRED_LAYERS.isdisjoint(cfg.disabled_layers)  # SandboxConfig guarantees it
+        try:
+            interpreter_tree(cfg.python)  # what of /usr the sandbox sees: the interpreter's own tree
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
+            raise SandboxUnavailableError(
+                f"namespaces layer: cannot list the files {cfg.python} needs ({exc}); check that it runs "
+                "and that `ldd` is installed (Debian package libc-bin)"
+            ) from None
 
     def _run_canary(self) -> None:
         listener = start_listener()
@@ -185,6 +198,9 @@ class Sandbox:
         tests: list | None = None,
         io_cases: list[tuple[str, str]] | None = None,
         limits: Limits | None = None,
+        *,
+        queue_timeout_s: float | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Verdict:
         """Run `code` in a warm slot and judge it (blocks until a slot is free and the run ends).
 
@@ -196,7 +212,26 @@ class Sandbox:
         mid-run without the parent killing it (the host OOM killer, an operator; the runner ignores
         every signal the program can send) is restarted and the job run once more; if it dies again
         the verdict is FAIL (scored 0): only the harness's own faults are SANDBOX_ERROR.
+
+        An empty `tests` or `io_cases` list is NO_TESTS (nothing ran, score 0). queue_timeout_s:
+        the longest wait for a free slot; past it the verdict is TIMEOUT (the sample is scored, not
+        masked: a batch of hanging programs cannot hide the samples queued behind it). The wall
+        clock of the run (`Limits.wall_s`) starts only once a slot is acquired; `on_start()` is
+        called then (a reward node starts its own timeout there). A run in flight when `close()`
+        is called finishes, or is killed by close and returns SANDBOX_ERROR (the harness ended it).
         """
+        deadline = None if queue_timeout_s is None else time.monotonic() + queue_timeout_s
+        return self._run(code, tests, io_cases, limits, deadline, on_start)
+
+    def _run(
+        self,
+        code: str,
+        tests: list | None,
+        io_cases: list[tuple[str, str]] | None,
+        limits: Limits | None,
+        queue_deadline: float | None,
+        on_start: Callable[[], None] | None,
+    ) -> Verdict:
         if self._closed:
             raise SandboxClosedError("Sandbox.run called after close(): create a new Sandbox")
         if not isinstance(code, str):
@@ -206,13 +241,35 @@ class Sandbox:
         if io_cases is not None:
             io_cases = [(str(i), str(o)) for i, o in io_cases]
         specs = prepare_tests(list(tests)) if tests is not None else None
+        if (specs is not None and not specs) or (io_cases is not None and not io_cases):
+            return self._count(
+                Verdict(Status.NO_TESTS, 0, 0, detail="an empty test list: nothing to check (a data problem)")
+            )
         lim = limits or self.config.limits
         job = build_job(code, specs, [i for i, _ in io_cases] if io_cases is not None else None)
         # One result line holds one unit: stdout + stderr (JSON-escaped: <= 6 bytes per byte) and
         # the tests' records (asserts mode). Independent of the number of io cases.
         rec_cap = max(4 << 20, 4 * lim.output_bytes) if specs is not None else 1 << 16
         line_cap = 12 * lim.output_bytes + 2 * rec_cap + (1 << 16)
-        slot = self._free.get()
+        slot = self._acquire(queue_deadline)
+        if slot is None:
+            if self._closed:
+                return self._count(
+                    Verdict(
+                        Status.SANDBOX_ERROR, 0, 0, detail="the Sandbox was closed before a slot was free"
+                    )
+                )
+            total = len(specs) if specs is not None else len(io_cases) if io_cases is not None else 0
+            return self._count(
+                Verdict(
+                    Status.TIMEOUT,
+                    0,
+                    total,
+                    detail="no slot was free within the queue bound (queue_timeout_s)",
+                )
+            )
+        if on_start is not None:
+            on_start()
         try:
             for attempt in range(2):  # a runner that died without the parent's kill: once more
                 if slot.limits != lim or not slot.alive():
@@ -221,6 +278,12 @@ class Sandbox:
                 judge = JobJudge(specs, io_cases, nonce)
                 raw = slot.execute(job, nonce, lim.wall_s, line_cap, judge.feed)
                 verdict = judge.verdict(raw)
+                if slot in self._killed_by_close:
+                    verdict = JobJudge(specs, io_cases, "").verdict(
+                        RawOutcome("the Sandbox was closed during the run (killed by close())", False, False,
+                                   False, "", raw.wall_s)
+                    )  # fmt: skip
+                    break
                 if attempt or not raw.killed_by or raw.oom_killed or judge.ended:
                     break
                 log.warning(
@@ -237,10 +300,47 @@ class Sandbox:
                 RawOutcome(f"harness error: {exc!r}", False, False, False, "", 0.0)
             )
         finally:
-            self._recycler.submit(self._recycle, slot)
+            self._release(slot)
+        return self._count(verdict)
+
+    def _count(self, verdict: Verdict) -> Verdict:
         with self._lock:
             self.counts[verdict.status] += 1
         return verdict
+
+    def _acquire(self, deadline: float | None) -> Slot | None:
+        """A free slot, marked busy; None past `deadline` or once the Sandbox is closed."""
+        while True:
+            wait = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+            if wait <= 0:
+                return None
+            try:
+                slot = self._free.get(timeout=wait)
+            except queue.Empty:
+                if self._closed:
+                    return None
+                continue
+            with self._lock:
+                if not self._closed:
+                    self._busy.add(slot)
+                    return slot
+            self._free.put(slot)
+            return None
+
+    def _release(self, slot: Slot) -> None:
+        """The run left `slot`: recycle it (or hand it back untouched once closed)."""
+        with self._lock:
+            self._busy.discard(slot)
+            self._killed_by_close.discard(slot)
+            closed = self._closed
+            self._idle.notify_all()
+        if closed:
+            self._free.put(slot)
+            return
+        try:
+            self._recycler.submit(self._recycle, slot)
+        except RuntimeError:  # close() shut the recycler down meanwhile
+            self._free.put(slot)
 
     async def arun(
         self,
@@ -248,10 +348,18 @@ class Sandbox:
         tests: list | None = None,
         io_cases: list[tuple[str, str]] | None = None,
         limits: Limits | None = None,
+        *,
+        queue_timeout_s: float | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> Verdict:
-        """Async `run`: executes in this sandbox's own thread pool (one thread per slot)."""
+        """Async `run`: executes in this sandbox's own thread pool (one thread per slot). The queue
+        bound counts from this call (the wait for a pool thread included); `on_start` is called
+        from that thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._async_pool, lambda: self.run(code, tests, io_cases, limits))
+        deadline = None if queue_timeout_s is None else time.monotonic() + queue_timeout_s
+        return await loop.run_in_executor(
+            self._async_pool, lambda: self._run(code, tests, io_cases, limits, deadline, on_start)
+        )
 
     def _recycle(self, slot: Slot) -> None:
         """Clean the slot and start its next warm process, then hand it back to the pool."""
@@ -265,9 +373,24 @@ class Sandbox:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """Kill every slot process, remove the cgroups, stop the thread pools. Idempotent."""
-        self._closed = True
+    def close(self, grace_s: float | None = None) -> None:
+        """Stop serving: runs in flight get `grace_s` (default: the wall clock + 1 s) to finish, then
+        are killed and return SANDBOX_ERROR; queued runs return SANDBOX_ERROR at once. Then kill
+        every slot process, remove the cgroups, stop the thread pools. Idempotent."""
+        grace = self.config.limits.wall_s + 1.0 if grace_s is None else grace_s
+        with self._lock:
+            self._closed = True
+            end = time.monotonic() + grace
+            while self._busy and (left := end - time.monotonic()) > 0:
+                self._idle.wait(left)
+            busy = list(self._busy)
+            self._killed_by_close.update(busy)
+        for slot in busy:  # its run sees the end of its result pipe and returns a verdict
+            slot.kill()
+        with self._lock:
+            end = time.monotonic() + 10.0
+            while self._busy and (left := end - time.monotonic()) > 0:
+                self._idle.wait(left)
         self._recycler.shutdown(wait=True)
         self._async_pool.shutdown(wait=False)
         for slot in self._slots:

@@ -20,6 +20,7 @@ DENIED_SYSCALLS: tuple[str, ...] = (
     "io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "perf_event_open",
     "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
     "swapon", "swapoff", "reboot", "acct", "quotactl", "name_to_handle_at", "open_by_handle_at",
+    "sync", "syncfs",  # flush every filesystem of the host (an I/O storm other tenants pay for)
 )  # fmt: skip
 
 _GENERATOR = """

@@ -24,8 +24,9 @@ def test_equalities_inside_test_functions_are_rewritten() -> None:
     (spec,) = prepare_tests([src])
     assert spec.kind == "stmt"
     assert "assert __pt_eq__(c(1), 2)" in spec.payload
-    assert "assert not __pt_eq__(c(2), 3)" in spec.payload
+    assert "assert __pt_ne__(c(2), 3), 'msg'" in spec.payload  # != holds only between plain values
     assert "x = c(1) == 2" in spec.payload  # only asserts are rewritten
+    assert spec.payload.count("__pt_assert__()") == 2  # each assert counts itself when reached
 
 
 def test_bad_tests_name_the_test_and_the_fix() -> None:
@@ -65,7 +66,7 @@ def test_tolerance_policy() -> None:
     assert not eq(1, True) and not eq(0, None) and not eq((1,), [1]) and not eq("1", 1)
     assert eq({1, 2}, frozenset({2.0, 1})) and not eq({1, 2}, {1, 3})
     assert not eq(float("nan"), float("nan")) and eq(float("inf"), float("inf"))
-    assert eq(10**30, 1e30) and not eq(10**400, 1.0)
+    assert eq(10**16, 1e16) and not eq(10**30, 1e30) and not eq(10**400, 1.0)  # exact, as Python
     assert not values_equal(["ref", 0, "X"], ["ref", 0, "X"])  # an object is never equal to anything
     assert not values_equal(["int"], ["int", "1"])  # malformed: False, not an exception
 
@@ -108,8 +109,8 @@ def test_parent_re_decides_reported_comparisons() -> None:
     specs = prepare_tests(["def check(c):\n    assert c(1) == 2\ncheck(f)", "assert f(1) == 2"])
     lie = [encode(3), encode(2), True]  # a test process claiming 3 == 2
     recs = [
-        {"i": 0, "ok": True, "cmps": [lie], "partial": False},
-        {"i": 1, "value": encode(2.0), "cmps": [], "partial": False},
+        {"i": 0, "ok": True, "cmps": [lie], "partial": False, "asserts": 1},
+        {"i": 1, "value": encode(2.0), "cmps": [], "partial": False, "asserts": 1},
         {"done": True},
     ]
     judge = JobJudge(specs, None, "n")
@@ -119,3 +120,54 @@ def test_parent_re_decides_reported_comparisons() -> None:
     judge.feed(json.dumps({"end": True, "nonce": "n"}).encode())
     v = judge.verdict(RawOutcome(None, False, False, False, "", 0.1))
     assert v.per_test == (False, True) and "disagrees" in v.detail
+
+
+def test_an_int_compares_exactly_unless_the_test_sets_a_tolerance() -> None:
+    def eq(a: object, b: object, **kw: object) -> bool:
+        return values_equal(encode(a), encode(b), **kw)
+
+    assert eq(3, 3.0) and eq(3.0, 3) and eq(1000000007, 1000000007.0)
+    assert not eq(1000000008.0, 1000000007) and not eq(1000000007, 1000000008.0)
+    assert not eq(3.0000000001, 3) and eq(3.0000000001, 3.0)  # floats keep the default tolerance
+    assert not eq(complex(1000000008, 0), 1000000007) and eq(3 + 0j, 3)
+    assert not eq([1000000008.0], [1000000007]) and not eq({"k": 1000000008.0}, {"k": 1000000007})
+    assert eq(1000000008.0, 1000000007, rel_tol=1e-6, exact_ints=False)  # a test's own tolerance
+    specs = prepare_tests(["assert f() == 1", {"test": "assert f() == 1", "rel_tol": 1e-6}])
+    assert [s.exact_ints for s in specs] == [True, False]
+    assert not outputs_match("1.23456789e11", "123456789012") and not outputs_match(
+        "1000000008.0", "1000000007"
+    )
+    assert outputs_match("3.0", "3") and outputs_match("123456789012.0", "123456789012")
+
+
+def _asserts_job(specs, recs: list[dict], unit_extra: str = "") -> JobJudge:
+    judge = JobJudge(specs, None, "n")
+    judge.feed(json.dumps({"unit": 0, "exit": 0, "stdout": unit_extra, "stderr": ""}).encode())
+    rec = "\n".join(json.dumps(r) for r in recs)
+    judge.feed(json.dumps({"unit": 1, "exit": 0, "stdout": "", "stderr": "", "rec": rec}).encode())
+    judge.feed(json.dumps({"end": True, "nonce": "n"}).encode())
+    return judge
+
+
+def test_no_assertion_reached_is_no_tests_and_memory_error_text_is_no_oom() -> None:
+    specs = prepare_tests(["x = 1", "def check(c):\n    assert c(1) == 2"])
+    recs = [{"i": i, "ok": True, "cmps": [], "partial": False, "asserts": 0} for i in range(2)] + [
+        {"done": True}
+    ]
+    v = _asserts_job(specs, recs).verdict(RawOutcome(None, False, False, False, "", 0.1))
+    assert v.status is Status.NO_TESTS and v.passed == 0
+    recs[0]["asserts"] = 1
+    assert (
+        _asserts_job(specs, recs).verdict(RawOutcome(None, False, False, False, "", 0.1)).status
+        is Status.PASS
+    )
+    # the text "MemoryError" anywhere (a value, a message, stdout) is not a memory limit
+    specs = prepare_tests(["assert f() == 'MemoryError'"])
+    recs = [
+        {"i": 0, "value": encode("MemoryError"), "cmps": [], "partial": False, "asserts": 1},
+        {"done": True},
+    ]
+    judge = _asserts_job(specs, recs, unit_extra="MemoryError")
+    assert judge.verdict(RawOutcome(None, False, False, False, "", 0.1)).status is Status.PASS
+    # only the cgroup's OOM-kill counter (oom_killed) makes OOM
+    assert judge.verdict(RawOutcome(None, False, True, False, "", 0.1)).status is Status.OOM
