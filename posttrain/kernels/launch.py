@@ -73,22 +73,42 @@ def use_tma(device: torch.device) -> bool:
     return hasattr(tl, "make_tensor_descriptor") and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-@functools.cache
-def _set_tma_allocator() -> None:
-    # Device-side descriptors need a scratch allocator (128 bytes per program).
-    import triton
+def _tma_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Scratch for device-side TMA descriptors (128 bytes per program), on the current device.
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    Aligned as Triton asks (the CUDA caching allocator already aligns to 512 bytes; the host
+    allocator of the CPU interpreter does not).
+    """
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    buffer = torch.empty(size + alignment, dtype=torch.int8, device=device)
+    offset = -buffer.data_ptr() % alignment
+    return buffer[offset : offset + size]
 
-    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=device)
 
-    triton.set_allocator(alloc)
+def current_allocator() -> Any:
+    """The allocator Triton would use for a launch from this thread.
+
+    Since Triton 3.5 it lives in a ``contextvars.ContextVar`` (``triton.runtime._allocation``): each
+    thread starts with Triton's null allocator, whatever another thread installed.
+    """
+    from triton.runtime import _allocation
+
+    return _allocation._allocator.get()
 
 
 def prepare_tma() -> None:
-    """Install the scratch allocator that device-side TMA descriptors need (once per process)."""
-    _set_tma_allocator()
+    """Install the TMA scratch allocator for the calling thread, unless one is already set.
+
+    Called before every launch that builds device-side descriptors, not once per process: autograd
+    runs the backward of CUDA tensors on its own device thread, which would otherwise see the null
+    allocator and raise "Kernel requires a runtime memory allocation, but no allocator was set". An
+    allocator the caller installed on this thread (anything but the null one) is kept.
+    """
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(current_allocator(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
 
 
 @contextlib.contextmanager
