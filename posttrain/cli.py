@@ -130,7 +130,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(resume_line, flush=True)
     with restore_on_failure(run_dir, previous_record), _interrupts_stop_cleanly():
         try:
-            summary = _runner_for(cfg)(cfg, resolved, run_dir)
+            # Absolute: actors of a cluster run elsewhere (the job's project copy, the node's
+            # working dir); checkpoints and hf/ must land where the driver's files do.
+            summary = _runner_for(cfg)(cfg, resolved, os.path.abspath(run_dir))
         except KeyboardInterrupt:
             print(interrupted_message(run_dir, _resume_command(args.recipe, args.overrides, run_dir)),
                   file=sys.stderr, flush=True)

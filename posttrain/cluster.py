@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -109,7 +110,8 @@ def build_job(
         env_vars[name] = os.environ[name]
     # The job starts in the unpacked copy of working_dir; remember it, then run where paths resolve.
     args = " ".join(shlex.quote(o) for o in overrides)
-    entrypoint = f'PROJECT="$PWD" && cd {shlex.quote(job_dir)} && posttrain run "$PROJECT"/{shlex.quote(rel)} {args}'.rstrip()
+    entrypoint = (f'PROJECT="$PWD" && {find_posttrain_shell()} && cd {shlex.quote(job_dir)} && '
+                  f'$POSTTRAIN run "$PROJECT"/{shlex.quote(rel)} {args}').rstrip()
     run_dir = os.path.join(job_dir, cfg.run.output_dir, cfg.run.name)
     runtime_env = {"working_dir": working_dir, "excludes": EXCLUDES, "env_vars": env_vars}
     return JobSpec(
@@ -119,6 +121,40 @@ def build_job(
         placement,
         {"recipe": rel, "run_name": cfg.run.name},
     )
+
+
+NOT_FOUND_EXIT = 127
+
+
+def find_posttrain_shell(python: str | None = None) -> str:
+    """Shell that sets ``$POSTTRAIN`` on the cluster: ``posttrain`` when the cluster's PATH has it,
+    else this interpreter's ``-m posttrain.cli`` when the head node can run it (the same machine
+    or a shared filesystem); otherwise it prints the cause and the fix and exits 127."""
+    exe = shlex.quote(python or sys.executable)
+    fix = ("posttrain: not found on the Ray cluster (not on its PATH, and " + (python or sys.executable)
+           + " is not there).  fix: start the cluster from the environment that has posttrain "
+           "(e.g. `. .venv/bin/activate && ray start --head ...`), or pip install posttrain on every node")
+    return (f'if command -v posttrain >/dev/null 2>&1; then POSTTRAIN=posttrain; '
+            f'elif [ -x {exe} ] && {exe} -c "import posttrain.cli" >/dev/null 2>&1; then POSTTRAIN="{exe} -m posttrain.cli"; '
+            f'else echo {shlex.quote(fix)} >&2; exit {NOT_FOUND_EXIT}; fi')
+
+
+def auth_headers() -> dict[str, str]:
+    """An ``Authorization`` header for a cluster with Ray's token auth, when a token is at hand
+    (``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH``, or ``~/.ray/auth_token``, as Ray looks
+    them up) and this process's Ray would not add one itself (``RAY_AUTH_MODE`` unset: Ray's
+    client then sends none, and a token-auth cluster answers 401)."""
+    if (os.environ.get("RAY_AUTH_MODE") or "").lower() in ("token", "disabled"):
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        try:
+            with open(path) as f:
+                token = f.read().strip()
+        except OSError:
+            token = ""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def describe_job(spec: JobSpec) -> dict[str, Any]:
@@ -135,10 +171,13 @@ def describe_job(spec: JobSpec) -> dict[str, Any]:
 
 def client(address: str | None):
     """A JobSubmissionClient for ``address`` (None: RAY_API_SERVER_ADDRESS / RAY_ADDRESS / local)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address)
+        return JobSubmissionClient(address, headers=auth_headers() or None)
+    except AuthenticationError as err:
+        raise SubmitError(_auth_failed(address, err)) from None
     except (ConnectionError, ValueError, RuntimeError) as err:
         raise SubmitError(
             f"posttrain submit: cannot reach the Ray job server at {address or 'the default address'}: {err}\n"
@@ -149,9 +188,23 @@ def client(address: str | None):
 
 def submit(spec: JobSpec, address: str | None) -> tuple[Any, str]:
     """Submit; returns (client, job id)."""
+    from ray.exceptions import AuthenticationError
+
     c = client(address)
-    job_id = c.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata)
+    try:
+        job_id = c.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env, metadata=spec.metadata)
+    except AuthenticationError as err:
+        raise SubmitError(_auth_failed(address, err)) from None
     return c, job_id
+
+
+def _auth_failed(address: str | None, err: Exception) -> str:
+    return (
+        f"posttrain submit: the Ray cluster at {address or 'the default address'} refused the request: it uses "
+        f"token authentication and the token sent was missing or wrong ({getattr(err, 'message', err)}).\n"
+        "  fix: make the cluster's token available here: export RAY_AUTH_TOKEN=<token>, or "
+        "RAY_AUTH_TOKEN_PATH=<file> (a local cluster started by `ray start` or posttrain keeps it in ~/.ray/auth_token)"
+    )
 
 
 def wait(c, job_id: str, echo: bool = True) -> tuple[str, str]:

@@ -101,6 +101,8 @@ class MetricsLogger:
             self._wandb = wandb.init(
                 project=cfg.wandb.project, dir=run_dir, mode=cfg.wandb.mode, config=redact(resolved_config),
                 name=os.path.basename(run_dir.rstrip("/")), reinit="finish_previous",
+                id=wandb_run_id(run_dir), resume="allow",  # a resumed run continues the same wandb run
+                settings=wandb.Settings(silent=True, console="off"),  # posttrain prints its own lines
             )
         if cfg.progress and not sys.stdout.isatty():
             self._lines = True
@@ -144,6 +146,26 @@ class MetricsLogger:
             self._progress.stop()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+WANDB_ID = "wandb_id"
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The wandb run id of ``run_dir``: made once and kept in ``<run_dir>/wandb_id``, so every
+    resume of the run logs to the same wandb run (``resume="allow"``)."""
+    path = os.path.join(run_dir, WANDB_ID)
+    if os.path.isfile(path):
+        with open(path) as f:
+            kept = f.read().strip()
+        if kept:
+            return kept
+    import uuid
+
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id
 
 
 def _duration(seconds: float) -> str:

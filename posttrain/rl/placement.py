@@ -43,8 +43,10 @@ def start_ray(cluster: ClusterConfig) -> None:
         _join(cluster.address, env)
         return
     _secure_local_defaults()
+    _explain_other_ray()
     with _loopback_only():
         ray.init(
+            address="local",  # never join a Ray that `ray start` or RAY_ADDRESS left behind
             num_cpus=cluster.num_cpus,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
@@ -55,6 +57,34 @@ def start_ray(cluster: ClusterConfig) -> None:
 
 class ClusterError(PosttrainError):
     exit_code = 2
+
+
+def _explain_other_ray() -> None:
+    """Say so when this machine has another Ray that a plain ``ray.init()`` would have joined (a
+    ``ray start`` cluster, live or stale, recorded in Ray's temp dir, or ``RAY_ADDRESS``): the run
+    starts its own local Ray all the same (``cluster.address: null``), and joining is one key away.
+    Without ``address="local"``, Ray would join it and refuse ``num_cpus`` with a ValueError."""
+    from ray._private.services import find_bootstrap_address
+
+    env_address = os.environ.get("RAY_ADDRESS")
+    recorded = find_bootstrap_address(None)
+    other = env_address or recorded
+    if not other:
+        return
+    where = f"RAY_ADDRESS={env_address}" if env_address else f"a Ray started with `ray start` at {recorded}"
+    host, _, port = str(other).rpartition(":")
+    live = False
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=1).close()
+            live = True
+        except OSError:
+            live = False
+    state = "it answers" if live else "nothing answers there (stale: `ray stop` clears it)"
+    logger.warning(
+        "%s is known on this machine (%s); cluster.address is null, so this run starts its own local Ray. "
+        "To run on that cluster instead, set cluster.address=auto.", where, state,
+    )
 
 
 def _join(address: str, runtime_env: dict[str, Any]) -> None:

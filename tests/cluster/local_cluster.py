@@ -116,8 +116,8 @@ def start_cluster(head_cpus: int = 2, worker_cpus: int = 2, dashboard: bool = Tr
         "RAY_AUTH_TOKEN_PATH": token_path,
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # see _RAY_START
-        # job entrypoints run `posttrain`: find this interpreter's console scripts first
-        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
+        # as a cluster started outside the venv: its PATH has no `posttrain` (the job's entrypoint finds it)
+        "PATH": os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != os.path.dirname(sys.executable)),
     }
     env.pop("RAY_ADDRESS", None)
     gcs_port, dash_port, client_port, *spare = free_ports(3 + 12)

@@ -61,9 +61,11 @@ def test_submit_runs_recipe_as_job_and_leaves_run_dir(cluster, tmp_path, repo_ro
         "--job-dir",
         str(tmp_path),
     ]
-    r = subprocess.run(
-        [*cmd, *overrides], env=cluster.env, capture_output=True, text=True, timeout=240, cwd=repo_root
-    )
+    # The submitter, as a user's shell: RAY_AUTH_MODE unset (the cluster's token is in the file
+    # RAY_AUTH_TOKEN_PATH names). Before: a raw AuthenticationError; and with the cluster's PATH
+    # lacking the venv, "posttrain: not found".
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_AUTH_MODE"}
+    r = subprocess.run([*cmd, *overrides], env=env, capture_output=True, text=True, timeout=240, cwd=repo_root)
     assert r.returncode == 0, (r.stdout[-4000:], r.stderr[-3000:])
     assert "SUCCEEDED" in r.stdout and "job id: " in r.stdout
     run_dir = os.path.join(tmp_path, "runs", "job")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -31,7 +33,7 @@ def test_submit_dry_run_of_rl_recipe_prints_job_and_placement(repo_root, run_cli
     )
     assert code == 0, err
     spec = yaml.safe_load(out)
-    assert "posttrain run" in spec["entrypoint"] and spec["entrypoint"].endswith("cluster.address=auto")
+    assert "$POSTTRAIN run" in spec["entrypoint"] and spec["entrypoint"].endswith("cluster.address=auto")
     assert (
         f"cd {tmp_path}" in spec["entrypoint"]
         and '"$PROJECT"/recipes/grpo_tiny_arith.yaml' in spec["entrypoint"]
@@ -70,3 +72,32 @@ def test_join_of_an_address_nobody_answers_fails_fast():
     with pytest.raises(ClusterError, match="no Ray cluster answered.*\n  fix: start one"):
         start_ray(ClusterConfig(address=f"127.0.0.1:{free_port()}"))
     assert time.monotonic() - t0 < 15  # not Ray's minutes of retries
+
+
+def _posttrain_on_cluster(shell: str, path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", f'{shell} && echo "POSTTRAIN=$POSTTRAIN"'], env={"PATH": path},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_job_finds_posttrain_when_the_cluster_path_lacks_the_venv():
+    from posttrain.cluster import NOT_FOUND_EXIT, find_posttrain_shell
+
+    r = _posttrain_on_cluster(find_posttrain_shell(), "/usr/bin:/bin")  # before: `posttrain: not found`
+    assert r.returncode == 0 and f"POSTTRAIN={sys.executable} -m posttrain.cli" in r.stdout
+    r = _posttrain_on_cluster(find_posttrain_shell("/nonexistent/python"), "/usr/bin:/bin")
+    assert r.returncode == NOT_FOUND_EXIT and "not found on the Ray cluster" in r.stderr and "fix:" in r.stderr
+
+
+def test_submit_sends_the_token_of_a_token_auth_cluster(tmp_path, monkeypatch):
+    from posttrain.cluster import auth_headers
+
+    token = tmp_path / "auth_token"
+    token.write_text("abc123\n")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert auth_headers() == {"Authorization": "Bearer abc123"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
+    assert auth_headers() == {"Authorization": "Bearer xyz"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")  # Ray's own client adds it then
+    assert auth_headers() == {}
