@@ -345,7 +345,9 @@ def _wgrad_kernel(
 
 _FWD_KEY = ("N", "K", "G", "M_BUCKET", "USE_TMA", "B_N_CONTIGUOUS", "A_GATHER", "SCATTER", "HAS_SCALE")
 _WGRAD_KEY = ("N", "K", "G", "M_BUCKET", "USE_TMA", "X_GATHER", "DY_GATHER", "DY_SCALE")
-_FWD = LazyKernel(_grouped_gemm_kernel, _fwd_configs, _FWD_KEY, prune_by_rows)
+# The forward accumulates into ``out`` when SCATTER (atomics): the autotuner restores it after each
+# benchmark launch. Plain launches overwrite ``out``; the restore then only costs a copy while tuning.
+_FWD = LazyKernel(_grouped_gemm_kernel, _fwd_configs, _FWD_KEY, prune_by_rows, restore_value=["out_ptr"])
 _WGRAD = LazyKernel(_wgrad_kernel, _wgrad_configs, _WGRAD_KEY, prune_by_rows)
 
 

@@ -148,11 +148,20 @@ def _interpreted_twin(jit_fn: Any, interpreted_cls: type) -> Any:
     return twin
 
 
+# Set to "1" to launch every autotuned kernel with its first config that survives pruning (no
+# benchmarking, one compile per key): correctness runs on a cold cache, where tuning costs minutes.
+SINGLE_CONFIG_ENV = "POSTTRAIN_AUTOTUNE_SINGLE_CONFIG"
+
+
 class LazyKernel:
     """A Triton kernel source whose ``triton.jit`` (and optional autotune) is applied at first launch.
 
     One compiled object is kept per interpreter mode. Kernels wrapped this way must not call other
     ``@triton.jit`` helpers: the kernels in this package are self-contained for that reason.
+
+    ``restore_value`` names the arguments the kernel accumulates into (read-modify-write): the
+    autotuner launches the kernel once per benchmark run of each config, so without a restore each
+    of those launches would add into the caller's buffer again.
     """
 
     def __init__(
@@ -161,22 +170,47 @@ class LazyKernel:
         autotune_configs: Callable[[], Sequence[Any]] | None = None,
         autotune_key: Sequence[str] = (),
         early_config_prune: Callable[..., list[Any]] | None = None,
+        restore_value: Sequence[str] = (),
     ) -> None:
         self.fn = fn
         self._autotune_configs = autotune_configs
         self._autotune_key = list(autotune_key)
         self._prune = early_config_prune
+        self.restore_value = list(restore_value)
         self._built: dict[bool, Any] = {}
+
+    def _pruned(self, configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+        kept = self._prune(configs, named_args, **kwargs) if self._prune is not None else list(configs)
+        if os.environ.get(SINGLE_CONFIG_ENV) == "1":
+            return kept[:1]
+        return kept
+
+    def autotune(
+        self, kernel: Any, configs: Sequence[Any] | None = None, do_bench: Callable[..., Any] | None = None
+    ) -> Any:
+        """``kernel`` (a jitted or interpreted function) under this kernel's autotuner.
+
+        ``configs`` replaces the config list and ``do_bench`` Triton's benchmarker (tests run the
+        autotuner on CPU with small configs and a benchmarker that just launches).
+        """
+        import triton
+
+        extra = {"do_bench": do_bench} if do_bench is not None else {}
+        chosen = configs if configs is not None else self._autotune_configs()
+        return triton.autotune(
+            configs=list(chosen),
+            key=self._autotune_key,
+            prune_configs_by={"early_config_prune": self._pruned},
+            restore_value=self.restore_value or None,
+            **extra,
+        )(kernel)
 
     def _build(self, interpret: bool) -> Any:
         import triton
 
         kernel = triton.jit(self.fn)
         if self._autotune_configs is not None and not interpret:
-            prune = {"early_config_prune": self._prune} if self._prune is not None else None
-            kernel = triton.autotune(
-                configs=list(self._autotune_configs()), key=self._autotune_key, prune_configs_by=prune
-            )(kernel)
+            kernel = self.autotune(kernel)
         return kernel
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:

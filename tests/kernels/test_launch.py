@@ -9,16 +9,31 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import threading
 
 import pytest
 import torch
 
-from posttrain.kernels import grouped_gemm, launch
+from posttrain.kernels import gather_scatter, grouped_gemm, index_shuffling, launch, swiglu
 from posttrain.kernels import reference as ref
 
 triton = pytest.importorskip("triton")
 _allocation = pytest.importorskip("triton.runtime._allocation")
+
+KERNEL_MODULES = (gather_scatter, grouped_gemm, index_shuffling, swiglu)
+
+
+def _autotuned_kernels() -> list[tuple[str, launch.LazyKernel]]:
+    """Every autotuned kernel of the package, by module and name."""
+    return [
+        (f"{module.__name__.rsplit('.', 1)[-1]}.{name}", value)
+        for module in KERNEL_MODULES
+        for name, value in vars(module).items()
+        if isinstance(value, launch.LazyKernel) and value._autotune_configs is not None
+    ]
+
 
 def test_a_launch_on_a_second_thread_finds_the_tma_allocator(monkeypatch: pytest.MonkeyPatch) -> None:
     """A TMA-path launch prepared on a new thread (as autograd's device thread is) has an allocator."""
@@ -63,3 +78,63 @@ def test_prepare_tma_keeps_an_allocator_the_caller_set() -> None:
     thread.start()
     thread.join()
     assert mine == [True]
+
+
+def _accumulated_args(fn: object) -> set[str]:
+    """Pointer arguments a kernel adds into: the first argument of each ``tl.atomic_add``."""
+    return set(re.findall(r"tl\.atomic_(?:add|max|min|and|or|xor)\(\s*(\w+)", inspect.getsource(fn)))
+
+
+@pytest.mark.parametrize("name_kernel", _autotuned_kernels(), ids=lambda nk: nk[0])
+def test_autotuned_kernels_restore_what_they_accumulate_into(name_kernel: tuple[str, launch.LazyKernel]) -> None:
+    """Every autotuned kernel lists the buffers it accumulates into in restore_value / reset_to_zero."""
+    name, kernel = name_kernel
+    tuner = kernel._build(interpret=False)  # what a CUDA launch gets: triton.autotune(triton.jit(fn))
+    protected = set(tuner.restore_value) | set(tuner.reset_to_zero)
+    pointers = {arg.split("+")[0].strip() for arg in _accumulated_args(kernel.fn)}
+    assert pointers <= protected, f"{name} accumulates into {pointers - protected} without a restore"
+
+
+def test_the_forward_kernel_accumulates_through_atomics() -> None:
+    """Guards the scan above: the grouped GEMMs are found and the scatter epilogue is seen."""
+    assert {"grouped_gemm._FWD", "grouped_gemm._WGRAD"} <= {name for name, _ in _autotuned_kernels()}
+    assert _accumulated_args(grouped_gemm._grouped_gemm_kernel) == {"out_ptr"}
+
+
+def test_autotuning_a_scatter_launch_leaves_the_output_as_one_launch_would() -> None:
+    """The autotuner's benchmark launches (two per config here) must not add into ``out`` again."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4, num_stages=3)
+        for bm in (16, 32)
+    ]
+
+    def bench_twice(kernel_call, quantiles):  # Triton's benchmarker, minus the timing
+        kernel_call()
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    kernel = grouped_gemm._FWD.autotune(InterpretedFunction(grouped_gemm._FWD.fn), configs, bench_twice)
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, n_out, sizes_list = 9, 32, 24, [5, 0, 7, 6]
+    rows = sum(sizes_list)
+    x = torch.randn(tokens, hidden, generator=gen)
+    w = torch.randn(len(sizes_list), n_out, hidden, generator=gen)
+    a_idx = torch.randint(0, tokens, (rows,), generator=gen, dtype=torch.int32)
+    c_idx = torch.randint(0, tokens, (rows,), generator=gen, dtype=torch.int32)
+    scale = torch.rand(rows, generator=gen)
+    sizes = torch.tensor(sizes_list, dtype=torch.int32)
+    out = torch.zeros(tokens, n_out)
+    with launch._interpretable_triton_language():
+        kernel[(3,)](
+            x, w, out, sizes, a_idx, c_idx, scale,
+            rows, n_out, hidden, len(sizes_list), triton.next_power_of_2(rows),
+            x.stride(0), x.stride(1), w.stride(0), w.stride(2), w.stride(1), out.stride(0), out.stride(1),
+            USE_TMA=False, B_N_CONTIGUOUS=False, A_GATHER=True, SCATTER=True, HAS_SCALE=True,
+            UPCAST_DOT=True, INPUT_PRECISION="ieee",
+        )
+    rows_out = ref.grouped_gemm(x[a_idx.long()], w, sizes) * scale[:, None]
+    want = torch.zeros(tokens, n_out).index_add_(0, c_idx.long(), rows_out)
+    # Without the restore: 1 + 2 configs x 2 benchmark launches = 5x the truth.
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
