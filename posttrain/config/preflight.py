@@ -9,6 +9,7 @@ set, and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -61,10 +62,62 @@ def check_reward_functions(reward_cfg: Any, recipe: str, overrides: list[str]) -
             ) from None
 
 
+def engine_setting(engine: dict[str, Any] | None, name: str) -> Any:
+    """``rollout.engine.<name>`` as the engine will see it: the recipe's value, else the default of
+    the engine config class named by ``_target_`` (None when neither has it)."""
+    engine = engine or {}
+    if name in engine:
+        return engine[name]
+    target = engine.get("_target_")
+    if not target:
+        return None
+    from posttrain.config.targets import import_object
+
+    cls = import_object(str(target), "rollout.engine._target_", "recipe")
+    for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+        if f.name == name and f.default is not dataclasses.MISSING:
+            return f.default
+    return None
+
+
+def rl_prompt_limit(cfg: Any, evaluation: bool = False) -> int | None:
+    """Tokens a prompt may have so the engine can also generate: ``max_model_len - max_tokens``
+    (eval prompts: ``eval.max_new_tokens`` when larger). None when the engine declares no limit."""
+    max_model_len = engine_setting(cfg.rollout.engine, "max_model_len")
+    if not max_model_len:
+        return None
+    new = cfg.rollout.sampling.max_tokens
+    if evaluation:
+        new = max(new, cfg.eval.max_new_tokens)
+    return int(max_model_len) - new
+
+
+def check_engine_limits(cfg: Any, recipe: str, overrides: list[str]) -> None:
+    """Online RL: a completion of ``rollout.sampling.max_tokens`` fits the engine's context.
+
+    ``max_model_len`` counts prompt + completion tokens; vLLM would otherwise cut every
+    completion short of ``max_tokens`` without a word.
+    """
+    if cfg.rollout is None:
+        return
+    max_model_len = engine_setting(cfg.rollout.engine, "max_model_len")
+    max_tokens = cfg.rollout.sampling.max_tokens
+    if max_model_len and max_tokens >= int(max_model_len):
+        key = "rollout.sampling.max_tokens"
+        raise ConfigError(
+            key, key_source(key, recipe, overrides),
+            f"{max_tokens} new tokens do not fit rollout.engine.max_model_len={max_model_len}, which counts the "
+            "prompt and the completion together: no room is left for a prompt, and completions would be cut short",
+            f"lower rollout.sampling.max_tokens below {max_model_len} minus the longest prompt, or raise "
+            f"rollout.engine.max_model_len (e.g. rollout.engine.max_model_len={max_tokens + 256})",
+        )
+
+
 def check_data(cfg: Any, tokenizer: Any) -> None:
-    """The data loads and has few enough bad rows: RL prompt rows, or the offline algorithm's own
-    examples (tokenised, so over-length rows count too)."""
-    from posttrain.data.formatting import rl_row_problem
+    """The data loads and has few enough bad rows: RL prompt rows (tokenised, so prompts the
+    engine has no room for count too), or the offline algorithm's own examples (tokenised, so
+    over-length rows count too)."""
+    from posttrain.data.formatting import make_rl_prompt
     from posttrain.data.sources import build_examples, load_rows
 
     d = cfg.data
@@ -76,7 +129,8 @@ def check_data(cfg: Any, tokenizer: Any) -> None:
         if algo is not None and hasattr(algo, "prepare"):
             algo.prepare(rows, tokenizer, d.max_length, d.max_bad_fraction, key)
         else:
-            build_examples(rows, lambda r: rl_row_problem(r) or r, d.max_bad_fraction, key)
+            limit = rl_prompt_limit(cfg, evaluation=key == "data.eval")
+            build_examples(rows, lambda r, lim=limit: make_rl_prompt(tokenizer, r, lim), d.max_bad_fraction, key)
 
 
 def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
@@ -84,6 +138,7 @@ def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
     from posttrain.models.loading import load_tokenizer
 
     check_output_dir(cfg.run.output_dir, cfg.run.name, key_source("run.output_dir", recipe, overrides))
+    check_engine_limits(cfg, recipe, overrides)
     tokenizer = load_tokenizer(cfg.model)  # model.path: exists, config.json, weights, tokenizer
     check_reward_functions(cfg.reward, recipe, overrides)
     check_data(cfg, tokenizer)

@@ -108,6 +108,26 @@ def rl_row_problem(row: dict[str, Any]) -> str | None:
     return None
 
 
+# The reason a prompt the rollout engine cannot take is skipped for (a bad row, counted).
+OVER_ENGINE_LIMIT = "prompt over rollout.engine.max_model_len - rollout.sampling.max_tokens"
+
+
+def make_rl_prompt(tokenizer, row: dict[str, Any], max_prompt_tokens: int | None = None) -> tuple[str, list[int]] | str:
+    """(prompt text, its token ids) of an RL row, or the reason it is a bad row.
+
+    ``max_prompt_tokens``: the engine's room for a prompt, ``max_model_len - max_tokens``; a longer
+    prompt would be refused by the engine mid-run (vLLM raises), so it is skipped here and counted.
+    """
+    problem = rl_row_problem(row)
+    if problem:
+        return problem
+    text = prompt_text(tokenizer, row)
+    ids = encode(tokenizer, text)
+    if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:
+        return f"{OVER_ENGINE_LIMIT} ({max_prompt_tokens} tokens)"
+    return text, ids
+
+
 def pad_batch(seqs: list[list[int]], masks: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence. Returns input_ids_BT, attention_mask_BT, loss_mask_BT
     where loss_mask_BT[b, t] = 1 when token t is a target (its logprob comes from position t-1)."""

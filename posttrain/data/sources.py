@@ -172,6 +172,24 @@ def build_examples(
         common = reasons.most_common(1)[0][0] if reasons else "no rows"
         raise DataError(
             f"{key}: {bad} of {len(rows)} rows are bad (limit {max_bad_fraction:.0%}); commonest problem: {common}; "
-            f"all problems: {dict(reasons)}\n  fix: repair the data, or raise data.max_bad_fraction if skipping them is intended"
+            f"all problems: {dict(reasons)}\n  fix: {fix_for(common, every_row=bad == len(rows))}"
         )
     return examples, good
+
+
+# Reasons whose fix is a setting, not the data (matched by prefix): skipping more rows would not help.
+REASON_FIXES = {
+    "over max_length": "raise data.max_length (prompt + response tokens) so the rows fit, or shorten the rows",
+    "prompt over rollout.engine.max_model_len": (
+        "raise rollout.engine.max_model_len, or lower rollout.sampling.max_tokens, or shorten the prompts"
+    ),
+}
+
+
+def fix_for(reason: str, every_row: bool = False) -> str:
+    """The fix for a bad-row reason: the setting to change for a length limit (raising
+    data.max_bad_fraction too, when some rows are good), else repair or tolerate."""
+    for prefix, fix in REASON_FIXES.items():
+        if reason.startswith(prefix):
+            return fix if every_row else f"{fix}; or raise data.max_bad_fraction if skipping them is intended"
+    return "repair the data, or raise data.max_bad_fraction if skipping them is intended"

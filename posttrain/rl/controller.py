@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from posttrain.config.preflight import rl_prompt_limit
 from posttrain.config.schema import RecipeConfig
 from posttrain.config.targets import build_target, import_object
 from posttrain.data.sources import load_rows
@@ -102,8 +103,9 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     """Data, reward graph, Ray placement, trainer ranks and rollout workers, and the rooms between."""
     algo, d = cfg.algorithm, cfg.data
     tok = load_tokenizer(cfg.model)
-    train = prompt_records(load_rows(d.train, "data.train"), tok, "data.train", d.max_bad_fraction)
-    held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction) if d.eval else []
+    train = prompt_records(load_rows(d.train, "data.train"), tok, "data.train", d.max_bad_fraction, rl_prompt_limit(cfg))
+    held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction,
+                              rl_prompt_limit(cfg, evaluation=True)) if d.eval else []  # fmt: skip
     agent = build_agent(cfg.rollout.agent, tok, cfg.run.seed, cfg.rollout.engine, run_dir)  # None: single-turn
     graph = build_reward_graph(cfg.reward) if cfg.reward.nodes or not agent else None  # an env may score alone
     scorer = eval_scorer(cfg.eval, d.eval, graph, build_reward_graph)  # eval/accuracy: like the reward

@@ -4,22 +4,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.data.formatting import encode, prompt_text, rl_row_problem
+from posttrain.data.formatting import make_rl_prompt
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import build_examples
 from posttrain.types import PromptRecord
 
 
-def prompt_records(rows: list[dict[str, Any]], tokenizer, key: str, max_bad_fraction: float) -> list[PromptRecord]:
-    """Rows of an RL dataset as prompt records (bad rows skipped and counted, see build_examples)."""
+def prompt_records(
+    rows: list[dict[str, Any]], tokenizer, key: str, max_bad_fraction: float, max_prompt_tokens: int | None = None
+) -> list[PromptRecord]:
+    """Rows of an RL dataset as prompt records (bad rows skipped and counted, see build_examples).
+
+    ``max_prompt_tokens``: the engine's room for a prompt (``preflight.rl_prompt_limit``); longer
+    prompts are bad rows, since the engine would refuse them mid-run.
+    """
 
     def make(row):
-        problem = rl_row_problem(row)
-        if problem:
-            return problem
-        text = prompt_text(tokenizer, row)
+        made = make_rl_prompt(tokenizer, row, max_prompt_tokens)
+        if isinstance(made, str):
+            return made
+        text, ids = made
         fields = {k: v for k, v in row.items() if k not in ("prompt", "messages", "response", "chosen", "rejected")}
-        return PromptRecord(ordinal=-1, text=text, token_ids=encode(tokenizer, text), fields=fields)
+        return PromptRecord(ordinal=-1, text=text, token_ids=ids, fields=fields)
 
     records, _ = build_examples(rows, make, max_bad_fraction, key)
     for i, r in enumerate(records):

@@ -64,6 +64,11 @@ KNOWN_BEFORE_TRAINING = [
         ["rollout.eval_max_tokens", "eval.max_new_tokens"]),
     Row("old key algorithm.eval_max_new_tokens", SFT, ["algorithm.eval_max_new_tokens=6"], 2,
         ["algorithm.eval_max_new_tokens", "eval.max_new_tokens"]),
+    # #28.3: vLLM would cut every completion at max_model_len - prompt, silently
+    Row("max_tokens over max_model_len", GRPO,
+        [*TINY_POLICY, "rollout.sampling.max_tokens=300", "rollout.engine.max_model_len=128"], 2,
+        ["rollout.sampling.max_tokens", "max_model_len=128", "command-line override 'rollout.sampling.max_tokens=300'",
+         "fix: lower rollout.sampling.max_tokens"]),
 ]
 
 
@@ -206,6 +211,38 @@ def test_many_malformed_lines_stop_with_the_reason(run_cli, tmp_path):
     data.write_text('{"prompt": "1+1=", "response": "2"}\nnot json\n[1, 2]\n')
     code, _, err = run_cli("run", SFT, *_data_overrides(data), "--dry-run")
     _check(code, err, Row("", "", [], 3, ["2 of 3 rows are bad", "malformed JSON line", "max_bad_fraction"]))
+
+
+def _rl_data_overrides(path) -> list[str]:
+    return [*TINY_POLICY, "data.train.synthetic=null", "data.train.num_examples=0", f"data.train.path={path}", "data.eval=null"]
+
+
+def test_rl_prompt_over_the_engine_limit_is_skipped_and_counted(run_cli, tmp_path, caplog):
+    """#28.3: a prompt with no room left for max_tokens is a bad row (vLLM would refuse it mid-run)."""
+    rows = [{"prompt": f"{i}+{i}=", "answer": str(2 * i)} for i in range(40)] + [{"prompt": "1+" * 70 + "1=", "answer": "71"}]
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, err = run_cli("run", GRPO, *_rl_data_overrides(data), f"run.output_dir={tmp_path}", "--dry-run")
+    assert code == 0, err
+    assert "skipped 1 of 41 rows" in caplog.text and "prompt over rollout.engine.max_model_len" in caplog.text
+
+
+def test_every_rl_prompt_over_the_engine_limit(run_cli, tmp_path, no_start):
+    data = tmp_path / "rl.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "1+" * 70 + "1=", "answer": "71"}) + "\n" for _ in range(5)))
+    code, _, err = run_cli("run", GRPO, *_rl_data_overrides(data), f"run.output_dir={tmp_path / 'runs'}", *FAST)
+    _check(code, err, Row("", "", [], 3, ["5 of 5 rows are bad", "prompt over rollout.engine.max_model_len",
+                                          "fix: raise rollout.engine.max_model_len"]))
+    assert "max_bad_fraction" not in err.split("fix:")[1]  # skipping every row is no fix
+    assert not no_start
+
+
+def test_every_sft_row_over_max_length_says_raise_max_length(run_cli, tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) + "\n" for i in range(10)))
+    code, _, err = run_cli("run", SFT, *_data_overrides(data), "data.max_length=3", "--dry-run")
+    _check(code, err, Row("", "", [], 3, ["10 of 10 rows are bad", "over max_length", "fix: raise data.max_length"]))
+    assert "max_bad_fraction" not in err.split("fix:")[1]
 
 
 # ---------------------------------------------------------------- output and resume

@@ -66,3 +66,15 @@ def test_sampler_resume_equals_straight_run_across_epochs(split):
     resumed.load_state_dict(first.state_dict())
     assert head + resumed.take(20 - split) == ref
     assert sorted(ref[:5]) == list(range(5)) and ref[:5] != ref[5:10]  # each epoch a new permutation
+
+
+def test_rl_prompts_over_the_engine_room_are_bad_rows():
+    from posttrain.rl.prompts import prompt_records
+
+    tok = build_char_tokenizer()
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "1+" * 20 + "1=", "answer": "21"}, {"prompt": "2+2="}]
+    short = len(prompt_records(rows[:1], tok, "k", 0.0)[0].token_ids)  # "1+1=" in the chat template
+    records = prompt_records(rows, tok, "data.train", max_bad_fraction=0.5, max_prompt_tokens=short)
+    assert [r.fields for r in records] == [{"answer": "2"}, {}] and [r.ordinal for r in records] == [0, 1]
+    assert all(len(r.token_ids) == short for r in records)
+    assert len(prompt_records(rows, tok, "data.train", max_bad_fraction=0.5)) == 3  # no limit: all kept
