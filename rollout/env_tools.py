@@ -13,6 +13,11 @@ stderr>``, one that hangs ``error: timed out after Xs``, one past its memory ``e
 memory``; output past ``max_output_chars`` is cut with ``...[N more chars]`` (a flood). A sandbox
 *harness* fault (SANDBOX_ERROR: not the program's doing) raises, which masks the trajectory.
 
+The observation is escaped (:func:`escape_output`): ``&``, ``<`` and ``>`` become ``&amp;``,
+``&lt;`` and ``&gt;``, and bracketed control words (``[INST]``) lose their ``[``, so a program
+cannot print ``</output>`` to end its own block early, nor ``<|im_end|>`` or another special
+token to end the turn (a tokenizer would read the text as the special token itself).
+
 The final answer (a turn without a tool call) is compared with the row's ``answer_field``: reward
 part ``correct`` (1.0 or 0.0) on that turn; ``tool_error_penalty`` (if non-zero) is a per-turn
 reward part ``tool_error`` on each turn whose program failed.
@@ -69,6 +74,16 @@ def cap(text: str, limit: int) -> str:
     return f"{text[:keep]}...[{len(text) - keep} more chars]"
 
 
+_CONTROL_WORD = re.compile(r"\[(/?[A-Z][A-Z_]+\])")
+
+
+def escape_output(text: str) -> str:
+    """Program output made inert inside ``<output>...</output>``: no tag, no ``<|...|>`` or
+    ``<s>``-style special token, no ``[INST]``-style control word survives as such."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _CONTROL_WORD.sub(r"&#91;\1", text)
+
+
 def observation_of(verdict: Verdict, wall_s: float, max_chars: int) -> tuple[str, bool]:
     """(observation body, program failed) for a sandbox verdict; raises on a harness fault."""
     if verdict.status is Status.SANDBOX_ERROR:
@@ -79,8 +94,9 @@ def observation_of(verdict: Verdict, wall_s: float, max_chars: int) -> tuple[str
         return "error: out of memory", True
     if verdict.status is Status.FAIL:
         lines = [line for line in verdict.stderr.strip().splitlines() if line.strip()]
-        return cap(f"error: {lines[-1] if lines else verdict.detail or 'exited with an error'}", max_chars), True
-    return cap(verdict.stdout.rstrip("\n"), max_chars), False
+        last = lines[-1] if lines else verdict.detail or "exited with an error"
+        return cap(f"error: {escape_output(last)}", max_chars), True
+    return cap(escape_output(verdict.stdout.rstrip("\n")), max_chars), False
 
 
 class CodeToolEnv:

@@ -50,7 +50,9 @@ class _BrokenSandbox:
     def __init__(self) -> None:
         self.calls = 0
 
-    async def arun(self, code: str, tests: list[str] | None = None, io_cases: object = None) -> Verdict:
+    async def arun(
+        self, code: str, tests: list[str] | None = None, io_cases: object = None, **timing: object
+    ) -> Verdict:
         self.calls += 1
         if self.calls % 2:
             return Verdict(Status.SANDBOX_ERROR, 0, 0, detail="slot failed to spawn")
@@ -97,3 +99,37 @@ def test_two_default_nodes_on_one_host_do_not_collide_and_forged_records_score_z
         assert code_node._sandbox.uid_base != other._sandbox.uid_base
     finally:
         other.close()
+
+
+def test_a_batch_of_sleepers_cannot_mask_the_honest_samples_queued_behind_it(group_of) -> None:
+    # 23 programs that hang, then 3 honest ones, on 2 slots of 0.5 s: the queue holds the honest
+    # ones ~6 s, far past the node's timeout. Before: the node's clock ran from the call, so the
+    # honest samples timed out in the queue and were masked (None). Now the clock starts at the slot.
+    if os.geteuid() != 0 or any(shutil.which(t) is None for t in ("bwrap", "prlimit", "setpriv")):
+        pytest.skip("posttrain.sandboxes needs root, bwrap, prlimit and setpriv (run sandboxes/setup.sh)")
+    node = CodeTestsReward(wall_s=0.5, slots=2)
+    try:
+        graph = RewardGraph([RewardNode("tests", node, timeout_s=2.5)], max_failed_fraction=0.0)
+        sleepers = [f"import time\ntime.sleep(60)  # {i}\n" for i in range(23)]
+        honest = [f"def add(a, b):\n    return a + b  # {i}\n" for i in range(3)]
+        [scored], metrics = graph.score_groups_sync(
+            [group_of("write add", sleepers + honest, tests=ADD_TESTS)]
+        )
+        assert scored.rewards == [0.0] * 23 + [1.0] * 3
+        assert metrics["reward/tests/timeout"] == 23.0 and metrics["reward/tests/pass"] == 3.0
+        assert metrics["reward/tests/masked"] == 0.0
+    finally:
+        node.close()
+
+
+def test_no_tests_scores_zero_and_is_counted(code_node: CodeTestsReward, group_of) -> None:
+    graph = RewardGraph([RewardNode("tests", code_node, timeout_s=30)])
+    honest = "def add(a, b):\n    return a + b\n"
+    groups = [
+        group_of("empty", [honest, "not python"], tests=[]),
+        group_of("empty io", [honest], io_cases=[]),
+        group_of("no assert ran", [honest], tests=["def check(c):\n    assert c(1, 2) == 3"]),
+    ]
+    scored, metrics = graph.score_groups_sync(groups)
+    assert [g.rewards for g in scored] == [[0.0, 0.0], [0.0], [0.0]]
+    assert metrics["reward/tests/no_tests"] == 4.0 and metrics["reward/tests/pass"] == 0.0

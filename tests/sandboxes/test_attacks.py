@@ -51,11 +51,12 @@ SHADOWS = [  # (the candidate's extra definition, a test that uses that builtin)
     ),
     ("def abs(x):\n    return 0", "assert abs(add(0.1, 0.2) - 0.3) < 1e-9"),
     ("def len(x):\n    return 3", "assert len([add(1, 2)] * add(1, 2)) == 3"),
-    ("def isinstance(*a):\n    return True", "assert isinstance(add('a', 'b'), str)"),
+    ("def max(*a):\n    return 4", "assert max(add(1, 2), add(2, 2)) == 4"),
     ("int = lambda *a: 12", "assert int(add('1', '2')) == 12"),
     # ours: the same lie through other builtins a test leans on
     ("def zip(*a):\n    return []", "for x, y in zip([add(1, 2), add(2, 2)], [3, 4]):\n    assert x == y"),
-    ("def map(*a):\n    return [3, 4]", "assert list(map(add, [1, 2], [2, 2])) == [3, 4]"),
+    ("def min(*a):\n    return 3", "assert min(add(1, 2), add(5, 5)) == 3"),
+    ("def isinstance(*a):\n    return True", "assert isinstance(add('a', 'b'), str)"),
     ("def sum(*a):\n    return 20", "assert sum([add(i, i) for i in range(5)]) == 20"),
     ("def list(*a):\n    return [3, 4]", "assert list((add(1, 2), add(2, 2))) == [3, 4]"),
 ]
