@@ -44,17 +44,26 @@ from posttrain.kernels.launch import (
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}
 
 
+# Shared memory per block on H100/H200 (227 KB), and what a config leaves free under our estimate
+# for what it does not count: mbarriers, alignment padding, layout-conversion scratch.
+SMEM_LIMIT_BYTES = 232448
+SMEM_MARGIN_BYTES = 4096
+
+
 def _fwd_configs() -> list[triton.Config]:
+    # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), largest first: the single-config mode takes the
+    # first survivor of the pruning. The last two fit float32 (tf32) operands at any row count.
     shapes = [
-        (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
-        (128, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (128, 64, 64, 4, 4),
         (64, 64, 64, 4, 4),
         (32, 128, 128, 4, 4),
         (16, 128, 128, 4, 4),
         (16, 64, 256, 4, 3),
+        (64, 64, 32, 4, 3),
+        (32, 64, 32, 4, 3),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -63,25 +72,67 @@ def _fwd_configs() -> list[triton.Config]:
 
 
 def _wgrad_configs() -> list[triton.Config]:
-    shapes = [(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 64, 64, 4, 4), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3)]
+    shapes = [
+        (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (64, 64, 128, 4, 3),
+        (32, 64, 64, 4, 4),
+        (32, 64, 32, 4, 3),
+    ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_N": 4}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in shapes
     ]
 
 
-def prune_by_rows(configs: list, named_args: dict, **kwargs: object) -> list:
-    """Drop configs whose BLOCK_M is far above the average rows per group (wasted MMA rows).
+def smem_estimate(config: triton.Config, in_bytes: int, out_bytes: int, wgrad: bool = False) -> int:
+    """Shared memory (bytes) a config needs: its pipeline buffers plus one output tile.
 
-    ``M_BUCKET`` (next power of two of the rows) and ``G`` are autotune keys, so the pruned set is
-    fixed per key. Always keeps at least the configs with the smallest BLOCK_M.
+    The pipeliner keeps ``num_stages`` copies of both operand tiles; the epilogue stages an output
+    tile (the TMA store's source, or a layout conversion before the pointer store / atomics). The
+    forward's operand tiles are A [BM, BK] and B [BK, BN], output [BM, BN]; the weight gradient
+    reduces over BLOCK_M: dyᵀ [BN, BM] and x [BM, BK], output [BN, BK].
     """
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    if wgrad:
+        operands, out_tile = bn * bm + bm * bk, bn * bk
+    else:
+        operands, out_tile = bm * bk + bk * bn, bm * bn
+    return config.num_stages * operands * in_bytes + out_tile * out_bytes
+
+
+def _prune(configs: list, named_args: dict, in_ptr: str, out_ptr: str, wgrad: bool) -> list:
+    """Configs that fit shared memory for these dtypes, then those with BLOCK_M near the rows per group.
+
+    Shared memory: ``smem_estimate`` must stay ``SMEM_MARGIN_BYTES`` under ``SMEM_LIMIT_BYTES``
+    (float32 operands double the tiles of bf16 ones). Rows: BLOCK_M far above the average rows
+    per group wastes MMA rows; ``M_BUCKET`` (next power of two of the rows) and ``G`` are autotune
+    keys, so the pruned set is fixed per key. Keeps the fitting configs with the smallest BLOCK_M
+    when none is small enough.
+    """
+    in_bytes = named_args[in_ptr].element_size()
+    out_bytes = named_args[out_ptr].element_size()
+    budget = SMEM_LIMIT_BYTES - SMEM_MARGIN_BYTES
+    fits = [c for c in configs if smem_estimate(c, in_bytes, out_bytes, wgrad) <= budget]
+    if not fits:
+        raise ValueError(f"grouped_gemm: no autotune config fits {budget} bytes of shared memory")
     avg_rows = max(16, int(named_args["M_BUCKET"]) // max(1, int(named_args["G"])))
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= 2 * avg_rows]
+    keep = [c for c in fits if c.kwargs["BLOCK_M"] <= 2 * avg_rows]
     if keep:
         return keep
-    smallest = min(c.kwargs["BLOCK_M"] for c in configs)
-    return [c for c in configs if c.kwargs["BLOCK_M"] == smallest]
+    smallest = min(c.kwargs["BLOCK_M"] for c in fits)
+    return [c for c in fits if c.kwargs["BLOCK_M"] == smallest]
+
+
+def prune_fwd(configs: list, named_args: dict, **kwargs: object) -> list:
+    """Early-config prune of the forward / dX kernel (see :func:`_prune`)."""
+    return _prune(configs, named_args, "x_ptr", "out_ptr", wgrad=False)
+
+
+def prune_wgrad(configs: list, named_args: dict, **kwargs: object) -> list:
+    """Early-config prune of the dW kernel (see :func:`_prune`)."""
+    return _prune(configs, named_args, "x_ptr", "dw_ptr", wgrad=True)
 
 
 def _grouped_gemm_kernel(
@@ -347,8 +398,8 @@ _FWD_KEY = ("N", "K", "G", "M_BUCKET", "USE_TMA", "B_N_CONTIGUOUS", "A_GATHER", 
 _WGRAD_KEY = ("N", "K", "G", "M_BUCKET", "USE_TMA", "X_GATHER", "DY_GATHER", "DY_SCALE")
 # The forward accumulates into ``out`` when SCATTER (atomics): the autotuner restores it after each
 # benchmark launch. Plain launches overwrite ``out``; the restore then only costs a copy while tuning.
-_FWD = LazyKernel(_grouped_gemm_kernel, _fwd_configs, _FWD_KEY, prune_by_rows, restore_value=["out_ptr"])
-_WGRAD = LazyKernel(_wgrad_kernel, _wgrad_configs, _WGRAD_KEY, prune_by_rows)
+_FWD = LazyKernel(_grouped_gemm_kernel, _fwd_configs, _FWD_KEY, prune_fwd, restore_value=["out_ptr"])
+_WGRAD = LazyKernel(_wgrad_kernel, _wgrad_configs, _WGRAD_KEY, prune_wgrad)
 
 
 def _dot_flags(dtype: torch.dtype) -> dict[str, object]:

@@ -138,3 +138,34 @@ def test_autotuning_a_scatter_launch_leaves_the_output_as_one_launch_would() -> 
     want = torch.zeros(tokens, n_out).index_add_(0, c_idx.long(), rows_out)
     # Without the restore: 1 + 2 configs x 2 benchmark launches = 5x the truth.
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+SMEM_PER_BLOCK = 232448  # H100 / H200, bytes
+
+
+def _smem_needed(config: object, in_bytes: int, out_bytes: int, wgrad: bool) -> int:
+    """The issue's estimate: stages x (both operand tiles) x element size, plus the output tile."""
+    bm, bn, bk = (config.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    operands, out_tile = (bn * bm + bm * bk, bn * bk) if wgrad else (bm * bk + bk * bn, bm * bn)
+    return config.num_stages * operands * in_bytes + out_tile * out_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m_bucket", [1, 16, 64, 256, 1024, 4096, 16384, 131072])
+@pytest.mark.parametrize("groups", [1, 8, 64, 256])
+def test_every_pruned_config_fits_shared_memory(dtype: torch.dtype, m_bucket: int, groups: int) -> None:
+    """For each dtype and (M_BUCKET, G) key the pruning keeps configs, all within the H100's 227 KB."""
+    operand = torch.empty(0, dtype=dtype)
+    fp32 = torch.empty(0, dtype=torch.float32)
+    key = {"M_BUCKET": m_bucket, "G": groups}
+    cases = {  # kernel, named arguments the pruning sees, output tensor, weight-gradient tiling
+        "forward": (grouped_gemm._FWD, {"x_ptr": operand, "out_ptr": operand}, operand, False),
+        "forward_scatter": (grouped_gemm._FWD, {"x_ptr": operand, "out_ptr": fp32}, fp32, False),
+        "wgrad": (grouped_gemm._WGRAD, {"x_ptr": operand, "dw_ptr": operand}, operand, True),
+    }
+    for name, (kernel, tensors, out, wgrad) in cases.items():
+        kept = kernel._prune(kernel._autotune_configs(), {**tensors, **key})
+        assert kept, name
+        for config in kept:
+            need = _smem_needed(config, dtype.itemsize, out.element_size(), wgrad)
+            assert need <= SMEM_PER_BLOCK - 2048, f"{name} {config}: {need} bytes"
