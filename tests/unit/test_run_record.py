@@ -153,3 +153,15 @@ def test_plot_without_metrics_says_no_metrics_yet(run_cli, tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     code, _, err = run_cli("plot", str(tmp_path))
     assert code == 1 and "no metrics yet" in err  # today: ZeroDivisionError
+
+
+def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path):
+    from posttrain.metrics import LoggingConfig, MetricsLogger
+
+    ids = []
+    for step in (1, 2):  # the first start, then a resume in the same run directory
+        log = MetricsLogger(str(tmp_path), LoggingConfig(), 2, {"x": 1})
+        log.log(step, {"loss": 1.0 / step})
+        ids.append(log._wandb.id)
+        log.close()
+    assert ids[0] == ids[1] == (tmp_path / "wandb_id").read_text()  # before: a new random id each start
