@@ -13,12 +13,13 @@ Usage::
         v = sb.run("print(int(input()) * 2)", io_cases=[("21\\n", "42\\n")])
         # from async code (e.g. a reward node):  v = await sb.arun(code, tests=[...])
 
-Verdicts: PASS / FAIL / TIMEOUT / OOM / SANDBOX_ERROR, decided by the trusted parent.
+Verdicts: PASS / FAIL / TIMEOUT / OOM / NO_TESTS / SANDBOX_ERROR, decided by the trusted parent
+(NO_TESTS: an empty test list, or no assertion ran; it scores 0).
 SANDBOX_ERROR means the harness failed, not the program (a program cannot cause it): mask it (do
 not score it) and count it (``Sandbox.counts``). Statement tests run in a process of their own and
 reach the candidate only through a plain-data channel; the design, threat model and comparison
 policy are in sandboxes/README.md. Isolation layers, per slot: its own unprivileged host uid (setpriv), leased per
-host so two Sandboxes never share one, bwrap namespaces with a user namespace, read-only /usr and a size-capped tmpfs workdir, no host
+host so two Sandboxes never share one, bwrap namespaces with a user namespace, read-only binds of the interpreter's own tree of /usr and a size-capped tmpfs workdir, no host
 environment, a libseccomp filter, prlimit rlimits, a memory+pids+cpu-quota cgroup, read-only /dev, a hard wall-clock kill
 and parent-enforced output caps. Start-up runs an escape canary and refuses to serve if a probe
 gets through. Scoring rules against reward hacks: see ``posttrain.sandboxes.judge``.

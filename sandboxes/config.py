@@ -13,7 +13,7 @@ class Layer(str, enum.Enum):
 
     UID = "uid"  # setpriv --reuid: one unprivileged host uid per slot (RLIMIT_NPROC is void for uid 0)
     USERNS = "userns"  # bwrap --unshare-user --disable-userns (root bwrap without it can remount /usr rw)
-    NAMESPACES = "namespaces"  # bwrap mount/pid/ipc/uts/cgroup namespaces, ro /usr, tmpfs workdir
+    NAMESPACES = "namespaces"  # bwrap mount/pid/ipc/uts/cgroup ns, ro interpreter tree of /usr, tmpfs workdir
     RLIMITS = "rlimits"  # prlimit: address space, cpu, nproc, fsize, nofile
     NETNS = "netns"  # bwrap --unshare-net (no host network)
     SECCOMP = "seccomp"  # libseccomp filter: no non-unix sockets, ptrace, mount, unshare, bpf, ...
@@ -28,8 +28,8 @@ class Limits:
     """Resource limits of one run (all processes of the run together unless stated).
 
     wall_s: hard wall clock, then the whole process group and cgroup are killed (-> TIMEOUT).
-    cpu_s: RLIMIT_CPU per process (-> TIMEOUT). memory_mb: cgroup memory limit and RLIMIT_AS per
-    process (-> OOM). nproc: RLIMIT_NPROC of the slot uid and the cgroup pids limit.
+    cpu_s: RLIMIT_CPU per process (-> TIMEOUT). memory_mb: cgroup memory limit (its OOM kill -> OOM)
+    and, at twice the value, RLIMIT_AS per process (a backstop: the program's own MemoryError). nproc: RLIMIT_NPROC of the slot uid and the cgroup pids limit.
     file_size_mb: RLIMIT_FSIZE and the cap on everything the run can write: the tmpfs /tmp gets
     3/4 of it and the tmpfs /dev/shm 1/4 (the rest of /dev is read-only). open_files: RLIMIT_NOFILE.
     output_bytes: cap on captured stdout and stderr, each, enforced by the runner and the parent.
@@ -79,7 +79,8 @@ class SandboxConfig:
     disabled; the missing layers are reported in `Sandbox.missing_layers` and logged. Required
     layers (uid, userns, namespaces, rlimits) can never be weakened.
     disabled_layers: optional layers to switch off on purpose (diagnostics, tests of the canary).
-    python: interpreter run inside the sandbox; it must live under /usr (only /usr is bound).
+    python: interpreter run inside the sandbox; it must live under /usr (only its own tree of /usr is
+    bound: executable, standard library, linked shared libraries).
     """
 
     limits: Limits = Limits()
