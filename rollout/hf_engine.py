@@ -17,6 +17,7 @@ import torch
 
 from posttrain.sync.collective import receive_version
 from posttrain.sync.group import GroupInfo, UpdateGroup
+from posttrain.sync.group import join as join_group
 from posttrain.types import Completion, Group, PromptRecord
 from posttrain.weight_sync import WeightBucket, WeightSyncError
 
@@ -218,7 +219,7 @@ class HFEngine:
         """Join the model-update group at ``rank_offset`` (one rank: no tensor parallelism)."""
         if self._group is not None:
             self._group.close()
-        self._group = UpdateGroup(info, rank_offset)
+        self._group = join_group(info, rank_offset)
 
     @torch.no_grad()
     def receive_weights(self, version: int, restore: bool = False) -> LoadReport:

@@ -40,6 +40,7 @@ from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from posttrain.sync.collective import receive_version
 from posttrain.sync.group import GroupInfo, UpdateGroup
+from posttrain.sync.group import join as join_group
 from posttrain.weight_sync import WeightBucket
 
 from .adapter_merge import AdapterMerger, CheckpointBase
@@ -93,7 +94,7 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
             self.group.close()
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        self.group = UpdateGroup(init_info.group, init_info.rank_offset + get_tensor_model_parallel_rank())
+        self.group = join_group(init_info.group, init_info.rank_offset + get_tensor_model_parallel_rank())
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

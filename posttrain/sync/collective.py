@@ -17,6 +17,13 @@ carrying the tensor count, which the receiver turns into the last (empty) bucket
 
 A receiver whose check fails keeps receiving (without loading) until END and then raises, so
 the sender never blocks on a receiver that gave up.
+
+Devices and streams (``posttrain.sync.device``; no-ops on CPU): the receiving thread first makes
+the device captured at join current (the current device is per thread), and receives on a
+stream of its own. Each payload is handed to the loader with an event recorded on that stream,
+which the loader's stream waits on before it reads a byte. After the loader returns, an event
+recorded on its stream fences the pooled buffer: the receiving stream waits on it before the
+buffer is written again, so queued reads of the previous bucket never see the next one.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from posttrain.sync.device import Device, Event
 from posttrain.sync.group import UpdateGroup
 from posttrain.weight_sync import (
     TensorMeta,
@@ -68,23 +76,36 @@ class BufferPool:
     ``capacity`` (a tensor bigger than a bucket) gets a fresh buffer that is not kept.
     """
 
-    def __init__(self, device: torch.device, capacity: int, size: int = 2) -> None:
+    def __init__(self, device: Device, capacity: int, size: int = 2,
+                 alloc: Callable[[int], torch.Tensor] | None = None) -> None:  # fmt: skip
         self.device, self.capacity, self.size = device, _aligned(capacity), size
+        self._alloc = alloc if alloc is not None else device.empty  # ipc senders: exportable memory
         self._buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count with no views)
+        self._fences: dict[int, Event] = {}  # buffer address -> event after its last reader
+
+    def fence(self, payload: torch.Tensor, event: Event) -> None:
+        """``payload`` (a buffer of this pool, or a view at its start) was read by work before
+        ``event``: the buffer is written again only after a stream waited on it."""
+        for buffer, _ in self._buffers:
+            if buffer.data_ptr() == payload.data_ptr():
+                self._fences[buffer.data_ptr()] = event
 
     @property
     def bytes(self) -> int:
         """Bytes held by the pool between versions."""
         return sum(b.numel() for b, _ in self._buffers)
 
-    def take(self, nbytes: int) -> torch.Tensor:
-        """A ``uint8`` tensor of ``nbytes`` (contents undefined)."""
+    def take(self, nbytes: int, stream: object = None) -> torch.Tensor:
+        """A ``uint8`` tensor of ``nbytes`` (contents undefined), to be written on ``stream``."""
         if nbytes > self.capacity:
-            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            return self._alloc(nbytes)
         for buffer, idle in self._buffers:
             if idle >= 0 and _use_count(buffer) == idle:
+                fence = self._fences.pop(buffer.data_ptr(), None)
+                if fence is not None:  # the last reader's queued work comes before this write
+                    fence.wait(stream)
                 return buffer[:nbytes]
-        buffer = torch.empty(self.capacity, dtype=torch.uint8, device=self.device)
+        buffer = self._alloc(self.capacity)
         if len(self._buffers) < self.size:
             self._buffers.append((buffer, _use_count(buffer)))
         return buffer[:nbytes]
@@ -125,6 +146,7 @@ class CollectiveSender:
         self.bucket_bytes, self.wire_dtype = bucket_bytes, wire_dtype
         self.last_version: int | None = None
         self.pool: BufferPool | None = None  # two payload buffers, kept from version to version
+        self.pool_owner: object = None  # the group the pool's buffers were made for
 
     def send(
         self, group: UpdateGroup | None, tensors: Iterable[tuple[str, torch.Tensor]], version: int, restore: bool = False
@@ -172,8 +194,10 @@ class _Packer:
     def __init__(self, sender: CollectiveSender, group: UpdateGroup | None, version: int) -> None:
         self.sender, self.group, self.version = sender, group, version
         self.stats = SendStats(version)
-        if group is not None and (sender.pool is None or sender.pool.device != group.device):
-            sender.pool = BufferPool(group.device, sender.bucket_bytes)
+        if group is not None and (sender.pool is None or sender.pool.device != group.device or sender.pool_owner is not group):
+            # ipc: buffers the receiver can map (a shared-memory file on CPU), from the group
+            sender.pool = BufferPool(group.device, sender.bucket_bytes, alloc=getattr(group, "empty", None))
+            sender.pool_owner = group
         self.pool = sender.pool
         self.payload: torch.Tensor | None = None
         self.metas: list[TensorMeta] = []
@@ -214,7 +238,7 @@ class _Packer:
 
     def _header(self, kind: int, header: dict, payload_bytes: int) -> None:
         data = json.dumps(header).encode()
-        device = self.group.device
+        device = self.group.device.torch_device
         self.group.broadcast(torch.tensor([kind, len(data), payload_bytes], dtype=torch.int64, device=device))
         self.group.broadcast(_bytes_tensor(data, device))
 
@@ -256,25 +280,33 @@ def receive_version(
     ``{}`` kept from version to version; payloads are received into a :class:`BufferPool` there
     (sized by the sender's bucket capacity) instead of fresh buffers."""
     slots = threading.Semaphore(2)  # payloads alive on this receiver
-    arrived: queue.Queue[WeightBucket | BaseException] = queue.Queue()
-    receiver = threading.Thread(target=_receive_all, args=(group, pools, slots, arrived), daemon=True,
+    arrived: queue.Queue[tuple[WeightBucket, Event, BufferPool | None] | BaseException] = queue.Queue()
+    device: Device = group.device
+    consumer = device.current_stream()  # the loader's stream (vLLM's, in this thread)
+    receiver = threading.Thread(target=_receive_all, args=(group, pools, slots, arrived, consumer), daemon=True,
                                 name="posttrain-receive-version")  # fmt: skip
     receiver.start()
     error: BaseException | None = None
     count = 0
     try:
         while True:
-            bucket = arrived.get()
-            if isinstance(bucket, BaseException):  # the transport failed: nothing more will arrive
-                raise bucket
+            item = arrived.get()
+            if isinstance(item, BaseException):  # the transport failed: nothing more will arrive
+                raise item
+            bucket, ready, pool = item
             count += 1
+            ready.wait(consumer)  # the payload landed (on the receiving stream) before we read it
             if error is None:
                 try:
                     on_bucket(bucket)
                 except BaseException as err:  # keep the sender unblocked: drain to END, then raise
                     error = err
+            if pool is not None:  # the loader's queued reads of this buffer come before its next write
+                done = device.new_event()
+                done.record(consumer)
+                pool.fence(bucket.payload, done)
             is_last = bucket.is_last
-            del bucket  # the payload's views go before its slot does
+            del bucket, item  # the payload's views go before its slot does
             slots.release()
             if is_last:
                 break
@@ -286,33 +318,44 @@ def receive_version(
 
 
 def _receive_all(group: UpdateGroup, pools: dict[str, BufferPool] | None, slots: threading.Semaphore,
-                 arrived: queue.Queue) -> None:  # fmt: skip
-    """The receiving thread of :func:`receive_version`: every message of one version, in order."""
-    device = group.device
+                 arrived: queue.Queue, consumer: object) -> None:  # fmt: skip
+    """The receiving thread of :func:`receive_version`: every message of one version, in order,
+    on the device captured at join (made current here: a new thread has its own) and a stream
+    of its own."""
+    device: Device = group.device
     try:
-        while True:
-            head = torch.zeros(3, dtype=torch.int64, device=device)
-            group.broadcast(head)
-            kind, header_len, payload_len = (int(x) for x in head.tolist())
-            raw = torch.empty(header_len, dtype=torch.uint8, device=device)
-            group.broadcast(raw)
-            header = json.loads(bytes(raw.cpu().numpy()))
-            slots.acquire()
-            if kind == _END:
-                arrived.put(WeightBucket(header["version"], header["index"], [], torch.empty(0, dtype=torch.uint8),
-                                         is_last=True, total_tensors=header["total_tensors"]))  # fmt: skip
-                return
-            capacity = header.get("capacity", 0)
-            if pools is not None and capacity:
-                pool = pools.get("payload")
-                if pool is None or pool.capacity != capacity or pool.device != device:
-                    pool = pools["payload"] = BufferPool(device, capacity)
-                payload = pool.take(payload_len)
-            else:
-                payload = torch.empty(payload_len, dtype=torch.uint8, device=device)
-            group.broadcast(payload)
-            metas = [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in header["metas"]]
-            arrived.put(WeightBucket(header["version"], header["index"], metas, payload, fingerprint=header["fingerprint"]))
-            del payload
+        device.make_current()
+        comm = device.new_stream()
+        with device.use_stream(comm):
+            while True:
+                head = torch.zeros(3, dtype=torch.int64, device=device.torch_device)
+                group.broadcast(head)
+                kind, header_len, payload_len = (int(x) for x in head.tolist())
+                raw = torch.empty(header_len, dtype=torch.uint8, device=device.torch_device)
+                group.broadcast(raw)
+                header = json.loads(bytes(raw.cpu().numpy()))
+                slots.acquire()
+                if kind == _END:
+                    end = WeightBucket(header["version"], header["index"], [], torch.empty(0, dtype=torch.uint8),
+                                       is_last=True, total_tensors=header["total_tensors"])  # fmt: skip
+                    arrived.put((end, device.new_event(), None))
+                    return
+                capacity = header.get("capacity", 0)
+                pool = None
+                if pools is not None and capacity:
+                    pool = pools.get("payload")
+                    if pool is None or pool.capacity != capacity or pool.device != device:
+                        pool = pools["payload"] = BufferPool(device, capacity)
+                    payload = pool.take(payload_len, comm)
+                else:
+                    payload = device.empty(payload_len)
+                    device.keep_for(payload, consumer)  # freed by the loader's thread, read on its stream
+                group.broadcast(payload)
+                ready = device.new_event()
+                ready.record(comm)
+                metas = [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in header["metas"]]
+                bucket = WeightBucket(header["version"], header["index"], metas, payload, fingerprint=header["fingerprint"])
+                arrived.put((bucket, ready, pool if pool is not None and payload_len <= pool.capacity else None))
+                del payload, bucket
     except BaseException as err:
         arrived.put(err)

@@ -1,8 +1,11 @@
 """The collective weight path on real gloo process groups (no Ray, no vLLM): a sender and two
-receivers in spawned processes, checked with the same WeightUpdateSession as the object store."""
+receivers in spawned processes, checked with the same WeightUpdateSession as the object store.
+The contract tests also run over ``ipc`` (posttrain/sync/ipc.py: shared-memory handles on CPU,
+the code path of CUDA IPC), which must pass exactly what gloo passes."""
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 
 import pytest
@@ -10,7 +13,8 @@ import torch
 from posttrain.rollout.weight_receiver import ParamManifest, WeightUpdateSession
 
 from posttrain.sync.collective import CollectiveSender, receive_version
-from posttrain.sync.group import UpdateGroup, UpdateStore
+from posttrain.sync.device import Device
+from posttrain.sync.group import UpdateStore, join
 from posttrain.weight_sync import WeightSender, WeightSyncError
 
 
@@ -28,7 +32,7 @@ def _state(seed: int) -> dict[str, torch.Tensor]:
 def _receiver(info, rank, wire, corrupt, queue) -> None:
     torch.set_num_threads(1)
     manifest = ParamManifest({n: _spec(t, wire) for n, t in _state(0).items()})
-    group = UpdateGroup(info, rank)
+    group = join(info, rank)
     got: dict[str, torch.Tensor] = {}
     session = WeightUpdateSession(manifest, 0, 1)
 
@@ -41,9 +45,21 @@ def _receiver(info, rank, wire, corrupt, queue) -> None:
     try:
         receive_version(group, on_bucket)
         session.finish()
-        queue.put((rank, {n: t for n, t in got.items()}, session.digest, None))
+        # by value (torch.save bytes): a tensor on an mp queue travels as a file descriptor that
+        # needs this process alive until the parent reads it
+        queue.put((rank, _to_bytes(got), session.digest, None))
     except WeightSyncError as err:
         queue.put((rank, {}, None, str(err)))
+
+
+def _to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def _from_bytes(data: bytes | dict) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(data)) if isinstance(data, bytes) else data
 
 
 def _spec(t, wire):
@@ -52,27 +68,29 @@ def _spec(t, wire):
     return ParamSpec(wire or t.dtype, tuple(t.shape))
 
 
-def _run(wire: torch.dtype | None, corrupt: bool = False, bucket_bytes: int = 16 << 10):
+def _run(wire: torch.dtype | None, corrupt: bool = False, bucket_bytes: int = 16 << 10, backend: str = "gloo"):
     ctx = mp.get_context("spawn")
     store = UpdateStore("127.0.0.1", timeout_s=60)
-    info = store.next_group(world_size=3, backend="gloo", timeout_s=60)
+    info = store.next_group(world_size=3, backend=backend, timeout_s=60)
     queue = ctx.Queue()
     procs = [ctx.Process(target=_receiver, args=(info, r, wire, corrupt and r == 2, queue)) for r in (1, 2)]
     for p in procs:
         p.start()
-    group = UpdateGroup(info, 0)
+    group = join(info, 0)
     stats = CollectiveSender(bucket_bytes, wire).send(group, _state(0).items(), version=1)
     out = {}
     for _ in procs:
         rank, tensors, digest, err = queue.get(timeout=60)
-        out[rank] = (tensors, digest, err)
+        out[rank] = (_from_bytes(tensors), digest, err)
     for p in procs:
         p.join(timeout=30)
+    stats.handles = getattr(group, "handles", 0)  # ipc: payloads handed over as shared-memory handles
     return stats, out
 
 
-def test_two_receivers_get_every_tensor_exactly_and_the_same_digest():
-    stats, out = _run(wire=None)
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_two_receivers_get_every_tensor_exactly_and_the_same_digest(backend):
+    stats, out = _run(wire=None, backend=backend)
     want = _state(0)
     for rank in (1, 2):
         tensors, digest, err = out[rank]
@@ -85,6 +103,8 @@ def test_two_receivers_get_every_tensor_exactly_and_the_same_digest():
     # at most two buckets alive: the open one and the one in flight (the big tensor is its own bucket)
     big = 300 * 300 * 4
     assert stats.peak_bytes <= 2 * max(16 << 10, big) + big
+    if backend == "ipc":  # payloads of >= 4 KiB go by handle: [embed, layers.0.*] and [layers.1.w]; [head] (2 KiB) inline
+        assert stats.num_buckets == 3 and stats.handles == 2
 
 
 def test_fp32_sender_feeds_a_bf16_receiver():
@@ -95,8 +115,9 @@ def test_fp32_sender_feeds_a_bf16_receiver():
         assert tensors[name].dtype == torch.bfloat16 and torch.equal(tensors[name], t.to(torch.bfloat16))
 
 
-def test_a_corrupted_bucket_is_refused_and_the_sender_is_not_left_hanging():
-    stats, out = _run(wire=None, corrupt=True)
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_a_corrupted_bucket_is_refused_and_the_sender_is_not_left_hanging(backend):
+    stats, out = _run(wire=None, corrupt=True, backend=backend)
     assert out[2][2] is not None and "bucket 1" in out[2][2] and "corrupted" in out[2][2]
     assert out[1][2] is None  # the other receiver got the whole version
 
@@ -121,7 +142,7 @@ def test_versions_must_increase_unless_restoring():
 def test_buffer_pool_reuses_a_buffer_only_once_nothing_holds_a_view():
     from posttrain.sync.collective import BufferPool
 
-    pool = BufferPool(torch.device("cpu"), capacity=1000, size=2)
+    pool = BufferPool(Device(torch.device("cpu")), capacity=1000, size=2)
     a = pool.take(640)
     view = a[64:128].view(torch.float32)  # an engine keeping a view of the bucket
     del a
@@ -140,7 +161,7 @@ def test_buffer_pool_reuses_a_buffer_only_once_nothing_holds_a_view():
 
 def _holding_receiver(info, queue) -> None:
     torch.set_num_threads(1)
-    group = UpdateGroup(info, 1)
+    group = join(info, 1)
     pools: dict = {}
     held: dict[str, torch.Tensor] = {}  # views of EVERY bucket until the version ends (vLLM's layerwise reload may)
     receive_version(group, lambda bucket: held.update(bucket.tensors()), pools)
@@ -158,14 +179,15 @@ def _holding_receiver(info, queue) -> None:
     queue.put((first, second, sum(pooled), len(pooled)))
 
 
-def test_reused_receive_buffers_never_overwrite_a_bucket_still_held():
+@pytest.mark.parametrize("backend", ["gloo", "ipc"])
+def test_reused_receive_buffers_never_overwrite_a_bucket_still_held(backend):
     ctx = mp.get_context("spawn")
     store = UpdateStore("127.0.0.1", timeout_s=60)
-    info = store.next_group(world_size=2, backend="gloo", timeout_s=60)
+    info = store.next_group(world_size=2, backend=backend, timeout_s=60)
     queue = ctx.Queue()
     proc = ctx.Process(target=_holding_receiver, args=(info, queue))
     proc.start()
-    group = UpdateGroup(info, 0)
+    group = join(info, 0)
     sender = CollectiveSender(8 << 10)  # buckets: [embed] [layers.0.*] [layers.1.w: oversized] [head]
     first = sender.send(group, _state(0).items(), version=1)
     sender.send(group, _state(1).items(), version=2)
