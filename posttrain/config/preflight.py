@@ -2,8 +2,9 @@
 
 The loader checks the recipe itself (keys, types, ranges, consistency). These check what the
 recipe points at: the output directory can be written, the model path holds weights and a
-tokenizer, every reward function imports, the data files load (bad rows counted against
-``data.max_bad_fraction``). Each failure is one ``PosttrainError`` naming the key, where it was
+tokenizer, the rollout engine can serve the model and fit a completion in its context
+(:mod:`posttrain.config.engine_support`), every reward function imports, the data files load
+(bad rows counted against ``data.max_bad_fraction``). Each failure is one ``PosttrainError`` naming the key, where it was
 set, and the fix.
 """
 
@@ -13,6 +14,7 @@ import dataclasses
 import os
 from typing import Any
 
+from posttrain.config.engine_support import check_engine_serves
 from posttrain.config.errors import ConfigError
 
 
@@ -140,5 +142,7 @@ def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
     check_output_dir(cfg.run.output_dir, cfg.run.name, key_source("run.output_dir", recipe, overrides))
     check_engine_limits(cfg, recipe, overrides)
     tokenizer = load_tokenizer(cfg.model)  # model.path: exists, config.json, weights, tokenizer
+    if cfg.rollout is not None:  # the rollout engine serves this model (architecture, head size, dtype)
+        check_engine_serves(cfg.model, cfg.rollout.engine, engine_setting(cfg.rollout.engine, "dtype"))
     check_reward_functions(cfg.reward, recipe, overrides)
     check_data(cfg, tokenizer)

@@ -64,6 +64,10 @@ KNOWN_BEFORE_TRAINING = [
         ["rollout.eval_max_tokens", "eval.max_new_tokens"]),
     Row("old key algorithm.eval_max_new_tokens", SFT, ["algorithm.eval_max_new_tokens=6"], 2,
         ["algorithm.eval_max_new_tokens", "eval.max_new_tokens"]),
+    # #27.6: vLLM-cpu has no head-size-16 attention kernel; the rollout worker died at its first generate
+    Row("head size the engine cannot serve", GRPO,
+        ["model.factory={arch:qwen3_moe,hidden_size:64,num_heads:4,num_kv_heads:2}"], 4,
+        ["model.factory: attention head size 16", "vLLM-cpu", "fix: change model.factory.num_heads"]),
     # #28.3: vLLM would cut every completion at max_model_len - prompt, silently
     Row("max_tokens over max_model_len", GRPO,
         [*TINY_POLICY, "rollout.sampling.max_tokens=300", "rollout.engine.max_model_len=128"], 2,
@@ -145,6 +149,22 @@ def test_model_path_without_weights_or_tokenizer(remove, needle, tiny_export, ru
     for extra in (["--dry-run"], FAST):
         code, _, err = run_cli("run", GRPO, f"model.path={tiny_export}", f"run.output_dir={tmp_path / 'runs'}", *extra)
         _check(code, err, Row("", GRPO, [], 4, [needle, "fix:"]))
+    assert not no_start and not (tmp_path / "runs").exists()
+
+
+def test_shipped_moe_model_is_served_by_the_rl_engine(run_cli, tmp_path):
+    """#27.6: the README's MoE model passes the engine check (it has 2 heads of 32, not 4 of 16)."""
+    code, out, err = run_cli("run", GRPO, "+model=tiny_qwen3_moe", "model.path=null", f"run.output_dir={tmp_path}", "--dry-run")
+    assert code == 0, err
+    assert "arch: qwen3_moe" in out and "num_heads: 2" in out
+
+
+def test_checkpoint_architecture_the_engine_cannot_serve(tiny_export, run_cli, tmp_path, no_start):
+    config = json.loads((tiny_export / "config.json").read_text())
+    (tiny_export / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    for extra in (["--dry-run"], FAST):
+        code, _, err = run_cli("run", GRPO, f"model.path={tiny_export}", f"run.output_dir={tmp_path / 'runs'}", *extra)
+        _check(code, err, Row("", GRPO, [], 4, ["NoSuchModelForCausalLM", "model registry", "fix:", "HFEngineConfig"]))
     assert not no_start and not (tmp_path / "runs").exists()
 
 
