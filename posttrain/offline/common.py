@@ -6,10 +6,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
-from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.data.formatting import encode, prompt_text
+from posttrain.engine.head_logprobs import model_logprobs
 
 Batch = dict[str, torch.Tensor]
 
@@ -30,11 +29,13 @@ class OfflineAlgorithm(Protocol):
     ) -> dict[str, float]: ...
 
 
-def sequence_token_logprobs(model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """logprobs_BT[b, t] = log p(token t | tokens < t); position 0 is 0."""
-    logits_BTV = model(input_ids=input_ids_BT, attention_mask=attention_mask_BT).logits
-    lp = token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:])
-    return F.pad(lp, (1, 0))
+def sequence_token_logprobs(
+    model: torch.nn.Module, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor, fused: bool = True
+) -> torch.Tensor:
+    """logprobs_BT[b, t] = log p(token t | tokens < t); position 0 is 0 (and padding: 0 after the
+    mask, garbage before). ``fused``: the LM head fused with the logprob (no [B, T, V] logits)."""
+    batch = {"input_ids_BT": input_ids_BT, "attention_mask_BT": attention_mask_BT}
+    return model_logprobs(model, batch, fused=fused)[0]
 
 
 @torch.no_grad()

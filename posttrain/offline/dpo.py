@@ -7,12 +7,11 @@ from typing import Any
 
 import torch
 
-from posttrain.algorithms.logprobs import masked_sum, token_logprobs
+from posttrain.algorithms.logprobs import masked_sum
 from posttrain.algorithms.offline_losses import DPOLossConfig, dpo_loss
 from posttrain.data.formatting import make_pair_example, pad_batch, pair_row_problem
 from posttrain.data.sources import build_examples
-from posttrain.engine.packing import forward as packed_forward
-from posttrain.engine.packing import next_token
+from posttrain.engine.head_logprobs import model_logprobs
 from posttrain.models.loading import load_causal_lm
 from posttrain.offline.common import Batch
 
@@ -57,15 +56,15 @@ class DPO(PreferencePairs):
     def __init__(self, cfg: DPOConfig) -> None:
         self.cfg = cfg
         self.reference = None  # a frozen TrainEngine, set by the runner
+        self.fused = True  # model.fused_lm_head, read in load_model
 
     def load_model(self, model_cfg) -> torch.nn.Module:
+        self.fused = model_cfg.fused_lm_head
         return load_causal_lm(model_cfg)
 
-
-    @staticmethod
-    def _seq_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seq_logps(self, model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sequence logprob sums of the chosen and the rejected halves (padded or packed batch)."""
-        lp = next_token(token_logprobs, packed_forward(model, batch).logits, batch)
+        lp = model_logprobs(model, batch, fused=self.fused)[0]
         sums = masked_sum(lp, batch["loss_mask_BT"], dim=-1)
         B = sums.shape[0] // 2
         return sums[:B], sums[B:]

@@ -7,12 +7,10 @@ from typing import Any
 
 import torch
 
-from posttrain.algorithms.logprobs import token_logprobs
 from posttrain.algorithms.offline_losses import sft_loss
 from posttrain.data.formatting import make_sft_example, pad_batch, sft_row_problem
 from posttrain.data.sources import build_examples
-from posttrain.engine.packing import forward as packed_forward
-from posttrain.engine.packing import next_token
+from posttrain.engine.head_logprobs import model_logprobs
 from posttrain.models.loading import load_causal_lm
 from posttrain.offline.common import Batch, greedy_accuracy, sequence_token_logprobs
 
@@ -32,8 +30,10 @@ class SFT:
 
     def __init__(self, cfg: SFTConfig) -> None:
         self.cfg = cfg
+        self.fused = True  # model.fused_lm_head, read in load_model
 
     def load_model(self, model_cfg) -> torch.nn.Module:
+        self.fused = model_cfg.fused_lm_head
         return load_causal_lm(model_cfg)
 
     def prepare(self, rows, tokenizer, max_length: int, max_bad_fraction: float, key: str) -> tuple[list[Any], list[dict]]:
@@ -47,13 +47,13 @@ class SFT:
 
     def loss(self, model, batch: Batch, global_count: float):
         """Padded or packed (``posttrain.engine.packing``) micro-batch; the loss sees [B, T] either way."""
-        lp = next_token(token_logprobs, packed_forward(model, batch).logits, batch)
+        lp = model_logprobs(model, batch, fused=self.fused)[0]
         return sft_loss(lp, batch["loss_mask_BT"], global_count)
 
     def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:
         with torch.no_grad():
             batch = self.collate(examples, tokenizer.pad_token_id)
-            lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"])
+            lp = sequence_token_logprobs(model, batch["input_ids_BT"], batch["attention_mask_BT"], self.fused)
             nll = float(-(lp * batch["loss_mask_BT"]).sum() / batch["loss_mask_BT"].sum())
         out = {"nll": nll}
         if checker is not None:
