@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -100,8 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from posttrain.config.errors import ConfigError
     from posttrain.config.loader import load_recipe
     from posttrain.config.preflight import check_before_start, key_source
+    from posttrain.logfiles import off_terminal, route_library_logs
     from posttrain.metrics import quiet_library_logs, redact
-    from posttrain.run_record import check_resume_identity, restore_on_failure, write_config
+    from posttrain.run_record import check_resume_identity, write_config
 
     cfg, resolved = load_recipe(args.recipe, args.overrides)
     quiet_library_logs(cfg.logging.verbose)
@@ -128,17 +130,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"run directory: {run_dir}", flush=True)
     if resume_line:
         print(resume_line, flush=True)
+    with contextlib.ExitStack() as stack:
+        if not cfg.logging.verbose:  # off a terminal: library logs to <run_dir>/logs, posttrain's lines here
+            stack.callback(route_library_logs(os.path.abspath(run_dir)))
+            if off_terminal():
+                print(f"library logs: {os.path.join(run_dir, 'logs')}", flush=True)
+        summary = _run_recorded(cfg, resolved, run_dir, previous_record, args)
+    if summary is None:
+        return 130
+    _print_summary(summary)
+    return 0
+
+
+def _run_recorded(cfg, resolved, run_dir: str, previous_record: str | None, args: argparse.Namespace):
+    """The runner, with the record put back if it fails; None after a Ctrl-C (its message printed)."""
+    from posttrain.run_record import restore_on_failure
+
     with restore_on_failure(run_dir, previous_record), _interrupts_stop_cleanly():
         try:
             # Absolute: actors of a cluster run elsewhere (the job's project copy, the node's
             # working dir); checkpoints and hf/ must land where the driver's files do.
-            summary = _runner_for(cfg)(cfg, resolved, os.path.abspath(run_dir))
+            return _runner_for(cfg)(cfg, resolved, os.path.abspath(run_dir))
         except KeyboardInterrupt:
             print(interrupted_message(run_dir, _resume_command(args.recipe, args.overrides, run_dir)),
                   file=sys.stderr, flush=True)
-            return 130
-    _print_summary(summary)
-    return 0
+            return None
 
 
 def interrupted_message(run_dir: str, resume_command: str) -> str:
@@ -426,6 +442,9 @@ def user_error(exc: BaseException) -> tuple[str, int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.logfiles import quiet_console_env
+
+    quiet_console_env()  # off a terminal: no progress bars, colours or banners (before the libraries load)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

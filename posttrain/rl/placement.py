@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config.errors import PosttrainError
+from posttrain.logfiles import LOG_DIR_ENV, adopt_library_handlers, link_ray_logs
 from posttrain.rl.config import ClusterConfig, RolloutSection
 
 # What every actor process needs before it imports vLLM (DESIGN.md: in-process engine on CPU).
@@ -44,6 +45,7 @@ def start_ray(cluster: ClusterConfig) -> None:
         return
     _secure_local_defaults()
     _explain_other_ray()
+    adopt_library_handlers(("ray",))  # off a terminal: Ray's own console handler -> <run_dir>/logs
     with _loopback_only():
         ray.init(
             address="local",  # never join a Ray that `ray start` or RAY_ADDRESS left behind
@@ -51,8 +53,10 @@ def start_ray(cluster: ClusterConfig) -> None:
             include_dashboard=False,
             _node_ip_address="127.0.0.1",
             runtime_env=env,
-            log_to_driver=True,
+            log_to_driver=not os.environ.get(LOG_DIR_ENV),  # off a terminal: actors' output stays in the run's logs/ray
         )
+    if os.environ.get(LOG_DIR_ENV):
+        link_ray_logs(os.path.join(ray._private.worker._global_node.get_session_dir_path(), "logs"))
 
 
 class ClusterError(PosttrainError):
