@@ -137,11 +137,14 @@ def check_data(cfg: Any, tokenizer: Any) -> None:
 
 def check_before_start(cfg: Any, recipe: str, overrides: list[str]) -> None:
     """Everything knowable before training; raises the first problem found."""
+    from posttrain.data.templates import apply_templates
     from posttrain.models.loading import load_tokenizer
 
     check_output_dir(cfg.run.output_dir, cfg.run.name, key_source("run.output_dir", recipe, overrides))
     check_engine_limits(cfg, recipe, overrides)
     tokenizer = load_tokenizer(cfg.model)  # model.path: exists, config.json, weights, tokenizer
+    where = f"model.path '{cfg.model.path}'" if cfg.model.path else "model.factory"
+    tokenizer = apply_templates(tokenizer, cfg.data, where)  # a chat template, or the recipe's format
     if cfg.rollout is not None:  # the rollout engine serves this model (architecture, head size, dtype)
         check_engine_serves(cfg.model, cfg.rollout.engine, engine_setting(cfg.rollout.engine, "dtype"))
     check_reward_functions(cfg.reward, recipe, overrides)

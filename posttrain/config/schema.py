@@ -30,10 +30,18 @@ class DataConfig:
     max_length: int = 256  # tokens (prompt + response); longer rows are skipped and counted
     max_bad_fraction: float = 0.05  # more bad rows than this stops the run
     shuffle: bool = True
+    # The text format of rows (posttrain/data/templates.py); needed when the tokenizer has no chat template.
+    prompt_template: str | None = None  # plain text with one {prompt}, e.g. "Question: {prompt}\nAnswer: "
+    chat_template: str | None = None  # a Jinja chat template, or the path of a .jinja file
 
     def validate(self) -> tuple[str, str, str] | None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             return ("max_bad_fraction", f"{self.max_bad_fraction} is not a fraction", "use a value in [0, 1]")
+        if self.prompt_template is not None and self.chat_template is not None:
+            return ("prompt_template", "both data.prompt_template and data.chat_template are set", "keep one of them")
+        if self.prompt_template is not None and self.prompt_template.count("{prompt}") != 1:
+            return ("prompt_template", f"{self.prompt_template!r} must hold '{{prompt}}' exactly once",
+                    "write it like 'Question: {prompt}\\nAnswer: '")  # fmt: skip
         return None
 
 

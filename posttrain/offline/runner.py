@@ -22,6 +22,7 @@ from posttrain.config.schema import RecipeConfig
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import DatasetSource, load_rows
 from posttrain.data.tasks import first_line
+from posttrain.data.templates import apply_templates
 from posttrain.engine.checkpoint import export_hf, find_checkpoint, load_checkpoint, save_checkpoint
 from posttrain.engine.dist import device_for_rank, launch
 from posttrain.engine.packing import packed_micro_batches, row_lengths
@@ -110,7 +111,7 @@ def rank_main(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any]
 def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str) -> None:
     seed_everything(cfg.run.seed + rank)
     algo = cfg.algorithm.build()
-    tok = load_tokenizer(cfg.model)
+    tok = apply_templates(load_tokenizer(cfg.model), cfg.data)
     d = cfg.data
     train_ex, _ = algo.prepare(load_rows(d.train, "data.train"), tok, d.max_length, d.max_bad_fraction, "data.train")
     eval_ex, eval_rows = algo.prepare(load_rows(d.eval, "data.eval"), tok, d.max_length, d.max_bad_fraction, "data.eval") if d.eval else ([], [])
@@ -174,7 +175,7 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
 
 def preflight(cfg: RecipeConfig) -> None:
     """Fail before any rank starts: model path, tokenizer, data files and bad-row limits."""
-    algo, tok, d = cfg.algorithm.build(), load_tokenizer(cfg.model), cfg.data
+    algo, tok, d = cfg.algorithm.build(), apply_templates(load_tokenizer(cfg.model), cfg.data), cfg.data
     if cfg.trainer.max_tokens_per_micro_batch is not None and not getattr(algo, "packs", False):
         raise PackingUnsupportedError(type(algo).__name__)
     for key, src in (("data.train", d.train), ("data.eval", d.eval)):

@@ -30,6 +30,7 @@ from posttrain.config.preflight import rl_prompt_limit
 from posttrain.config.schema import RecipeConfig
 from posttrain.config.targets import build_target, import_object
 from posttrain.data.sources import load_rows
+from posttrain.data.templates import apply_templates
 from posttrain.diagnose import remote_class
 from posttrain.metrics import MetricsLogger
 from posttrain.models.factory import save_tiny_model
@@ -102,7 +103,7 @@ def sampled_distribution(cfg: RecipeConfig) -> tuple[float, float]:
 def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     """Data, reward graph, Ray placement, trainer ranks and rollout workers, and the rooms between."""
     algo, d = cfg.algorithm, cfg.data
-    tok = load_tokenizer(cfg.model)
+    tok = apply_templates(load_tokenizer(cfg.model), d)  # the chat template, or the recipe's format
     train = prompt_records(load_rows(d.train, "data.train"), tok, "data.train", d.max_bad_fraction, rl_prompt_limit(cfg))
     held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction,
                               rl_prompt_limit(cfg, evaluation=True)) if d.eval else []  # fmt: skip

@@ -18,6 +18,7 @@ from posttrain.config.targets import build_target
 from posttrain.data.formatting import encode, prompt_text, rl_row_problem
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import DatasetSource, build_examples, load_rows
+from posttrain.data.templates import apply_templates
 from posttrain.offline.sft import SFTConfig
 from posttrain.types import PromptRecord
 
@@ -77,7 +78,7 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
     )
     from posttrain.rollout.actor import RolloutWorker
 
-    algo, tok = cfg.algorithm, load_tokenizer(cfg.model)
+    algo, tok = cfg.algorithm, apply_templates(load_tokenizer(cfg.model), cfg.data)
     rows = load_rows(cfg.data.train, "data.train")
     rows, _ = build_examples(rows, lambda r: rl_row_problem(r) or r, cfg.data.max_bad_fraction, "data.train")
     order = ResumableSampler(len(rows), cfg.run.seed, cfg.data.shuffle).take(min(algo.num_prompts, len(rows)))

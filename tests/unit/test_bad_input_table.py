@@ -168,6 +168,21 @@ def test_checkpoint_architecture_the_engine_cannot_serve(tiny_export, run_cli, t
     assert not no_start and not (tmp_path / "runs").exists()
 
 
+def test_tokenizer_without_chat_template_needs_a_format(tiny_export, run_cli, tmp_path, no_start):
+    """#28.7: prompt and response used to be glued with no separator, silently."""
+    os.remove(tiny_export / "chat_template.jinja")
+    base = ["run", SFT, f"model.path={tiny_export}", "model.factory=null", f"run.output_dir={tmp_path / 'runs'}"]
+    for extra in (["--dry-run"], FAST):
+        code, _, err = run_cli(*base, *extra)
+        _check(code, err, Row("", SFT, [], 4, [f"model.path '{tiny_export}'", "no chat template", "no separator",
+                                               "fix: set data.prompt_template"]))
+    assert not no_start and not (tmp_path / "runs").exists()
+    code, _, err = run_cli(*base, "data.prompt_template='Q: {prompt}\\nA: '", "--dry-run")
+    assert code == 0, err
+    code, _, err = run_cli(*base, "data.prompt_template=no placeholder", "--dry-run")
+    _check(code, err, Row("", SFT, [], 2, ["data.prompt_template", "exactly once"]))
+
+
 def test_command_line_model_path_replaces_recipe_factory(tiny_export, run_cli, tmp_path):
     code, out, err = run_cli("run", "recipes/dpo_tiny_arith.yaml", f"model.path={tiny_export}", f"run.output_dir={tmp_path}", "--dry-run")
     assert code == 0, err

@@ -78,3 +78,23 @@ def test_rl_prompts_over_the_engine_room_are_bad_rows():
     assert [r.fields for r in records] == [{"answer": "2"}, {}] and [r.ordinal for r in records] == [0, 1]
     assert all(len(r.token_ids) == short for r in records)
     assert len(prompt_records(rows, tok, "data.train", max_bad_fraction=0.5)) == 3  # no limit: all kept
+
+
+def test_prompt_template_and_chat_template_set_the_format(tmp_path):
+    from types import SimpleNamespace
+
+    from posttrain.config.errors import ModelLoadError
+    from posttrain.data.templates import apply_templates
+
+    tok = build_char_tokenizer()
+    tok.chat_template = None  # a base model's tokenizer
+    with pytest.raises(ModelLoadError, match="no chat template"):
+        apply_templates(tok, SimpleNamespace(prompt_template=None, chat_template=None))
+    apply_templates(tok, SimpleNamespace(prompt_template="Q: {prompt}\nA: ", chat_template=None))
+    ex = make_sft_example(tok, {"prompt": "1+2=", "response": "3"}, max_length=64)
+    assert tok.decode(ex.input_ids) == "Q: 1+2=\nA: 3<|im_end|>"
+    assert tok.decode([t for t, m in zip(ex.input_ids, ex.loss_mask, strict=True) if m]) == "3<|im_end|>"
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    apply_templates(tok, SimpleNamespace(prompt_template=None, chat_template=str(jinja)))
+    assert tok.decode(make_sft_example(tok, {"prompt": "1+2=", "response": "3"}, 64).input_ids) == "[1+2=]3<|im_end|>"
