@@ -56,12 +56,19 @@ _PATHS_SRC = (
 _LDD_PATH = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
+# Extension modules whose shared libraries are not bound (terminal UI, NIS/Kerberos, Berkeley DB, the
+# interpreter's own test modules): importing them fails in the sandbox. Each bind costs start-up time.
+_UNBOUND_EXTENSIONS = re.compile(
+    r"^(nis|readline|_curses|_curses_panel|_dbm|_gdbm|ossaudiodev|_test\w*|_ctypes_test|_xx\w*|xxlimited\w*)\."
+)
+
+
 @functools.lru_cache(maxsize=4)
 def interpreter_tree(python: str) -> tuple[str, ...]:
     """Host paths the interpreter needs, and nothing else of /usr: its executable, its standard
     library (not site-packages, not /usr/local) and the shared libraries that the executable and
-    its extension modules link (as ``ldd`` resolves them, under /usr). Raises OSError when they
-    cannot be found (the caller refuses to start)."""
+    its extension modules link (as ``ldd`` resolves them, under /usr; not those of
+    `_UNBOUND_EXTENSIONS`). Raises OSError when they cannot be found (the caller refuses to start)."""
     out = subprocess.run([python, "-I", "-S", "-c", _PATHS_SRC], capture_output=True, timeout=30, check=True)
     exe, stdlib, platstdlib = json.loads(out.stdout)
     paths = {exe, stdlib, platstdlib}
@@ -71,7 +78,7 @@ def interpreter_tree(python: str) -> tuple[str, ...]:
     for root in {stdlib, platstdlib}:
         dynload = Path(root) / "lib-dynload"
         if dynload.is_dir():
-            objects += sorted(str(f) for f in dynload.glob("*.so"))
+            objects += sorted(str(f) for f in dynload.glob("*.so") if not _UNBOUND_EXTENSIONS.match(f.name))
     ldd = subprocess.run(["ldd", *objects], capture_output=True, timeout=60, check=False, text=True)
     libs = set(_LDD_PATH.findall(ldd.stdout))
     if not libs:

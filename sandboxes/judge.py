@@ -50,6 +50,7 @@ class TestSpec:
     rel_tol: float = DEFAULT_REL_TOL
     abs_tol: float = DEFAULT_ABS_TOL
     exact_ints: bool = True  # False when the test set rel_tol/abs_tol: then ints compare with it too
+    attr_bases: tuple[str, ...] = ()  # names the test uses as `name.attr` (modules, when allowed ones)
 
 
 class _StrictAsserts(ast.NodeTransformer):
@@ -116,8 +117,17 @@ def prepare_tests(tests: list) -> list[TestSpec]:
             raise ValueError(
                 f"tests[{i}] is not valid Python ({exc.msg}, line {exc.lineno}): fix the test"
             ) from None
+        bases = tuple(
+            sorted(
+                {
+                    n.value.id
+                    for n in ast.walk(tree)
+                    if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+                }
+            )
+        )
         kind, payload, expected = _classify(tree)
-        specs.append(TestSpec(kind, payload, expected, rel_tol, abs_tol, exact_ints))
+        specs.append(TestSpec(kind, payload, expected, rel_tol, abs_tol, exact_ints, bases))
     return specs
 
 
@@ -152,7 +162,7 @@ def build_job(code: str, specs: list[TestSpec] | None, inputs: list[str] | None)
             }
             for s in specs
         ]
-        tail: dict = {"tests": tests}
+        tail: dict = {"tests": tests, "attr_bases": sorted({b for s in specs for b in s.attr_bases})}
     elif inputs is not None:
         head, tail = {"mode": "io", "code": code, "inputs": inputs}, {}
     else:

@@ -305,39 +305,23 @@ MODULE_ALLOW = frozenset(
 )
 
 
-def _module_bases(tests: list[dict]) -> set[str]:
-    """Names the tests use as `name.attr` (read as modules when they name an allowed module)."""
-    import ast
-
-    bases: set[str] = set()
-    for test in tests:
-        try:
-            tree = ast.parse(test.get("src") or test.get("expr") or "")
-        except (SyntaxError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                bases.add(node.value.id)
-    return bases
-
-
-def _test_namespace(names: dict, tests: list[dict]) -> dict:
+def _test_namespace(names: dict, attr_bases: set[str]) -> dict:
     """T's globals: a fresh `__main__` with the real builtins, then the candidate's names, except
     builtins and dunders (a candidate `range`, `all` or `isinstance` would make the tests' own
-    loops and checks lie). Candidate modules, and allowed module names the tests use as modules,
-    are imported here from MODULE_ALLOW; other modules are left out."""
+    loops and checks lie). Candidate modules, and allowed module names the tests use as modules
+    (`attr_bases`: the names the tests use as `name.attr`, found by the parent), are imported here
+    from MODULE_ALLOW; other modules are left out."""
     import builtins
     import importlib
 
     g = _fresh_main("__main__")
     g["__builtins__"] = builtins
     reserved = set(vars(builtins))
-    as_modules = _module_bases(tests)
     for name, enc in names.items():
         if type(name) is not str or not name.isidentifier() or name.startswith("__") or name in reserved:
             continue
         module = None
-        if name in MODULE_ALLOW and name in as_modules:
+        if name in MODULE_ALLOW and name in attr_bases:
             module = name
         elif type(enc) is list and len(enc) == 2 and enc[0] == "module":
             module = enc[1]
@@ -356,7 +340,7 @@ def _test_namespace(names: dict, tests: list[dict]) -> dict:
     return g
 
 
-def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> None:
+def _child_tests(tests: list[dict], attr_bases: set[str], req_fd: int, rep_fd: int, rec_fd: int) -> None:
     """Run every test against proxies of the candidate; one record per test on rec_fd."""
     dumps, write = json.dumps, _write_all
     channel = _Channel(req_fd, rep_fd)
@@ -371,7 +355,7 @@ def _child_tests(tests: list[dict], req_fd: int, rep_fd: int, rec_fd: int) -> No
             (dumps({"load_error": str(hello.get("load_error", "bad announcement"))[:500]}) + "\n").encode(),
         )
         return
-    g = _test_namespace(hello["names"], tests)
+    g = _test_namespace(hello["names"], attr_bases)
     state: dict = {"asserts": 0}
 
     def strict_eq(a: object, b: object) -> bool:
@@ -669,11 +653,12 @@ def main(argv: list[str]) -> None:
         os.close(req_r)
         os.close(rep_w)
         del job
-        tests = _read_frame()["tests"]
+        frame = _read_frame()
+        tests, attr_bases = frame["tests"], {str(b) for b in frame.get("attr_bases", ())}
 
         def tests_body(rec_w: int) -> None:
             _set_non_dumpable()
-            _child_tests(tests, req_w, rep_r, rec_w)
+            _child_tests(tests, attr_bases, req_w, rep_r, rec_w)
 
         fds, pid = _fork(tests_body, (req_w, rep_r), (*private, *cand.fds.values(), cand.pidfd), "", rec=True)
         judge = _Child(pid, fds, {"stdout": cap, "stderr": cap, "rec": max(4 << 20, 4 * cap)})
