@@ -37,7 +37,10 @@ def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ConfigError(key, source, f"expected a mapping for {cls.__name__}, got {type(data).__name__}", "write it as a YAML mapping")
+        on_off = isinstance(data, bool) and any(f.name == "enabled" for f in dataclasses.fields(cls))
+        fix = f"{key} is a section; to switch it {'on' if data else 'off'}, set {key}.enabled={str(data).lower()}" if on_off \
+            else "write it as a YAML mapping"
+        raise ConfigError(key, source, f"expected a mapping for {cls.__name__}, got {type(data).__name__}", fix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}

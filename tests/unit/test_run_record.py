@@ -165,3 +165,8 @@ def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path):
         ids.append(log._wandb.id)
         log.close()
     assert ids[0] == ids[1] == (tmp_path / "wandb_id").read_text()  # before: a new random id each start
+
+
+def test_logging_wandb_false_names_the_switch(in_repo, run_cli):
+    code, _, err = run_cli("run", SFT, "logging.wandb=false", "--dry-run")
+    assert code == 2 and "logging.wandb.enabled=false" in err  # before: "write it as a YAML mapping"
