@@ -3,8 +3,8 @@
 Honest programs only, same number of executions, same concurrency (one worker per core):
 * new: `posttrain.sandboxes.Sandbox.run` (candidate and tests in separate processes, plain-data
   channel, leased uids, per-slot CPU quota, streamed results);
-* previous: the sandboxes/ package at git revision --baseline-rev (tests in the candidate's own
-  interpreter), extracted with `git archive` and imported under another name;
+* previous: the sandboxes/ package at git revision --baseline-rev (default: the judge before
+  issue 25's hardening), extracted with `git archive` and imported under another name;
 * bare: `/usr/bin/python3 -c CODE`, no isolation, no judging.
 The three are measured in interleaved rounds so that load drift on a shared host hits all alike.
 Writes bench/results/sandbox_throughput.json; ratio = new exec/s / previous exec/s (>1: new is
@@ -30,7 +30,7 @@ from pathlib import Path
 from posttrain.sandboxes import Sandbox, SandboxConfig, Status
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINE_REV = "e0cb19b"  # the judge before issue 13
+BASELINE_REV = "af71805"  # the judge before issue 25 (issue 13's was e0cb19b)
 TRIVIAL = "x = sum(range(10))\n"
 SOLUTION = "def add(a, b):\n    return a + b\n"
 ASSERTS = [f"assert add({i}, {i + 1}) == {2 * i + 1}" for i in range(10)]
@@ -106,6 +106,7 @@ def main() -> None:
         "check_function": (SOLUTION, CHECK),
     }
     per_round = max(1, args.runs // args.rounds)
+    load_start = round(os.getloadavg()[0], 2)  # the host is shared: say how loaded it was
     runs = per_round * args.rounds
     with tempfile.TemporaryDirectory() as tmp:
         old = _baseline_package(args.baseline_rev, tmp)
@@ -145,8 +146,7 @@ def main() -> None:
         "name": "sandbox_throughput",
         "device": f"cpu {workers} cores",
         "date": datetime.date.today().isoformat(),
-        "baseline": f"the previous judge (sandboxes/ at {args.baseline_rev}: tests in the candidate's interpreter), "
-        "same programs and concurrency",
+        "baseline": f"the previous judge (sandboxes/ at {args.baseline_rev}), same programs and concurrency",
         "metric": "executions per second, honest program with 10 literal asserts (headline)",
         "value": head["new"]["exec_per_s"],
         "baseline_value": head["previous"]["exec_per_s"],
@@ -157,6 +157,7 @@ def main() -> None:
         "rounds": args.rounds,
         "concurrency": workers,
         "raw": raw,
+        "host_load_avg_1m": {"start": load_start, "end": round(os.getloadavg()[0], 2)},
         "note": "ratio = new exec/s / previous exec/s over the same interleaved rounds (>1: new faster); "
         "ratio_new_vs_bare = new exec/s / bare python3 exec/s. Host load varied during the run "
         "(a shared 2-core machine): compare the columns of one run, not across runs.",
