@@ -1,4 +1,5 @@
-"""Mutation check for the RL maths: each mutant is a plausible wrong formula; the suite must go red.
+"""Mutation check for the RL maths and its wiring: each mutant is a plausible wrong formula or call site
+(which model, which logprobs, which values feed a loss); the fast suite must go red.
 
     python tests/mutants/run_mutants.py            # table on stdout; exit 1 if a mutant survives
     python tests/mutants/run_mutants.py --json out.json --only dual_clip_positive_adv
@@ -45,6 +46,11 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", "runs",
 LOSS_TESTS = ("tests/unit/test_policy_loss.py", "tests/unit/test_kl.py")
 ADV_TESTS = ("tests/unit/test_advantages.py",)
 LOGPROB_TESTS = ("tests/unit/test_processed_logprobs.py",)
+WIRING_TESTS = ("tests/unit/test_rl_wiring.py",)  # a real TrainerWorker (one gloo rank, no Ray)
+STEP_TESTS = ("tests/unit/test_rl_step_maths.py",)  # the Step with a real reward graph, fake trainers
+CRITIC_TESTS = ("tests/unit/test_rl_critic.py",)
+WORKER = "posttrain/rl/trainer_worker.py"
+STEP = "posttrain/rl/step.py"
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,120 @@ MUTANTS = [
         "drop_sorted_NV[:, -2:] = False  # at least one token",
         LOGPROB_TESTS, "top-p always keeps two tokens",
     ),
+    Mutant(
+        "k2_clamped", "posttrain/algorithms/kl.py",
+        "return 0.5 * log_ratio**2", "return (0.5 * log_ratio**2).clamp(max=MAX_KL_TOKEN)",
+        LOSS_TESTS, "k2 clamped at 10 nats (verl's is not)",
+    ),
+    # -- the trainer rank's call sites (issue #26): which model, which logprobs, which values
+    Mutant(
+        "ref_logprobs_from_policy", WORKER,
+        "lp = self.reference.forward(", "lp = self.policy.forward(",
+        WIRING_TESTS, "reference logprobs computed by the policy",
+    ),
+    Mutant(
+        "ref_scored_with_top_p", WORKER,
+        'self.reference_top_p = spec.top_p if algo.reference_logprobs == "sampler" else 1.0',
+        "self.reference_top_p = spec.top_p",
+        WIRING_TESTS, "reference filtered by the sampler's top-p (not a distribution) by default",
+    ),
+    Mutant(
+        "ref_sampler_option_ignored", WORKER,
+        'self.reference_top_p = spec.top_p if algo.reference_logprobs == "sampler" else 1.0',
+        "self.reference_top_p = 1.0",
+        WIRING_TESTS, "reference_logprobs=sampler has no effect",
+    ),
+    Mutant(
+        "tis_from_current_policy", WORKER,
+        'old = mb["old_logprobs_BT"] if "old_logprobs_BT" in mb else lp.detach()', "old = lp.detach()",
+        WIRING_TESTS, "recomputed old logprobs ignored: ratio 1, TIS weight from pi_theta",
+    ),
+    Mutant(
+        "tis_old_and_behaviour_swapped", WORKER,
+        'lp, old, mb["behaviour_logprobs_BT"], mb["advantages_BT"]', 'lp, mb["behaviour_logprobs_BT"], old, mb["advantages_BT"]',
+        WIRING_TESTS, "behaviour logprobs used as pi_old and pi_old as behaviour",
+    ),
+    Mutant(
+        "kl_in_loss_against_old", WORKER,
+        'ref_logprobs_BT=mb.get("ref_logprobs_BT")', 'ref_logprobs_BT=mb.get("old_logprobs_BT")',
+        WIRING_TESTS, "KL in the loss measured against pi_old instead of the reference",
+    ),
+    Mutant(
+        "value_clip_centred_on_new_values", WORKER,
+        'value_loss(values, mb["values_BT"], mb["returns_BT"]', 'value_loss(values, values.detach(), mb["returns_BT"]',
+        WIRING_TESTS, "value clip centred on the current values (never binds)",
+    ),
+    Mutant(
+        "value_clip_values_and_returns_swapped", WORKER,
+        'value_loss(values, mb["values_BT"], mb["returns_BT"]', 'value_loss(values, mb["returns_BT"], mb["values_BT"]',
+        WIRING_TESTS, "old values and returns swapped in the value loss",
+    ),
+    Mutant(
+        "epoch_shuffle_reused", STEP,
+        "torch.randperm(inputs.batch.size, generator=gen)",
+        "torch.randperm(inputs.batch.size, generator=torch.Generator().manual_seed(seed))",
+        STEP_TESTS, "every later PPO epoch reuses one shuffle",
+    ),
+    Mutant(
+        "epochs_unshuffled", STEP,
+        "order = None if epoch == 0 else torch.randperm(inputs.batch.size, generator=gen)", "order = None",
+        STEP_TESTS, "PPO epochs all in the generated order",
+    ),
+    Mutant(
+        "minibatch_normalised_by_whole_batch", STEP,
+        "mb.num_tokens = max(1.0, float(mb.loss_mask_BT.sum()))", "mb.num_tokens = max(1.0, float(b.loss_mask_BT.sum()))",
+        STEP_TESTS, "a mini-batch's loss normalised by the whole step's token count",
+    ),
+    Mutant(
+        "overlong_sign_flipped", "posttrain/rewards/overlong.py",
+        "return -penalty * min(max(excess, 0.0), 1.0)", "return penalty * min(max(excess, 0.0), 1.0)",
+        STEP_TESTS, "overlong penalty rewards long completions",
+    ),
+    Mutant(
+        "kl_in_reward_old_ref_swapped", STEP,
+        "kl_reward_penalty(fwd.old_logprobs_BT, fwd.ref_logprobs_BT,", "kl_reward_penalty(fwd.ref_logprobs_BT, fwd.old_logprobs_BT,",
+        STEP_TESTS, "KL in the reward of log(ref / pi) (k1 sign flipped)",
+    ),
+    # -- DAPO's filter (issue #26): it judges the advantages the step trains on
+    Mutant(
+        "dapo_filter_without_overlong_filter", STEP,
+        "batch = build_rl_batch(scored, pad_id, algo.overlong_filter)", "batch = build_rl_batch(scored, pad_id, False)",
+        STEP_TESTS, "the filter ignores overlong filtering (keeps groups that train on zeros)",
+    ),
+    Mutant(
+        "dapo_filter_outcomes_only", STEP,
+        "adv, _ = step_advantages(batch, scored, algo, fwd, kl_coef)",
+        "adv = algo.advantage.compute(advantage_inputs(batch, None, fwd.values_BT))",
+        STEP_TESTS, "the filter ignores token/process rewards",
+    ),
+    Mutant(
+        "dapo_filter_needs_every_sample", STEP,
+        "return [not bool(part.any()) for part in nonzero_B.split(sizes)]",
+        "return [not bool(part.all()) for part in nonzero_B.split(sizes)]",
+        STEP_TESTS, "a group is dropped when any sample (e.g. a masked one) has zero advantage",
+    ),
+    Mutant(
+        "reward_metrics_of_the_first_round", STEP,
+        "        m_reward.update(trained_reward_metrics(scored, m_reward))\n", "",
+        STEP_TESTS, "reward/<node>/mean describes the first scoring round, not the trained batch",
+    ),
+    Mutant(
+        "scorer_counters_of_one_round", STEP,
+        "out[k] = out.get(k, 0.0) + v", "out.setdefault(k, v)",
+        STEP_TESTS, "reward counters of the refill rounds dropped",
+    ),
+    # -- the critic's dropout (issue #26)
+    Mutant(
+        "critic_dropout_modules_kept", WORKER,
+        "if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p != 0.0:", "if False:",
+        CRITIC_TESTS, "nn.Dropout modules of the critic left on",
+    ),
+    Mutant(
+        "critic_dropout_keys_named_dropout_only", WORKER,
+        '_DROPOUT_NAME = re.compile(r"dropout|pdrop|drop_prob|drop_rate", re.IGNORECASE)',
+        '_DROPOUT_NAME = re.compile(r"dropout", re.IGNORECASE)',
+        CRITIC_TESTS, "only keys containing 'dropout' zeroed (GPT-2/Phi *_pdrop kept)",
+    ),
 ]
 
 
@@ -184,7 +304,8 @@ def _env(copy: Path) -> dict[str, str]:
 def check_imports_resolve_to_copy(copy: Path) -> dict[str, str]:
     """Import the mutated modules in a fresh interpreter configured like the test runs."""
     modules = ["posttrain", "posttrain.rewards", "posttrain.algorithms.policy_loss",
-               "posttrain.algorithms.advantages", "posttrain.algorithms.kl", "posttrain.algorithms.logprobs"]
+               "posttrain.algorithms.advantages", "posttrain.algorithms.kl", "posttrain.algorithms.logprobs",
+               "posttrain.rl.step", "posttrain.rl.trainer_worker", "posttrain.rewards.overlong"]
     code = f"import importlib, json; print(json.dumps({{m: importlib.import_module(m).__file__ for m in {modules!r}}}))"
     out = subprocess.run([sys.executable, "-c", code], cwd=copy, env=_env(copy), capture_output=True, text=True,
                          timeout=300, check=True)

@@ -125,13 +125,14 @@ def test_value_clip_centres_on_the_forward_values_and_binds(worker):
     ids, attn, mask = _rows(2)
     fwd = worker.forward(ForwardBatch(ids, attn, want_old=True))
     values_now = fwd.values_BT  # the critic before this update, position t: V(state before token t)
-    old_values, returns = values_now - 1.0, values_now + 0.5
-    # V_clipped = old + clamp(V - old, +-0.2) = V - 0.8: (V - 0.8 - R)^2 = 1.69 > (V - R)^2 = 0.25
+    old_values, returns = values_now - 1.0, values_now + 0.1
+    # V_clipped = old + clamp(V - old, +-0.2) = V - 0.8: (V - 0.8 - R)^2 = 0.81 > (V - R)^2 = 0.01
+    # (old and returns swapped: V_clipped = V, both terms 1, nothing clipped: the test tells them apart)
     n = float(mask.sum())
     m = worker.train(TrainBatch(ids, attn, mask, fwd.old_logprobs_BT, torch.zeros(B, L), fwd.old_logprobs_BT,
                                 fwd.ref_logprobs_BT, old_values, returns, n, float(B)))  # fmt: skip
     assert m["critic/vf_clip_frac"] == 1.0
-    assert m["critic/loss"] == pytest.approx(0.5 * 1.3**2, rel=1e-4)
+    assert m["critic/loss"] == pytest.approx(0.5 * 0.9**2, rel=1e-4)
 
 
 def test_reference_may_match_the_sampler_filtering(worker, tmp_path):
