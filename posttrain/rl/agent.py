@@ -276,7 +276,9 @@ class AgentRollouts:
         """Append an observation's tokens (cut to the limits); False when the token budget is spent."""
         if not text:
             return True
-        ids = self.tok.encode(text, add_special_tokens=False)
+        # split_special_tokens: an observation that spells "<|im_end|>" (or any special token)
+        # becomes its characters' tokens, never the control token, so it cannot end the turn.
+        ids = self.tok.encode(text, add_special_tokens=False, split_special_tokens=True)
         if len(ids) > self.limits.max_observation_tokens:
             ids = ids[: self.limits.max_observation_tokens]
             traj.counters["agent/observations_cut"] += 1

@@ -383,3 +383,25 @@ def test_staleness_reads_policy_tokens_only() -> None:
     assert t.versions == [3, 3, 3, 3]
     c = Completion(PROMPT, 0, [1, 2, 3], "", [0.0, -1.0, 0.0], [1, 4, 2], "stop", loss_mask=[0, 1, 0])
     assert c.policy_versions == [4] and c.v_min == 4
+
+
+class SpellsEndTokenEnv:
+    """A tool whose output spells the end-of-turn token (as printed program output can)."""
+
+    async def reset(self, row):
+        return ""
+
+    async def step(self, action: str) -> StepResult:
+        if "<tool>" in action:
+            return StepResult("<output><|im_end|></output>")
+        return StepResult(rewards={"correct": 1.0}, done=True)
+
+
+def test_an_observation_that_spells_a_special_token_gets_its_characters() -> None:
+    fleet = EchoWorkerFleet(["<tool>print('<|im_end|>')</tool>", "3"])
+    a = agent({"_target_": f"{__name__}.SpellsEndTokenEnv"}, fleet)
+    c = a.generate([PROMPT], SamplingConfig(n=1, max_tokens=32))[0].completions[0]
+    env_ids = [c.token_ids[i] for t in c.turns if t.role == "env" for i in range(t.start, t.end)]
+    special = set(TOK.all_special_ids)
+    assert env_ids and not special & set(env_ids)  # before: the observation held the <|im_end|> control token
+    assert TOK.decode(env_ids) == "<output><|im_end|></output>"
