@@ -175,9 +175,9 @@ def logits_bytes(i: PlanInputs) -> int:
     time, with its fp32 copy, log-softmax and gradient: 4 blocks. Unfused: the [tokens, vocab]
     logits kept for the logprob backward and their gradient (compute dtype), plus the chunked
     logprob's fp32 blocks of LOGPROB_CHUNK_TOKENS positions (block, exp, gradient: 3)."""
-    if i.fused_head:
-        return 4 * FUSED_BLOCK_ELEMENTS * 4
     n, v = i.tokens_per_micro_batch, i.model.vocab
+    if i.fused_head:
+        return 4 * min(FUSED_BLOCK_ELEMENTS, n * v) * 4
     per_row = max(1, n // max(1, i.rows_per_micro_batch))
     return 2 * n * v * i.compute_bytes + 3 * min(LOGPROB_CHUNK_TOKENS, per_row) * v * 4
 
@@ -249,7 +249,8 @@ def build_plan(i: PlanInputs) -> Plan:
                 rows.update(trainer_rows(i, ph))
             if engine:
                 rows.update(engine_rows(i, ph))
-            rows["CUDA contexts"] = CONTEXT_BYTES * (int(trainer) + int(engine))
+            if i.on_gpu or engine:
+                rows["CUDA contexts"] = CONTEXT_BYTES * (int(trainer) + int(engine))
             d.phases[ph] = rows
         if engine:
             weights = math.ceil(i.engine_model_params / i.tensor_parallel) * i.engine_bytes
@@ -407,15 +408,18 @@ def plan_recipe(cfg: Any) -> Plan:
 # --- the table -----------------------------------------------------------------------------------
 
 
-def _gib(b: int) -> str:
-    return f"{b / GIB:8.2f}"
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def render(plan: Plan) -> str:
     """The plan as a table: one block per kind of device, rows x phases, in GiB, then the verdict."""
     i, m = plan.inputs, plan.inputs.model
+    big = max(d.peak()[1] for d in plan.devices) >= GIB
+    unit, scale = ("GiB", GIB) if big else ("MiB", 2**20)
+    fmt = lambda b: f"{b / scale:10.2f}"  # noqa: E731
     lines = [
-        f"# memory plan (GiB): {m.name}, {m.params / 1e9:.2f}B parameters ({m.trainable / 1e9:.3g}B trainable), "
+        f"# memory plan ({unit}): {m.name}, {_count(m.params)} parameters ({_count(m.trainable)} trainable), "
         f"{'bf16 compute over ' if i.mixed_precision else ''}{ {4: 'fp32', 2: '16-bit'}[i.param_bytes] } weights, "
         f"FSDP world {i.world_size}, {i.tokens_per_micro_batch} tokens per micro-batch"
         + (", activation checkpointing" if i.activation_checkpointing else "")
@@ -432,11 +436,11 @@ def render(plan: Plan) -> str:
         for r in rows:
             values = [d.phases[p].get(r, 0) for p in phases]
             if any(values):
-                lines.append(f"  {r:24s}" + "".join(f"{_gib(v):>10s}" for v in values))
-        lines.append(f"  {'total':24s}" + "".join(f"{_gib(sum(d.phases[p].values())):>10s}" for p in phases))
+                lines.append(f"  {r:24s}" + "".join(fmt(v) for v in values))
+        lines.append(f"  {'total':24s}" + "".join(fmt(sum(d.phases[p].values())) for p in phases))
         phase, peak = d.peak()
         if not i.on_gpu:
-            lines.append(f"  peak {peak / GIB:.2f} GiB of host memory ({phase}); no GPU in this recipe, not checked")
+            lines.append(f"  peak {peak / scale:.2f} {unit} of host memory ({phase}); no GPU in this recipe, not checked")
             continue
         verdict = "fits" if peak <= plan.capacity and not d.problems else "DOES NOT FIT"
         lines.append(f"  {verdict}: peak {peak / GIB:.1f} GiB ({phase}) of {plan.capacity / GIB:g} GiB (cluster.gpu_memory_gib)")
