@@ -39,6 +39,7 @@ from vllm.distributed.weight_transfer.base import (
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from posttrain.sync.collective import receive_version
+from posttrain.sync.device import Device
 from posttrain.sync.group import GroupInfo, UpdateGroup
 from posttrain.sync.group import join as join_group
 from posttrain.weight_sync import WeightBucket
@@ -94,7 +95,8 @@ class BucketWeightTransferEngine(WeightTransferEngine[BucketInitInfo, BucketUpda
             self.group.close()
         from vllm.distributed import get_tensor_model_parallel_rank
 
-        self.group = join_group(init_info.group, init_info.rank_offset + get_tensor_model_parallel_rank())
+        own = Device(self.device) if self.device.type == "cuda" else None  # the worker's GPU, not the calling thread's
+        self.group = join_group(init_info.group, init_info.rank_offset + get_tensor_model_parallel_rank(), own)
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload

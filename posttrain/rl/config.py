@@ -17,6 +17,7 @@ from posttrain.config.targets import build_dataclass
 from posttrain.rl.contract import expected_overlap, staleness_contract
 from posttrain.rollout.env import SYNC_ONLY, AgentConfig, describe
 from posttrain.rollout.sampling import SamplingConfig
+from posttrain.sync.config import SyncConfig, default_transport  # noqa: F401 — the recipe's sync section
 
 
 @dataclass
@@ -108,43 +109,6 @@ class ClusterConfig:
                     "use PACK (default), SPREAD, STRICT_PACK or STRICT_SPREAD")  # fmt: skip
         if self.max_trainer_restarts < 0:
             return ("max_trainer_restarts", f"{self.max_trainer_restarts} must be >= 0", "set cluster.max_trainer_restarts=2")
-        return None
-
-
-@dataclass
-class SyncConfig:
-    """``sync:`` — how weights travel from the trainer to the rollout workers (infrastructure, not
-    algorithm). See posttrain/weight_sync.py for the invariants every update keeps.
-
-    ``transport``: ``object_store`` — trainer rank 0 gathers the full state dict and puts every
-    bucket in Ray's object store, each worker fetches and loads them (the sender holds the model
-    plus its buckets); ``collective`` — a model-update group of trainer rank 0 and every rank of
-    every rollout worker (gloo on CPU, NCCL on GPU): one tensor gathered at a time, buckets
-    broadcast as they fill, loaded by the workers while the next is gathered (the sender holds
-    two buckets). The default stays ``object_store``: every engine and test worker takes it, and on
-    one CPU host it needs no sockets; GPU recipes set ``collective`` (bench/weight_sync.py).
-    """
-
-    bucket_mb: int = 64  # weight-sync bucket size (MiB); a larger tensor travels alone
-    probe_tolerance: float | None = None  # nats; None: by the compute dtype (posttrain.weight_sync.PROBE_TOLERANCE)
-    transport: Literal["object_store", "collective"] = "object_store"
-    # dtype on the wire (float32 | bfloat16 | float16): the trainer's master weights are cast to it.
-    # null: the rollout engine's dtype (an fp32 trainer feeds a bf16 engine).
-    wire_dtype: str | None = None
-    # Testing only: publish a new version without loading it into the workers, to prove that the
-    # digest and the probe catch an engine that serves stale weights.
-    skip_weight_sync: bool = False
-
-    def validate(self) -> tuple[str, str, str] | None:
-        if self.bucket_mb < 1:
-            return ("bucket_mb", f"{self.bucket_mb} must be >= 1", "set sync.bucket_mb=64")
-        if self.probe_tolerance is not None and self.probe_tolerance <= 0:
-            return ("probe_tolerance", f"{self.probe_tolerance} must be > 0", "set sync.probe_tolerance=null (by dtype)")
-        if self.transport not in ("object_store", "collective"):
-            return ("transport", f"{self.transport!r} is not a transport", "use object_store or collective")
-        if self.wire_dtype not in (None, "float32", "bfloat16", "float16"):
-            return ("wire_dtype", f"{self.wire_dtype!r} is not a wire dtype",
-                    "use float32, bfloat16, float16, or null (the rollout engine's dtype)")  # fmt: skip
         return None
 
 
@@ -380,6 +344,10 @@ class OnlineRLConfig:
             return ("rollout.engine.tensor_parallel_size", f"colocated placement gives a rollout worker half of one trainer "
                     f"rank's bundle, but tensor_parallel_size={tp} needs {tp} GPUs visible in the worker's process",
                     "use cluster.placement=disaggregated for tensor-parallel workers, or tensor_parallel_size=1")  # fmt: skip
+        on_gpu = cfg.cluster.gpus_per_trainer_rank > 0 or cfg.rollout.gpus_per_worker > 0
+        problem = cfg.sync.check_placement(cfg.cluster.placement, on_gpu, cfg.rollout.num_workers, cfg.trainer.world_size)
+        if problem is not None:
+            return problem
         if cfg.trainer.offload and cfg.cluster.placement != "colocated":
             return ("trainer.offload", "offloading frees the trainer's devices for rollout engines that share them, "
                     f"but cluster.placement={cfg.cluster.placement}: no engine shares them",

@@ -6,10 +6,12 @@
       -> advance (the run's policy version)
 
 ``sync.transport`` picks how push -> load travels: ``object_store`` (rank 0 packs every bucket
-into Ray's object store, the workers fetch them) or ``collective`` (a model-update group of
+into Ray's object store, the workers fetch them), ``collective`` (a model-update group of
 trainer rank 0 and every rank of the target workers, rendezvous through a TCP store this object
-hosts; buckets are broadcast as they fill and loaded while the next is gathered). A group is
-rebuilt whenever its members change (a replaced worker, a trainer restart, a worker catching up).
+hosts; buckets are broadcast as they fill and loaded while the next is gathered) or ``ipc``
+(colocated: one pair group per trainer rank and the worker on its device, the same messages
+handed over by memory handles, posttrain/sync/ipc.py). A group is rebuilt whenever its members
+change (a replaced worker, a trainer restart, a worker catching up).
 
 It owns the newest version (and, on the object store, its bucket refs) and the lock that keeps a
 replacement, a readmission and a sync from interleaving. Every wait has a deadline. The
@@ -38,6 +40,10 @@ from posttrain.weight_sync import PROBE_TOLERANCE, WeightSyncFingerprintError, c
 class WeightPublisher:
     def __init__(self, trainers: TrainerGroup, fleet: WorkerFleet, sync: SyncConfig, dtype: torch.dtype) -> None:
         self.trainers, self.fleet, self.sync, self.dtype = trainers, fleet, sync, dtype
+        on_gpu = getattr(getattr(trainers, "plan", None), "trainer_resources", {}).get("GPU", 0) > 0
+        self.transport = sync.resolved_transport("colocated" if getattr(fleet, "colocated", False) else "disaggregated", on_gpu)
+        self.grouped = self.transport in ("collective", "ipc")  # weights travel over update groups
+        self._infos: list = []  # the GroupInfo of every current update group (ipc: one per pair)
         self.version = 0  # the policy version the workers serve (after the last publish or restore)
         self._latest: tuple[list, int] | None = None  # bucket refs (object store) and version of the newest push
         self._lock = threading.RLock()
@@ -61,7 +67,7 @@ class WeightPublisher:
     def _push_and_load(self, targets: dict[int, Any], version: int, restore: bool, what: str) -> tuple[dict[str, float], list[int]]:
         """Send ``version`` from the trainers to these workers (index -> handle); (sync stats, the
         indices that loaded it). Object store: workers that time out are set aside (fleet rules)."""
-        if self.sync.transport == "collective" and not self.sync.skip_weight_sync:
+        if self.grouped and not self.sync.skip_weight_sync:
             self._latest = ([], version)
             calls: dict[int, Any] = {}
             try:
@@ -69,6 +75,7 @@ class WeightPublisher:
             except TrainerFailed:  # the sender died: its sockets closed, the receivers fail by themselves
                 raise
             except Exception:  # a worker died mid-broadcast (the sender aborted): replace it, send again
+                self._abort_groups()  # ipc: a sender waiting for a dead receiver's ack stops waiting
                 fresh = self._replace_failed(targets, calls)
                 if fresh == targets:
                     raise
@@ -147,13 +154,30 @@ class WeightPublisher:
         if self._store is None:
             self._store = UpdateStore(ray.util.get_node_ip_address(), timeout)
         tp = int(getattr(self.fleet.engine_cfg, "tensor_parallel_size", 1))
-        backend = "nccl" if self.trainers.plan.trainer_resources.get("GPU", 0) > 0 else "gloo"
-        info = self._store.next_group(1 + tp * len(targets), backend, timeout)
-        offsets = {i: 1 + k * tp for k, i in enumerate(sorted(targets))}
+        on_gpu = self.trainers.plan.trainer_resources.get("GPU", 0) > 0
         self._group_key = None
+        if self.transport == "ipc":  # worker i shares a device (bundle i) with trainer rank i: one pair each
+            kind = "cuda" if on_gpu else "cpu"
+            infos = {i: self._store.next_group(1 + tp, "ipc", timeout, device_kind=kind) for i in sorted(targets)}
+            per_rank = [(infos.get(r),) for r in range(len(self.trainers.ranks))]
+            self._infos = list(infos.values())
+            self.trainers.join_update_group(None, lambda: self._wait(
+                {i: w.join_update_group.remote(infos[i], 1) for i, w in targets.items()}, targets, "join the update group"),
+                per_rank=per_rank)  # fmt: skip
+            self._group_key = key
+            return
+        info = self._store.next_group(1 + tp * len(targets), "nccl" if on_gpu else "gloo", timeout)
+        self._infos = [info]
+        offsets = {i: 1 + k * tp for k, i in enumerate(sorted(targets))}
         self.trainers.join_update_group(info, lambda: self._wait(
             {i: w.join_update_group.remote(info, offsets[i]) for i, w in targets.items()}, targets, "join the update group"))  # fmt: skip
         self._group_key = key
+
+    def _abort_groups(self) -> None:
+        """Tell every member of the current groups to stop waiting (ipc: a sender waiting for acks)."""
+        if self._store is not None:
+            for info in self._infos:
+                self._store.abort(info)
 
     def _check_digests(self, indices: list[int], stats: dict[str, float], version: int) -> None:
         """Every loaded worker serves ``version`` with the digest the sender computed."""
@@ -178,7 +202,7 @@ class WeightPublisher:
         version = self.version + 1
         with self._lock:
             indices = self.fleet.usable()
-            held = [i for i in self.fleet.settled() if i not in indices] if self.sync.transport == "collective" else []
+            held = [i for i in self.fleet.settled() if i not in indices] if self.grouped else []
             # held workers (replacements, rejoiners that are behind) catch up here
             stats, loaded = self._push_and_load({i: self.fleet.workers[i] for i in indices + held}, version, False, "weight update")
             for i in held:
@@ -224,7 +248,7 @@ class WeightPublisher:
                 self.fleet.install(index, worker)
                 return True
             name = f"rollout worker {index} (replacement)"
-            if self.sync.transport == "object_store":  # restore=True: the newest may be a restored older version
+            if not self.grouped:  # restore=True: the newest may be a restored older version
                 wait_calls({name: (worker, worker.update_weights.remote(*self._latest, True))}, "weight update", self.fleet.deadlines.call_s)
             elif self.trainers.pushed_current:
                 self._push_and_load({index: worker}, self._latest[1], True, "weight update (replacement)")
@@ -249,7 +273,7 @@ class WeightPublisher:
                     served = wait_calls({name: (worker, ref)}, "version", deadline)[name]
                     # != and restore=True: after a trainer restart the newest version may be an older one
                     if self._latest is not None and served != self._latest[1]:
-                        if self.sync.transport == "collective":
+                        if self.grouped:
                             continue
                         ref = worker.update_weights.remote(*self._latest, True)
                         wait_calls({name: (worker, ref)}, "weight update (rejoin)", deadline)

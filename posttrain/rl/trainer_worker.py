@@ -40,6 +40,7 @@ from posttrain.rl import offload
 from posttrain.rl.config import OnlineRLConfig, SyncConfig
 from posttrain.sync.collective import CollectiveSender
 from posttrain.sync.group import GroupInfo, UpdateGroup
+from posttrain.sync.group import join as join_group
 from posttrain.sync.names import engine_tensors
 from posttrain.types import ForwardBatch, ForwardOutputs, TrainBatch
 from posttrain.weight_sync import WeightSender, dtype_from_name
@@ -305,12 +306,14 @@ class TrainerWorker:
         return refs, {"sync/gather_s": gather_s, "sync/pack_s": stats.pack_s, "sync/bytes": float(stats.bytes),
                       "sync/buckets": float(stats.num_buckets), "sync/digest": float(stats.digest)}  # fmt: skip
 
-    def join_update_group(self, info: GroupInfo) -> None:
-        """Rank 0 joins the model-update group as its sender (rank 0); the other ranks only gather."""
-        if self.rank == 0:
-            if self.update_group is not None:
-                self.update_group.close()
-            self.update_group = UpdateGroup(info, 0)
+    def join_update_group(self, info: GroupInfo | None) -> None:
+        """Rank 0 joins the model-update group as its sender (rank 0); the other ranks only gather.
+        ``ipc``: every rank with a colocated engine sends to it over its own pair group (None: no engine)."""
+        if info is not None and self.rank != 0 and info.backend != "ipc":
+            return
+        if self.update_group is not None:
+            self.update_group.close()
+        self.update_group = None if info is None else join_group(info, 0)
 
     def broadcast_weights(self, version: int, wire_dtype: str | None, restore: bool = False) -> dict[str, float] | None:
         """Collective: every rank gathers one tensor at a time; rank 0 sends bucket by bucket over
@@ -321,14 +324,17 @@ class TrainerWorker:
             sender = self._collective_sender = CollectiveSender(self.sender.bucket_bytes, wire)
         sender.last_version = self.sender.last_version
         t0 = time.perf_counter()
+        handles = getattr(self.update_group, "handles", 0)  # ipc: payloads handed over as memory handles
         source = adapter_wire_tensors(self.policy.model) if self.model_cfg.lora else self.policy.model.state_dict().items()
         stats = sender.send(self.update_group, engine_tensors(source, self.model_config.model_type), version, restore)
+        handles = getattr(self.update_group, "handles", 0) - handles
         self.sender.last_version = version
         if self.rank != 0:
             return None
         return {"sync/gather_s": stats.gather_s, "sync/pack_s": stats.pack_s, "sync/send_wait_s": stats.wait_s,
                 "sync/send_s": time.perf_counter() - t0, "sync/bytes": float(stats.bytes), "sync/buckets": float(stats.num_buckets),
-                "sync/sender_peak_bytes": float(stats.peak_bytes), "sync/digest": float(stats.digest)}  # fmt: skip
+                "sync/sender_peak_bytes": float(stats.peak_bytes), "sync/digest": float(stats.digest),
+                "sync/ipc_handles": float(handles)}  # fmt: skip
 
     def probe(self, token_ids: list[list[int]]) -> list[list[float]]:
         """The trainer's per-token logprobs of fixed sequences (tokens 1..L-1), to compare with the engine."""

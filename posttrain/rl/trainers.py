@@ -179,9 +179,10 @@ class TrainerGroup:
             self.pushed_current = True
             return out
 
-    def join_update_group(self, info: Any, alongside: Callable[[], T]) -> T:
-        """Rank 0 joins the model-update group ``info`` while ``alongside()`` joins the receivers."""
-        return self._alongside("join_update_group", (info,), alongside)[1]
+    def join_update_group(self, info: Any, alongside: Callable[[], T], per_rank: list[tuple] | None = None) -> T:
+        """Rank 0 joins the model-update group ``info`` while ``alongside()`` joins the receivers;
+        ``per_rank``: each rank's own ``(info,)`` instead (ipc: one pair group per rank, None: none)."""
+        return self._alongside("join_update_group", (info,), alongside, per_rank=per_rank)[1]
 
     def broadcast_weights(
         self, version: int, wire_dtype: str | None, restore: bool, alongside: Callable[[], T]

@@ -83,12 +83,15 @@ class BufferPool:
         self._buffers: list[tuple[torch.Tensor, int]] = []  # (buffer, its use count with no views)
         self._fences: dict[int, Event] = {}  # buffer address -> event after its last reader
 
+    def owns(self, payload: torch.Tensor) -> bool:
+        """``payload`` is one of the kept buffers (or a view at its start)."""
+        return any(buffer.data_ptr() == payload.data_ptr() for buffer, _ in self._buffers)
+
     def fence(self, payload: torch.Tensor, event: Event) -> None:
-        """``payload`` (a buffer of this pool, or a view at its start) was read by work before
-        ``event``: the buffer is written again only after a stream waited on it."""
-        for buffer, _ in self._buffers:
-            if buffer.data_ptr() == payload.data_ptr():
-                self._fences[buffer.data_ptr()] = event
+        """``payload`` (a kept buffer, or a view at its start) was read by work before ``event``:
+        the buffer is written again only after a stream waited on it."""
+        if self.owns(payload):
+            self._fences[payload.data_ptr()] = event
 
     @property
     def bytes(self) -> int:
@@ -349,13 +352,14 @@ def _receive_all(group: UpdateGroup, pools: dict[str, BufferPool] | None, slots:
                     payload = pool.take(payload_len, comm)
                 else:
                     payload = device.empty(payload_len)
-                    device.keep_for(payload, consumer)  # freed by the loader's thread, read on its stream
+                if pool is None or not pool.owns(payload):
+                    device.keep_for(payload, consumer)  # a fresh buffer is freed by the loader's thread, read on its stream
                 group.broadcast(payload)
                 ready = device.new_event()
                 ready.record(comm)
                 metas = [TensorMeta(n, d, tuple(s), o, b) for n, d, s, o, b in header["metas"]]
                 bucket = WeightBucket(header["version"], header["index"], metas, payload, fingerprint=header["fingerprint"])
-                arrived.put((bucket, ready, pool if pool is not None and payload_len <= pool.capacity else None))
+                arrived.put((bucket, ready, pool))
                 del payload, bucket
     except BaseException as err:
         arrived.put(err)

@@ -68,6 +68,11 @@ class UpdateStore:
         self._count += 1
         return info
 
+    def abort(self, info: GroupInfo) -> None:
+        """Flag ``info``'s group as given up: an ipc member waiting on it raises instead of waiting
+        out its timeout (a process group's own abort reaches its peers by closing sockets)."""
+        self._store.set(f"{info.prefix}/abort", b"1")
+
 
 def join(info: GroupInfo, rank: int, device: Device | None = None):
     """This process's member of the group ``info`` (an :class:`UpdateGroup`, or an
