@@ -74,14 +74,15 @@ def _resume_command(recipe: str, overrides: list[str], run_dir: str) -> str:
 def derived_counts(cfg) -> dict[str, Any]:
     """Counts a user should see before starting: per step, per run, and how they relate."""
     from posttrain.data.sources import load_rows
+    from posttrain.data.templates import apply_templates
     from posttrain.models.loading import load_tokenizer
 
     if hasattr(cfg.algorithm, "derived_counts"):
         return cfg.algorithm.derived_counts(cfg)
     t = cfg.trainer
-    tok = load_tokenizer(cfg.model)
+    tok = apply_templates(load_tokenizer(cfg.model), cfg.data)  # token counts in the run's format
     algo = cfg.algorithm.build()
-    rows = load_rows(cfg.data.train, "data.train")
+    rows = load_rows(cfg.data.train, "data.train", cfg.data.fields)
     examples, _ = algo.prepare(rows, tok, cfg.data.max_length, cfg.data.max_bad_fraction, "data.train")
     probe = [algo.collate([e], tok.pad_token_id) for e in examples[:256]]
     mean_tokens = sum(float(b["attention_mask_BT"].sum()) for b in probe) / max(1, len(probe))

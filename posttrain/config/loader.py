@@ -43,17 +43,35 @@ def _compose(recipe: Path, group_overrides: list[str]) -> dict[str, Any]:
         raise ConfigError("defaults", str(recipe), f"cannot compose the recipe: {msg}", f"check the defaults list and the config groups in {CONFIGS_DIR}") from None
 
 
+def _list_index(items: list[Any], part: str, key: str, source: str) -> int:
+    """The index ``part`` names in ``items`` (``reward.nodes.0.fn``: item 0)."""
+    if not part.isdigit():
+        raise ConfigError(key, source, f"is a list of {len(items)} items, so '{part}' must be an index",
+                          f"write {key.rsplit('.', 1)[0]}.0 ... .{len(items) - 1} for an item, or give the whole list")  # fmt: skip
+    if int(part) >= len(items):
+        raise ConfigError(key, source, f"index {part} is out of range: the list has {len(items)} items",
+                          f"use an index from 0 to {len(items) - 1}, or give the whole list (e.g. reward.nodes=[...])")  # fmt: skip
+    return int(part)
+
+
 def _set_path(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.c`` in the composed tree; a numeric part indexes a list (``reward.nodes.0.fn``)."""
     parts = dotted.split(".")
-    node = tree
+    node: Any = tree
     for i, part in enumerate(parts[:-1]):
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
+        if isinstance(node, list):
+            nxt = node[_list_index(node, part, ".".join(parts[: i + 1]), source)]
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+        if not isinstance(nxt, dict | list):
             raise ConfigError(".".join(parts[: i + 1]), source, "is a value, not a section", "override a key that exists in the schema")
         node = nxt
-    node[parts[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], dotted, source)] = value
+    else:
+        node[parts[-1]] = value
 
 
 def _source_of(key: str, recipe: Path, raw: dict[str, Any], overrides: dict[str, str]) -> str:

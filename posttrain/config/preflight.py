@@ -127,7 +127,7 @@ def check_data(cfg: Any, tokenizer: Any) -> None:
     for key, src in (("data.train", d.train), ("data.eval", d.eval)):
         if src is None:
             continue
-        rows = load_rows(src, key)
+        rows = load_rows(src, key, d.fields)
         if algo is not None and hasattr(algo, "prepare"):
             algo.prepare(rows, tokenizer, d.max_length, d.max_bad_fraction, key)
         else:

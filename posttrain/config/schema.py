@@ -33,6 +33,9 @@ class DataConfig:
     # The text format of rows (posttrain/data/templates.py); needed when the tokenizer has no chat template.
     prompt_template: str | None = None  # plain text with one {prompt}, e.g. "Question: {prompt}\nAnswer: "
     chat_template: str | None = None  # a Jinja chat template, or the path of a .jinja file
+    # Dataset columns under posttrain's names: {response: completion} reads TRL's `completion` column
+    # as the response (posttrain name -> the data's column, for train and eval).
+    fields: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> tuple[str, str, str] | None:
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -51,6 +51,10 @@ def build_dataclass(cls: type, data: Any, key: str, source: str) -> Any:
         if name not in fields and name in MOVED:
             raise ConfigError(sub, source, f"this key moved to '{MOVED[name]}': every runner reads its evaluation settings from the eval section",
                               f"remove it and set {MOVED[name]} instead, e.g. `{MOVED[name]}=20` on the command line or `eval: {{{MOVED[name].split('.')[1]}: 20}}` in the recipe")
+        if name not in fields and not fields:  # e.g. DPO's `loss:` under SFTConfig
+            other = (f"; if '{name}' is another algorithm's key, that algorithm needs its own config: "
+                     "algorithm._target_=posttrain.offline.dpo.DPOConfig for DPO, for example") if key == "algorithm" else ""
+            raise ConfigError(sub, source, f"unknown key: {cls.__name__} takes no keys", f"remove it{other}")  # fmt: skip
         if name not in fields:
             close = [f for f in fields if f.startswith(name[:3])] or sorted(fields)
             raise ConfigError(sub, source, f"unknown key for {cls.__name__}", f"remove it or use one of: {', '.join(close)}")

@@ -30,6 +30,29 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+# Columns other tools use for posttrain's fields (TRL: prompt/completion; Alpaca: instruction/output):
+# a row that has one of these instead is told how to map it (data.fields), not "missing field".
+OTHER_NAMES = {
+    "prompt": ("question", "instruction", "query", "input"),
+    "response": ("completion", "output", "answer", "target"),
+    "chosen": ("chosen_response", "preferred"),
+    "rejected": ("rejected_response", "dispreferred"),
+}
+
+
+def text_field_problem(row: dict[str, Any], name: str) -> str | None:
+    """Why ``row[name]`` is not usable text (None when it is). The reason names the column to map
+    (``missing field 'response' (the rows have 'completion')``) or the type found
+    (``field 'response' is int, not text``): :func:`posttrain.data.sources.fix_for` turns it into the fix."""
+    value = row.get(name)
+    if isinstance(value, str):
+        return None
+    if value is None:
+        other = next((o for o in OTHER_NAMES.get(name, ()) if isinstance(row.get(o), str)), None)
+        return f"missing field '{name}' (the rows have '{other}')" if other else f"missing field '{name}'"
+    return f"field '{name}' is {type(value).__name__}, not text"
+
+
 @dataclass
 class SFTExample:
     input_ids: list[int]
@@ -48,10 +71,9 @@ def sft_row_problem(row: dict[str, Any]) -> str | None:
         if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "assistant":
             return "messages must end with an assistant turn"
         return None if str(msgs[-1].get("content", "")).strip() else "empty response"
-    if not isinstance(row.get("prompt"), str):
-        return "missing field 'prompt'"
-    if not isinstance(row.get("response"), str):
-        return "missing field 'response'"
+    problem = text_field_problem(row, "prompt") or text_field_problem(row, "response")
+    if problem:
+        return problem
     return None if row["response"].strip() else "empty response"
 
 
@@ -87,8 +109,9 @@ class PairExample:
 
 def pair_row_problem(row: dict[str, Any]) -> str | None:
     for f in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(f), str):
-            return f"missing field '{f}'"
+        problem = text_field_problem(row, f)
+        if problem:
+            return problem
     if not row["chosen"].strip() or not row["rejected"].strip():
         return "empty response"
     return None
@@ -103,9 +126,9 @@ def make_pair_example(tokenizer, row: dict[str, Any], max_length: int) -> PairEx
 
 
 def rl_row_problem(row: dict[str, Any]) -> str | None:
-    if not isinstance(row.get("prompt"), str) and not row.get("messages"):
-        return "missing field 'prompt'"
-    return None
+    if row.get("messages"):
+        return None
+    return text_field_problem(row, "prompt")
 
 
 # The reason a prompt the rollout engine cannot take is skipped for (a bad row, counted).

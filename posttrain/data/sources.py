@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -61,10 +62,29 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return rows
 
 
-def load_rows(src: DatasetSource, key: str) -> list[dict[str, Any]]:
-    """All rows of ``src`` as dicts (synthetic rows are generated deterministically from seed)."""
+def load_rows(src: DatasetSource, key: str, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """All rows of ``src`` as dicts (synthetic rows are generated deterministically from seed).
+
+    ``fields`` (``data.fields``) maps posttrain's field names to the data's columns:
+    ``{"response": "completion"}`` reads each row's ``completion`` as its ``response``.
+    """
     if src.synthetic is not None:
         return src.synthetic.generate(src.num_examples, src.seed)
+    rows = _load_file_rows(src, key)
+    if fields:
+        rows = [_renamed(row, fields) for row in rows]
+    return rows
+
+
+def _renamed(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    if BAD_LINE in row:
+        return row
+    out = {k: v for k, v in row.items() if k not in fields.values()}
+    out.update({name: row[column] for name, column in fields.items() if column in row})
+    return out
+
+
+def _load_file_rows(src: DatasetSource, key: str) -> list[dict[str, Any]]:
     path = src.path
     if os.path.exists(path):
         files = [path] if os.path.isfile(path) else sorted(os.path.join(path, f) for f in os.listdir(path) if os.path.splitext(f)[1] in _FORMATS)
@@ -186,9 +206,23 @@ REASON_FIXES = {
 }
 
 
+_OTHER_NAME = re.compile(r"missing field '(\w+)' \(the rows have '(\w+)'\)")
+_NOT_TEXT = re.compile(r"field '(\w+)' is (\w+), not text")
+
+
 def fix_for(reason: str, every_row: bool = False) -> str:
-    """The fix for a bad-row reason: the setting to change for a length limit (raising
-    data.max_bad_fraction too, when some rows are good), else repair or tolerate."""
+    """The fix for a bad-row reason: a column to map or a type to change; the setting to change
+    for a length limit (raising data.max_bad_fraction too, when some rows are good); else repair
+    or tolerate."""
+    other = _OTHER_NAME.match(reason)
+    if other:
+        name, column = other.groups()
+        return f"map the column to posttrain's name: data.fields={{{name}: {column}}} (on the command line: 'data.fields={{{name}: {column}}}')"
+    not_text = _NOT_TEXT.match(reason)
+    if not_text:
+        name, kind = not_text.groups()
+        return (f"write '{name}' as a JSON string in every row (\"{name}\": \"42\", not {kind} 42); "
+                "posttrain does not convert it, since the text the model learns must be exactly what you wrote")
     for prefix, fix in REASON_FIXES.items():
         if reason.startswith(prefix):
             return fix if every_row else f"{fix}; or raise data.max_bad_fraction if skipping them is intended"

@@ -113,8 +113,8 @@ def _train(rank: int, world: int, cfg: RecipeConfig, resolved: dict[str, Any], r
     algo = cfg.algorithm.build()
     tok = apply_templates(load_tokenizer(cfg.model), cfg.data)
     d = cfg.data
-    train_ex, _ = algo.prepare(load_rows(d.train, "data.train"), tok, d.max_length, d.max_bad_fraction, "data.train")
-    eval_ex, eval_rows = algo.prepare(load_rows(d.eval, "data.eval"), tok, d.max_length, d.max_bad_fraction, "data.eval") if d.eval else ([], [])
+    train_ex, _ = algo.prepare(load_rows(d.train, "data.train", d.fields), tok, d.max_length, d.max_bad_fraction, "data.train")
+    eval_ex, eval_rows = algo.prepare(load_rows(d.eval, "data.eval", d.fields), tok, d.max_length, d.max_bad_fraction, "data.eval") if d.eval else ([], [])
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     model = algo.load_model(cfg.model)
@@ -180,7 +180,7 @@ def preflight(cfg: RecipeConfig) -> None:
         raise PackingUnsupportedError(type(algo).__name__)
     for key, src in (("data.train", d.train), ("data.eval", d.eval)):
         if src is not None:
-            algo.prepare(load_rows(src, key), tok, d.max_length, d.max_bad_fraction, key)
+            algo.prepare(load_rows(src, key, d.fields), tok, d.max_length, d.max_bad_fraction, key)
 
 
 def run_offline(cfg: RecipeConfig, resolved: dict[str, Any], run_dir: str) -> dict[str, Any]:

@@ -104,8 +104,8 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
     """Data, reward graph, Ray placement, trainer ranks and rollout workers, and the rooms between."""
     algo, d = cfg.algorithm, cfg.data
     tok = apply_templates(load_tokenizer(cfg.model), d)  # the chat template, or the recipe's format
-    train = prompt_records(load_rows(d.train, "data.train"), tok, "data.train", d.max_bad_fraction, rl_prompt_limit(cfg))
-    held_out = prompt_records(load_rows(d.eval, "data.eval"), tok, "data.eval", d.max_bad_fraction,
+    train = prompt_records(load_rows(d.train, "data.train", d.fields), tok, "data.train", d.max_bad_fraction, rl_prompt_limit(cfg))
+    held_out = prompt_records(load_rows(d.eval, "data.eval", d.fields), tok, "data.eval", d.max_bad_fraction,
                               rl_prompt_limit(cfg, evaluation=True)) if d.eval else []  # fmt: skip
     agent = build_agent(cfg.rollout.agent, tok, cfg.run.seed, cfg.rollout.engine, run_dir)  # None: single-turn
     graph = build_reward_graph(cfg.reward) if cfg.reward.nodes or not agent else None  # an env may score alone

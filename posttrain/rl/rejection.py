@@ -79,7 +79,7 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
     from posttrain.rollout.actor import RolloutWorker
 
     algo, tok = cfg.algorithm, apply_templates(load_tokenizer(cfg.model), cfg.data)
-    rows = load_rows(cfg.data.train, "data.train")
+    rows = load_rows(cfg.data.train, "data.train", cfg.data.fields)
     rows, _ = build_examples(rows, lambda r: rl_row_problem(r) or r, cfg.data.max_bad_fraction, "data.train")
     order = ResumableSampler(len(rows), cfg.run.seed, cfg.data.shuffle).take(min(algo.num_prompts, len(rows)))
     prompts = [PromptRecord(j, prompt_text(tok, rows[i]), encode(tok, prompt_text(tok, rows[i])), dict(rows[i])) for j, i in enumerate(order)]

@@ -248,6 +248,37 @@ def test_many_malformed_lines_stop_with_the_reason(run_cli, tmp_path):
     _check(code, err, Row("", "", [], 3, ["2 of 3 rows are bad", "malformed JSON line", "max_bad_fraction"]))
 
 
+@pytest.mark.parametrize("row, needles", [
+    ({"prompt": "1+1=", "completion": "2"},
+     ["missing field 'response' (the rows have 'completion')", "fix: map the column", "data.fields={response: completion}"]),
+    ({"prompt": "1+1=", "response": 2}, ["field 'response' is int, not text", "fix: write 'response' as a JSON string"]),
+    ({"instruction": "1+1=", "response": "2"}, ["missing field 'prompt' (the rows have 'instruction')", "data.fields={prompt: instruction}"]),
+])  # fmt: skip
+def test_rows_of_another_tool_get_a_precise_message(row, needles, run_cli, tmp_path, no_start):
+    """#28.9: these used to say "missing field 'response'" with the fix to raise max_bad_fraction."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    code, _, err = run_cli("run", SFT, *_data_overrides(data), f"run.output_dir={tmp_path / 'runs'}", *FAST)
+    _check(code, err, Row("", SFT, [], 3, ["2 of 2 rows are bad", *needles]))
+    assert "max_bad_fraction" not in err.split("fix:")[1] and not no_start
+
+
+def test_mapped_fields_read_trl_columns(run_cli, tmp_path):
+    """``data.fields`` maps posttrain's names to the data's columns (train and eval)."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+1=", "completion": str(i + 1)}) + "\n" for i in range(12)))
+    code, out, err = run_cli("run", SFT, *_data_overrides(data), "data.fields={prompt: question, response: completion}", "--dry-run")
+    assert code == 0, err
+    assert "train_examples: 12" in out
+
+
+def test_dpo_rows_with_an_int_chosen(run_cli, tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "chosen": 2, "rejected": "3"}) + "\n")
+    code, _, err = run_cli("run", "recipes/dpo_tiny_arith.yaml", *_data_overrides(data), "--dry-run")
+    _check(code, err, Row("", "", [], 3, ["field 'chosen' is int, not text", "JSON string"]))
+
+
 def _rl_data_overrides(path) -> list[str]:
     return [*TINY_POLICY, "data.train.synthetic=null", "data.train.num_examples=0", f"data.train.path={path}", "data.eval=null"]
 

@@ -100,3 +100,31 @@ def test_dry_run_prints_counts_and_starts_nothing(run_cli, tmp_path):
     assert code == 0
     assert "samples_per_step: 64" in out and "optimizer_steps: 250" in out and "tokens_per_step" in out
     assert not os.listdir(tmp_path)
+
+
+def test_list_items_overridable_by_index():
+    """#28.9: `reward.nodes.0.fn=...` changes one node of the recipe's list."""
+    cfg, resolved = load_recipe(
+        "recipes/grpo_tiny_arith.yaml",
+        ["model.factory={arch:llama}", "reward.nodes.0.fn=posttrain.rewards.builtins.math_answer", "reward.nodes.0.weight=0.5"],
+    )
+    assert cfg.reward.nodes[0].fn == "posttrain.rewards.builtins.math_answer" and cfg.reward.nodes[0].weight == 0.5
+    assert resolved["reward"]["nodes"][0]["name"] == "correct"  # the item's other keys kept
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("reward.nodes.3.fn=x", ["key 'reward.nodes.3'", "index 3 is out of range: the list has 1 items", "fix: use an index from 0 to 0"]),
+    ("reward.nodes.first.fn=x", ["key 'reward.nodes.first'", "must be an index", "fix: write reward.nodes.0"]),
+])  # fmt: skip
+def test_bad_list_index_override(run_cli, override, needles):
+    code, _, err = run_cli("run", "recipes/grpo_tiny_arith.yaml", "model.factory={arch:llama}", override, "--dry-run")
+    assert code == 2 and "Traceback" not in err
+    assert all(n in err for n in needles), err
+
+
+def test_key_of_another_algorithm_says_what_to_do(run_cli):
+    """#28.9: DPO's `loss:` in an SFT recipe used to end with "use one of: " and nothing."""
+    code, _, err = run_cli("run", RECIPE, "algorithm.loss=sigmoid", "--dry-run")
+    assert code == 2 and "SFTConfig takes no keys" in err
+    fix = err.split("fix:")[1]
+    assert "remove it" in fix and "algorithm._target_=posttrain.offline.dpo.DPOConfig" in fix
