@@ -120,7 +120,10 @@ def dpo_loss(
     The loss is ``sum over local pairs / num_pairs`` where num_pairs is the GLOBAL pair count.
 
     Metrics: implicit rewards ``beta * (pol - ref)`` for chosen/rejected, their margin, and the
-    reward accuracy (fraction of pairs where the chosen reward is strictly higher).
+    reward accuracy ``rewards/accuracy`` (fraction of the batch's pairs where the chosen implicit
+    reward is strictly higher: relative to the reference, so 0 at step 0, as TRL's
+    ``rewards/accuracies``). The held-out ``eval/pair_accuracy`` of :class:`posttrain.offline.dpo.DPO`
+    compares the policy's own logprobs, without the reference.
     """
     raise_if_invalid(cfg)
     chosen_logratio_B = pol_chosen_B - ref_chosen_B

@@ -85,7 +85,14 @@ class DPO(PreferencePairs):
         return dpo_loss(pol_c, pol_r, ref_c, ref_r, self.cfg.loss, global_count)
 
     def evaluate(self, model, examples, rows, tokenizer, checker, max_new_tokens: int = 16) -> dict[str, float]:
-        """Held-out preference accuracy: the policy puts more probability on chosen than rejected."""
+        """Held-out ``eval/pair_accuracy``: the fraction of held-out pairs whose chosen response the
+        policy gives a higher total logprob than the rejected one (``logp(c) > logp(r)``, sums in
+        nats), with no reference model. It differs from the training ``rewards/accuracy``
+        (:func:`~posttrain.algorithms.offline_losses.dpo_loss`), which compares the implicit rewards
+        ``beta * (logp - logp_ref)``, i.e. how the policy moved *relative to the reference*: that one
+        starts at 0 (policy = reference, strict ties) and climbs as DPO trains; this one starts at
+        the model's prior preference (often not 0.5: shorter responses have higher logprob sums)
+        and says whether the policy now ranks the held-out pairs the right way in absolute terms."""
         with torch.no_grad():
             c, r = self._seq_logps(model, self.collate(examples, tokenizer.pad_token_id))
         return {"pair_accuracy": float((c > r).float().mean())}
