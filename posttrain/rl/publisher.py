@@ -34,7 +34,14 @@ from posttrain.diagnose import ActorLost, CallTimeout, wait_calls
 from posttrain.rl.config import SyncConfig
 from posttrain.rl.fleet import WorkerFleet
 from posttrain.rl.trainers import TrainerFailed, TrainerGroup
-from posttrain.weight_sync import PROBE_TOLERANCE, WeightSyncFingerprintError, check_probe, dtype_from_name
+from posttrain.weight_sync import (
+    PROBE_TOLERANCE,
+    ProbeFloor,
+    WeightSyncFingerprintError,
+    dtype_from_name,
+    judge_probe,
+    measure_floor,
+)
 
 
 class WeightPublisher:
@@ -53,6 +60,7 @@ class WeightPublisher:
         mixed = getattr(getattr(getattr(trainers, "spec", None), "trainer", None), "mixed_precision", "none")
         dtypes = [dtype] + ([dtype_from_name(engine_dtype)] if engine_dtype else []) + ([torch.bfloat16] if mixed == "bf16" else [])
         self.probe_dtype = max(dtypes, key=lambda d: PROBE_TOLERANCE.get(d, 0.0))
+        self.floor: ProbeFloor | None = None  # the probe's gap with identical weights (calibrate)
         self._store: Any = None  # posttrain.sync.group.UpdateStore, on first use
         self._group_key: tuple | None = None  # who is in the current update group
         fleet.on_lost = self.replace  # a worker dying in any fleet call is replaced with the newest weights
@@ -213,15 +221,36 @@ class WeightPublisher:
         stats.update(self.probe(probe_ids, loaded))
         return stats
 
+    def calibrate(self, probe_ids: list[list[int]]) -> dict[str, float]:
+        """The probe's floor, measured once while the workers serve the trainers' own weights
+        (before the first optimizer step: version 0, or a restored version); its metrics on every
+        later call. Raises ``WeightSyncProbeError`` if the two sides already disagree then.
+
+        Colocated: the engines score while the trainers are still off the devices, then sleep
+        again before the trainers' probe brings them back."""
+        if self.floor is None and getattr(self.trainers, "pushed_current", False):
+            usable = self.fleet.usable()
+            self.fleet.wake(usable)
+            engine_lps = self.fleet.call(usable, "score_tokens", probe_ids, what="probe floor")
+            self.fleet.sleep(usable)
+            trainer_lp = self.trainers.probe(probe_ids)
+            floors = [measure_floor(lp, trainer_lp, self.probe_dtype, self.sync.probe_tolerance) for lp in engine_lps.values()]
+            self.floor = ProbeFloor(max(f.mean for f in floors), max(f.p99 for f in floors))
+        if self.floor is None:
+            return {}
+        return {"sync/probe_floor_mean": self.floor.mean, "sync/probe_floor_p99": self.floor.p99}
+
     def probe(self, probe_ids: list[list[int]], targets: list[int]) -> dict[str, float]:
-        """The workers' logprobs on ``probe_ids`` against the trainer's; raises
-        ``WeightSyncProbeError`` naming the version when a worker does not serve the new weights."""
+        """The workers' logprobs on ``probe_ids`` against the trainer's, judged on mean and p99
+        above the floor (:meth:`calibrate`); raises ``WeightSyncProbeError`` naming the version
+        when a worker does not serve the new weights."""
         trainer_lp = self.trainers.probe(probe_ids)
         engine_lps = self.fleet.call(targets, "score_tokens", probe_ids, what="probe")
         stats: dict[str, float] = {}
         for engine_lp in engine_lps.values():
-            gap = check_probe(engine_lp, trainer_lp, self.version, self.probe_dtype, self.sync.probe_tolerance)
-            stats["sync/probe_gap"] = max(stats.get("sync/probe_gap", 0.0), gap)
+            gap = judge_probe(engine_lp, trainer_lp, self.version, self.probe_dtype, self.sync.probe_tolerance, self.floor)
+            for key, value in (("sync/probe_gap", gap.max), ("sync/probe_gap_mean", gap.mean), ("sync/probe_gap_p99", gap.p99)):
+                stats[key] = max(stats.get(key, 0.0), value)
         versions = self.fleet.call(list(engine_lps), "version", what="version")
         stats["sync/worker_version"] = float(min(versions.values(), default=-1))
         return stats

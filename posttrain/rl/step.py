@@ -316,10 +316,12 @@ class Step:
         with timer("prepare"):
             batch, m_batch = make_batch(scored, self.algo, self.pad_id, m_reward)
             inputs, m_kl = train_inputs(batch, scored, self.algo, self.trainers, self.kl_ctl)
+        calibrate = getattr(self.publisher, "calibrate", None)  # the probe's floor: both sides still hold one version
+        m_floor = calibrate(probe_sequences(scored)) if calibrate is not None else {}
         with timer("train"):
             m_train = train(inputs, self.algo, self.trainers, self.seed + step)
         with timer("sync"):
-            m_sync = self.publisher.publish(probe_sequences(scored))
+            m_sync = {**m_floor, **self.publisher.publish(probe_sequences(scored))}
         m_sync.update(getattr(self.trainers, "offload_stats", {}))  # trainer.offload: rank 0's last moves
         m_reward.update(trained_reward_metrics(scored, m_reward))
         return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, scored), **timer.metrics(),
