@@ -120,30 +120,66 @@ def _rng_restored(device: torch.device, state: tuple[torch.Tensor, torch.Tensor 
         yield
 
 
+def _grad_logits(ctx, logits_nV, labels_n, entropy_n, grad_lp_n, grad_ent_n) -> torch.Tensor:
+    """d loss / d logits of one block (fp32 [n, V]) from the upstream gradients of its logprobs and
+    entropies (either may be None): -p (g_lp + g_H (log p + H)) + g_lp onehot(y), over T. Outside
+    the kept set p = 0 exactly, so that term is 0 there without a mask."""
+    temperature, top_k, top_p, _, _ = ctx.settings
+    logp, _ = _block_logp(logits_nV, labels_n, temperature, top_k, top_p)
+    p = logp.exp()
+    if grad_ent_n is not None:
+        coef = _safe(logp).add_(entropy_n.unsqueeze(-1)).mul_(grad_ent_n.unsqueeze(-1))
+        del logp
+        if grad_lp_n is not None:
+            coef.add_(grad_lp_n.unsqueeze(-1))
+        grad = coef.mul_(p).neg_()
+        del p
+    else:
+        del logp
+        grad = p.mul_(-grad_lp_n.unsqueeze(-1))
+    if grad_lp_n is not None:
+        grad.scatter_add_(-1, labels_n.unsqueeze(-1), grad_lp_n.unsqueeze(-1))
+    if temperature != 1.0:
+        grad.div_(temperature)
+    return grad
+
+
+def _plain_linear(head: Head) -> torch.nn.Linear | None:
+    """The ``nn.Linear`` whose own forward ``head`` is (the usual LM head, tied or not): its
+    gradients are two matmuls, no autograd graph needed. None for anything else (LoRA)."""
+    owner = getattr(head, "__self__", None)
+    return owner if type(owner) is torch.nn.Linear and getattr(head, "__func__", None) is torch.nn.Linear.forward else None
+
+
 def _backward_blocks(ctx, hidden_MH, labels_M, entropy_M, grad_logprobs_M, grad_entropy_M, params, grad_params, grad_hidden) -> None:
     """The backward's block loop: recompute a block's logits, form their gradient, push it
     through the head into ``grad_hidden`` and ``grad_params`` (in place)."""
-    temperature, top_k, top_p, rows, _ = ctx.settings
+    rows = ctx.settings[3]
     want_hidden = grad_hidden is not None
+    linear = _plain_linear(ctx.head)
     for sl in _blocks(hidden_MH.shape[0], rows):
+        g_lp = grad_logprobs_M[sl] if grad_logprobs_M is not None else None
+        g_ent = grad_entropy_M[sl] if grad_entropy_M is not None else None
+        if linear is not None:  # x W^T + b: grad_x = G W, grad_W += G^T x, grad_b += sum G
+            x = hidden_MH[sl]
+            with torch.no_grad():
+                grad_u = _grad_logits(ctx, ctx.head(x), labels_M[sl], entropy_M[sl], g_lp, g_ent).to(linear.weight.dtype)
+                if want_hidden:
+                    grad_hidden[sl] = grad_u @ linear.weight
+                for j, p in enumerate(params):
+                    if p is linear.weight:
+                        part = grad_u.t() @ x.to(p.dtype)
+                    elif p is linear.bias:
+                        part = grad_u.sum(0)
+                    else:
+                        continue
+                    grad_params[j] = part if grad_params[j] is None else grad_params[j].add_(part)
+            continue
         with torch.enable_grad():
             x = hidden_MH[sl].detach().requires_grad_(want_hidden)
             logits = ctx.head(x)
         with torch.no_grad():
-            logp, keep = _block_logp(logits.detach(), labels_M[sl], temperature, top_k, top_p)
-            p = logp.exp()
-            grad_u = torch.zeros_like(p)
-            if grad_entropy_M is not None:
-                grad_u -= p * (_safe(logp) + entropy_M[sl].unsqueeze(-1)) * grad_entropy_M[sl].unsqueeze(-1)
-            if grad_logprobs_M is not None:
-                g = grad_logprobs_M[sl].unsqueeze(-1)
-                grad_u -= p * g
-                grad_u.scatter_add_(-1, labels_M[sl].unsqueeze(-1), g)
-            if keep is not None:
-                grad_u = torch.where(keep, grad_u, 0.0)
-            if temperature != 1.0:
-                grad_u /= temperature
-            del logp, p, keep
+            grad_u = _grad_logits(ctx, logits.detach(), labels_M[sl], entropy_M[sl], g_lp, g_ent)
         inputs = ([x] if want_hidden else []) + params
         grads = torch.autograd.grad(logits, inputs, grad_u.to(logits.dtype), allow_unused=True)
         del logits, grad_u
