@@ -227,14 +227,15 @@ def _memory_plan(cfg) -> str:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Print the per-device memory plan from the model's config.json alone; exit 3 if it does not fit."""
+    """Print the per-device memory plan from the model's config.json alone; exit 5 when a GPU recipe
+    does not fit (a report, not an error: 2, 3 and 4 stay config, data and model errors)."""
     from posttrain.config.loader import load_recipe
     from posttrain.plan import plan_recipe, render
 
     cfg, _ = load_recipe(args.recipe, args.overrides)
     plan = plan_recipe(cfg)
     print(render(plan))
-    return 0 if plan.fits or not plan.inputs.on_gpu else 3
+    return 0 if plan.fits or not plan.inputs.on_gpu else 5
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -364,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="key=value overrides (Hydra syntax); group=option selects a config group")
     r.add_argument("--dry-run", action="store_true", help="print the resolved config and derived counts, then exit")
     r.set_defaults(fn=cmd_run)
-    pn = sub.add_parser("plan", help="per-device memory plan of a recipe (config.json only, no weights): posttrain plan recipes/X.yaml")
+    pn = sub.add_parser("plan", help="per-device memory plan of a recipe (config.json only, no weights); exit 5 if it does not fit")
     pn.add_argument("recipe")
     pn.add_argument("overrides", nargs="*", help="key=value overrides, as for run")
     pn.set_defaults(fn=cmd_plan)

@@ -103,7 +103,7 @@ def test_qwen3_30b_a3b_does_not_fit_one_80gb_gpu_and_names_the_knob(tmp_path, re
         overrides = [kv for kv in knob.split("  (")[0].split() if kv.split("=")[0] in (*KNOB_KEYS.values(), "rollout.num_workers")]
         assert _plan(repo_root, [f"model.path={path}", *overrides]).fits, knob
     code, out, _ = run_cli("plan", os.path.join(repo_root, "recipes/grpo_gpu_qwen_1p5b.yaml"), *one_gpu)
-    assert code == 3 and "DOES NOT FIT" in out and "turn one of" in out and "trainer.world_size=" in out
+    assert code == 5 and "DOES NOT FIT" in out and "turn one of" in out and "trainer.world_size=" in out
 
 
 # --- plan vs measured, on CPU ---------------------------------------------------------------------
