@@ -232,18 +232,24 @@ def merge_rounds(rounds: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def trained_reward_metrics(scored: list[ScoredGroup], metrics: dict[str, float]) -> dict[str, float]:
-    """Per-node means (``reward/<node>/mean``, the agent's ``env/<name>``) and the masked fraction
-    over the samples the step trains on, replacing those of whatever the scorer scored."""
+def trained_reward_metrics(scored: list[ScoredGroup], metrics: dict[str, float], used_NG: torch.Tensor) -> dict[str, float]:
+    """Per-node means (``reward/<node>/mean``, the agent's ``env/<name>``) over the samples the step
+    trains on (``used_NG``: the batch's sample mask, so overlong-filtered samples are left out as
+    from ``reward/mean``), and the reward-failure fraction of its samples, replacing those of
+    whatever the scorer scored (dynamic sampling: several rounds)."""
     out: dict[str, float] = {}
     rewards = [r for sg in scored for r in sg.rewards]
     if rewards:
         out["reward/masked_fraction"] = sum(r is None for r in rewards) / len(rewards)
+    used = [bool(u) for u in used_NG.reshape(-1).tolist()]
     for name in sorted({k for sg in scored for k in sg.breakdown}):
-        env = name.startswith("env/")
-        values = [v for sg in scored if name in sg.breakdown for v, r in zip(sg.breakdown[name], sg.rewards, strict=True)
-                  if v is not None and (r is not None or not env)]  # fmt: skip
-        key = name if env else f"reward/{name}/mean"
+        key = name if name.startswith("env/") else f"reward/{name}/mean"
+        values, at = [], 0
+        for sg in scored:
+            n = len(sg.rewards)
+            if name in sg.breakdown:
+                values += [v for v, u in zip(sg.breakdown[name], used[at : at + n], strict=True) if v is not None and u]
+            at += n
         if values:
             out[key] = sum(values) / len(values)
         elif key in metrics:
@@ -323,7 +329,7 @@ class Step:
         with timer("sync"):
             m_sync = {**m_floor, **self.publisher.publish(probe_sequences(scored))}
         m_sync.update(getattr(self.trainers, "offload_stats", {}))  # trainer.offload: rank 0's last moves
-        m_reward.update(trained_reward_metrics(scored, m_reward))
+        m_reward.update(trained_reward_metrics(scored, m_reward, batch.sample_mask_NG))
         return {**m_reward, **m_dyn, **m_batch, **m_kl, **m_sync, **m_train, **batch_metrics(inputs, scored), **timer.metrics(),
                 **throughput(inputs.batch, timer.step_s), "policy_version": float(self.publisher.version)}  # fmt: skip
 

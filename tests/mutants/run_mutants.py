@@ -247,8 +247,13 @@ MUTANTS = [
     ),
     Mutant(
         "reward_metrics_of_the_first_round", STEP,
-        "        m_reward.update(trained_reward_metrics(scored, m_reward))\n", "",
+        "        m_reward.update(trained_reward_metrics(scored, m_reward, batch.sample_mask_NG))\n", "",
         STEP_TESTS, "reward/<node>/mean describes the first scoring round, not the trained batch",
+    ),
+    Mutant(
+        "reward_metrics_include_overlong_masked", STEP,
+        "if v is not None and u]", "if v is not None]",
+        STEP_TESTS, "reward/<node>/mean counts samples the overlong filter masked out of training",
     ),
     Mutant(
         "scorer_counters_of_one_round", STEP,

@@ -167,6 +167,7 @@ def test_dynamic_sampling_drops_a_group_whose_only_spread_is_overlong_filtered()
     (batch,) = trainers.batches
     valid = batch.loss_mask_BT > 0
     assert valid[7].sum() == 0 and (batch.advantages_BT[valid] != 0).all()  # masked, and non-zero elsewhere
+    assert m["reward/correct/mean"] == pytest.approx(3 / 7)  # the trained samples: 1,0,0,0 and 1,0,1 (not the masked 0)
 
 
 def test_dynamic_sampling_keeps_a_group_that_only_process_rewards_separate():
