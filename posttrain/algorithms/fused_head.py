@@ -151,12 +151,28 @@ def _plain_linear(head: Head) -> torch.nn.Linear | None:
     return owner if type(owner) is torch.nn.Linear and getattr(head, "__func__", None) is torch.nn.Linear.forward else None
 
 
+def _check_same_params(head: Head, params: list[torch.Tensor]) -> None:
+    """The head's parameters in backward must be the tensors the forward captured: a wrapper that
+    swapped them in between (an FSDP root resharded after forward) would otherwise leave their
+    gradient silently out (autograd finds them unused in the recomputed block)."""
+    owner = getattr(head, "__self__", head)
+    if not isinstance(owner, torch.nn.Module):
+        return
+    current = {id(p) for p in owner.parameters()}
+    if any(id(p) not in current for p in params):
+        raise RuntimeError(
+            "fused LM head: the head's parameters changed between forward and backward (resharded?); "
+            "set model.fused_lm_head=false, or keep the module that owns the head gathered until backward"
+        )
+
+
 def _backward_blocks(ctx, hidden_MH, labels_M, entropy_M, grad_logprobs_M, grad_entropy_M, params, grad_params, grad_hidden) -> None:
     """The backward's block loop: recompute a block's logits, form their gradient, push it
     through the head into ``grad_hidden`` and ``grad_params`` (in place)."""
     rows = ctx.settings[3]
     want_hidden = grad_hidden is not None
     linear = _plain_linear(ctx.head)
+    _check_same_params(ctx.head, params)
     for sl in _blocks(hidden_MH.shape[0], rows):
         g_lp = grad_logprobs_M[sl] if grad_logprobs_M is not None else None
         g_ent = grad_entropy_M[sl] if grad_entropy_M is not None else None

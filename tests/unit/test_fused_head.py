@@ -186,3 +186,14 @@ def test_no_vocabulary_sized_tensor_beyond_one_block_is_kept_for_backward():
     assert biggest["unfused"] >= 4 * 19, biggest  # the whole micro-batch's logits
     # the fused path saves the head weight [V, H] transposed at most (positions counted as H = 32)
     assert biggest["fused"] <= 32, biggest
+
+
+def test_a_head_whose_weight_is_swapped_before_backward_fails_loudly():
+    """As an FSDP root resharded between forward and backward would: the recomputed blocks would
+    not use the captured weight, whose gradient would silently be left out."""
+    head = torch.nn.Linear(8, V, bias=False)
+    hidden = torch.randn(5, 8, requires_grad=True)
+    lp, _ = fused_head_logprobs(hidden, head.forward, [head.weight], torch.randint(0, V, (5,)))
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())
+    with pytest.raises(RuntimeError, match="changed between forward and backward"):
+        lp.sum().backward()
