@@ -433,6 +433,7 @@ def render(plan: Plan) -> str:
         lines.append(f"{d.label} x{d.count}:")
         lines.append(f"  {'':24s}" + "".join(f"{p:>10s}" for p in phases))
         rows = list(dict.fromkeys(r for p in phases for r in d.phases[p]))
+        rows.sort(key=lambda r: r == "CUDA contexts")  # last, the rest in order of appearance
         for r in rows:
             values = [d.phases[p].get(r, 0) for p in phases]
             if any(values):
