@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton")
-# Two compile processes for 2-6 minutes on a cold Triton cache (42 compiles: measured 163 s with
-# triton 3.7.1 and 364 s with 3.9 on a busy 2-core box; seconds on a warm cache).
+# Two compile processes, 2-6 minutes on a cold Triton cache (42 compiles; measured on the busy 2-core
+# CI box: 115-163 s with triton 3.7.1, 364 s with 3.9 while other jobs ran; seconds on a warm cache).
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).resolve().parent
