@@ -33,6 +33,7 @@ from .vllm_engine import VLLMEngine, VLLMEngineConfig
 log = logging.getLogger(__name__)
 
 EngineConfig = VLLMEngineConfig | HFEngineConfig
+SLEEP_TAGS = ("weights", "kv_cache")  # what vLLM's sleep releases, woken separately by tag
 
 
 def build_engine(config: EngineConfig) -> RolloutEngine:
@@ -59,7 +60,11 @@ class RolloutWorker:
 
         quiet_library_logs()  # in this actor process, before the engine imports vLLM (logging.verbose)
         self.engine = build_engine(config)
-        self.asleep = False
+        self.sleeping: set[str] = set()  # vLLM sleep tags still asleep ("weights", "kv_cache")
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self.sleeping)
 
     def generate(self, prompts: list[PromptRecord], sampling: SamplingConfig) -> list[Group]:
         if self.asleep:
@@ -98,14 +103,19 @@ class RolloutWorker:
         if self.asleep:
             return None
         report = self.engine.sleep(level)
-        self.asleep = True
+        self.sleeping = set(SLEEP_TAGS)
         return report
 
-    def wake_up(self) -> None:
-        """Take the devices back (before generating or loading weights); awake already: nothing."""
-        if self.asleep:
-            self.engine.wake_up()
-        self.asleep = False
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Take the devices back: ``tags`` of vLLM's (``"weights"`` before a weight load,
+        ``"kv_cache"`` once the trainer left the device), None: all. Awake already: nothing."""
+        wanted = set(SLEEP_TAGS) if tags is None else set(tags)
+        if self.sleeping & wanted:
+            if tags is None and self.sleeping == set(SLEEP_TAGS):
+                self.engine.wake_up()  # everything (engines without sleep tags take this call)
+            else:
+                self.engine.wake_up(sorted(self.sleeping & wanted))
+        self.sleeping -= wanted
 
     def health(self) -> dict[str, Any]:
         """Cheap liveness report: engine type, served version, asleep, process id."""

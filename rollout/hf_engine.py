@@ -243,7 +243,8 @@ class HFEngine:
         self.model.to("cpu")
         torch.cuda.empty_cache()
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """``tags`` (vLLM's sleep tags) mean nothing here: the weights are all this engine moves."""
         if self.device.type == "cpu":
             log.info("HF engine wake_up skipped (CPU)")
             return

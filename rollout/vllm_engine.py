@@ -65,7 +65,8 @@ class VLLMEngineConfig:
         cpu_kv_cache_gib: CPU only: KV-cache size in GiB.
         tensor_parallel_size: tensor-parallel workers (on CPU each worker is a process bound to
             its own cores; unless VLLM_CPU_OMP_THREADS_BIND is set, the cores are split evenly).
-        enforce_eager: no CUDA graphs / compilation of the model (needed on CPU).
+        enforce_eager: no CUDA graphs / compilation of the model. None: True on CPU (needed
+            there), False on GPU (CUDA graphs: decode is launch-bound without them).
         seed: engine seed (sampling is seeded per request when SamplingConfig.seed is set).
         logprobs_mode: what behaviour logprobs mean: "processed_logprobs" = of the distribution
             actually sampled (after temperature / top_p), "raw_logprobs" = of the raw model.
@@ -90,7 +91,7 @@ class VLLMEngineConfig:
     gpu_memory_utilization: float = 0.15
     cpu_kv_cache_gib: float = 1.0
     tensor_parallel_size: int = 1
-    enforce_eager: bool = True
+    enforce_eager: bool | None = None
     seed: int = 0
     logprobs_mode: str = "processed_logprobs"
     weight_transfer_backend: str | None = None
@@ -131,6 +132,11 @@ def _split_cores(parts: int) -> str:
     binding = "|".join(",".join(map(str, chunk)) for chunk in chunks)
     log.info("vLLM-cpu tensor parallel %d: VLLM_CPU_OMP_THREADS_BIND=%s", parts, binding)
     return binding
+
+
+def resolve_enforce_eager(config: VLLMEngineConfig, on_cpu: bool) -> bool:
+    """``enforce_eager`` as the recipe set it, else eager on CPU only (CUDA graphs on GPU)."""
+    return on_cpu if config.enforce_eager is None else config.enforce_eager
 
 
 def sleep_unavailable(config: VLLMEngineConfig, platform: Any) -> str | None:
@@ -190,7 +196,7 @@ class VLLMEngine:
             max_model_len=config.max_model_len,
             gpu_memory_utilization=config.gpu_memory_utilization,
             tensor_parallel_size=config.tensor_parallel_size,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=resolve_enforce_eager(config, self.on_cpu),
             seed=config.seed,
             logprobs_mode=config.logprobs_mode,
             weight_transfer_config={"backend": backend},
@@ -374,16 +380,22 @@ class VLLMEngine:
     def sleep(self, level: int = 1) -> dict[str, float]:
         """Free device memory while the trainer runs (colocated): level 1 moves the weights to host
         memory and drops the KV cache. A no-op without sleep mode (``sleep_unavailable`` says
-        why). Returns the device bytes released (CUDA: free memory after - before; else 0)."""
-        if self.sleep_unavailable is not None:
-            return {"released_bytes": 0.0}
+        why). Level 2 drops the weights too: only where a weight sync follows every wake.
+        Returns the device bytes released (CUDA: free memory after - before; else 0).
+
+        The weight receivers' buffer pools are freed first in every case: they are torch
+        allocations outside vLLM's sleep allocator, which sleep would not release."""
         before = _free_device_bytes()
-        self._llm.sleep(level=level)
+        self._llm.collective_rpc("posttrain_release_pools")
+        if self.sleep_unavailable is None:
+            self._llm.sleep(level=level)
         return {"released_bytes": float(_free_device_bytes() - before)}
 
-    def wake_up(self) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Reallocate what ``tags`` name (vLLM's ``"weights"``, ``"kv_cache"``; None: everything).
+        A publish wakes the weights, syncs, and wakes the KV cache once the trainer left the device."""
         if self.sleep_unavailable is None:
-            self._llm.wake_up()
+            self._llm.wake_up(tags=list(tags) if tags is not None else None)
 
     def close(self) -> None:
         llm, self._llm = getattr(self, "_llm", None), None

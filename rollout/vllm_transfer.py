@@ -227,6 +227,16 @@ class PosttrainWorkerExtension:
         """Buckets, bytes and digest of this worker's last collective update (None if it failed)."""
         return self.weight_transfer_engine.last_receive
 
+    def posttrain_release_pools(self) -> int:
+        """Free the weight receiver's buffer pools (before sleep); the bytes they held."""
+        engine = self.weight_transfer_engine
+        pools, engine.pools = getattr(engine, "pools", None) or {}, None
+        held = sum(pool.bytes for pool in pools.values())
+        pools.clear()
+        if held and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # back to the driver, where vLLM's sleep accounting sees it
+        return held
+
     def posttrain_reseed(self, seed: int) -> None:
         """Seed the generators the sampler draws from when requests carry no seed of their own."""
         random.seed(seed)

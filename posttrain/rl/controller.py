@@ -40,7 +40,7 @@ from posttrain.rl.agent import build_agent
 from posttrain.rl.checkpointing import Checkpointer
 from posttrain.rl.config import Deadlines
 from posttrain.rl.evaluation import Evaluator, eval_scorer
-from posttrain.rl.fleet import WorkerFleet
+from posttrain.rl.fleet import WorkerFleet, start_in_order
 from posttrain.rl.loops import LoopParts
 from posttrain.rl.loops.pipelined import run_pipelined
 from posttrain.rl.loops.sync import run_sync
@@ -124,11 +124,12 @@ def build(cfg: RecipeConfig, run_dir: str, log: MetricsLogger) -> Rooms:
         cfg.trainer, algo, cfg.sync, plan.threads.train, cfg.cluster.call_timeout_s,
         *sampled_distribution(cfg),
     )  # fmt: skip
-    trainers = TrainerGroup(spec, pg, plan, deadlines)
-    fleet = WorkerFleet(worker_cls, engine_cfg, pg, plan, deadlines, colocated=cfg.cluster.placement == "colocated",
-                        max_restarts=cfg.rollout.max_worker_restarts, run_seed=cfg.run.seed)  # fmt: skip
-    trainers.ready()
-    publisher = WeightPublisher(trainers, fleet, cfg.sync, dtype_from_name(cfg.model.dtype))
+    colocated = cfg.cluster.placement == "colocated"
+    trainers, fleet = start_in_order(lambda: TrainerGroup(spec, pg, plan, deadlines), lambda: WorkerFleet(
+        worker_cls, engine_cfg, pg, plan, deadlines, colocated=colocated, max_restarts=cfg.rollout.max_worker_restarts,
+        run_seed=cfg.run.seed), colocated)  # fmt: skip
+    publisher = WeightPublisher(trainers, fleet, cfg.sync, dtype_from_name(cfg.model.dtype),  # level-2 sleep: a sync after every generate
+                                drop_weights_on_sleep=colocated and not cfg.eval.every_steps and not agent)  # fmt: skip
 
     stream = PromptStream(train, algo.prompts_per_step, cfg.run.seed, d.shuffle)
     generate = agent.bind(fleet, publisher.replace).generate if agent else functools.partial(fleet.generate, on_lost=publisher.replace)

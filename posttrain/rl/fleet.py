@@ -77,6 +77,7 @@ class WorkerFleet:
         # Colocated: what leaves the devices before the engines wake to generate (the trainers'
         # offload; set by the weight publisher, which holds both).
         self.before_generate: Callable[[], Any] | None = None
+        self.sleep_level = 1
         self.workers = [self._spawn(b) for b in plan.rollout_bundle]
         health = {f"rollout worker {i}": (w, w.health.remote()) for i, w in enumerate(self.workers)}
         wait_calls(health, "start", deadlines.startup_s)
@@ -168,19 +169,25 @@ class WorkerFleet:
         worker, name = self.workers[i], f"rollout worker {i} (replacement)"
         out[i] = wait_calls({name: (worker, getattr(worker, verb).remote(*args))}, what, self.deadlines.call_s)[name]
 
-    def wake(self, indices: list[int], *, generate: bool = False) -> None:
-        """Colocated: the trainer is idle now, the workers take the devices back (before generate
-        or a weight load; ``generate``: the trainers leave them first, ``before_generate``).
-        Disaggregated: nothing to do."""
+    def wake(self, indices: list[int], *, generate: bool = False, tags: tuple[str, ...] | None = None) -> None:
+        """Colocated: the workers take the devices back. ``tags``: only what vLLM's sleep tags name
+        (``("weights",)`` before a weight load, while the trainer still holds its memory); None:
+        everything, after ``before_generate`` (the trainers' offload, which empties the CUDA
+        cache) when ``generate``. Disaggregated: nothing to do."""
         if self.colocated:
             if generate and self.before_generate is not None:
                 self.before_generate()
-            self.call(indices, "wake_up", what="wake up")
+            if tags is None:
+                self.call(indices, "wake_up", what="wake up")
+            else:
+                self.call(indices, "wake_up", list(tags), what="wake up")
 
     def sleep(self, indices: list[int]) -> None:
-        """Colocated: free device memory for the trainer's step (after generate)."""
+        """Colocated: free device memory for the trainer's step (after generate), at
+        ``sleep_level``: 1 keeps the weights in host memory, 2 drops them (set by the publisher
+        once every later wake is followed by a weight sync)."""
         if self.colocated:
-            self.call(indices, "sleep", what="sleep")
+            self.call(indices, "sleep", self.sleep_level, what="sleep")
 
     # -- generation --------------------------------------------------------------------------
     def seeded(self, sampling: Any, prompts: list[PromptRecord]) -> Any:
@@ -252,3 +259,19 @@ class WorkerFleet:
         for w in self.workers:
             with contextlib.suppress(Exception):
                 ray.kill(w)
+
+
+def start_in_order(start_trainers: Callable[[], Any], start_fleet: Callable[[], Any], colocated: bool) -> tuple[Any, Any]:
+    """Start the trainer ranks and the rollout workers; ``(trainers, fleet)``.
+
+    Colocated: the engines start only once every trainer rank reported ready (model loaded), since
+    vLLM profiles the device's free memory at start and counts every drop it sees as its own.
+    Disaggregated: both load at once, each on its own devices.
+    """
+    trainers = start_trainers()
+    if colocated:
+        trainers.ready()
+        return trainers, start_fleet()
+    fleet = start_fleet()
+    trainers.ready()
+    return trainers, fleet

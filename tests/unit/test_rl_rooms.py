@@ -172,8 +172,8 @@ class FakeFleet:
     def call(self, indices, verb, *args, what):
         return {i: getattr(self.workers[i], verb)(*args) for i in indices}
 
-    def wake(self, indices):
-        self.woken.append(list(indices))
+    def wake(self, indices, generate=False, tags=None):
+        self.woken.append((list(indices), tags))
 
     def rejoin_all(self):
         self.aside.clear()
@@ -214,7 +214,7 @@ def test_publisher_loads_usable_workers_probes_and_advances():
     pub = WeightPublisher(FakeTrainerGroup(), fleet, SyncConfig(), torch.float32)
     stats = pub.publish([[1, 2, 3]])
     assert pub.version == 1 and engines[0].served == 1 and engines[1].served == 0  # the set-aside one waits
-    assert stats["sync/probe_gap"] == 0.0 and stats["sync/worker_version"] == 1.0 and fleet.woken == [[0]]
+    assert stats["sync/probe_gap"] == 0.0 and stats["sync/worker_version"] == 1.0 and fleet.woken == [([0], ("weights",)), ([0], None)]
     pub.restore(1)  # every worker, set aside or not, back to version 1 (restore=True)
     assert [e.served for e in engines] == [1, 1] and fleet.aside == set()
 
@@ -256,10 +256,10 @@ class FakeWorker:
     def version(self):
         return self.served
 
-    def wake_up(self):
-        self.log.append("wake")
+    def wake_up(self, tags=None):
+        self.log.append("wake" if tags is None else f"wake({','.join(tags)})")
 
-    def sleep(self):
+    def sleep(self, level=1):
         self.log.append("sleep")
 
     def calls(self):
@@ -361,7 +361,8 @@ def test_colocated_fleet_wakes_before_work_and_sleeps_after_generate(make_fleet)
     pub = WeightPublisher(FakeTrainerGroup(), fleet, SyncConfig(), torch.float32)
     fleet.generate(_prompts("a"), SamplingConfig(), on_lost=pub.replace)
     pub.publish([[1, 2, 3]])
-    assert ray.get(fleet.workers[0].calls.remote()) == ["wake", "generate", "sleep", "wake", "update"]
+    # a publish wakes the weights for the load, the rest (KV cache) once the trainers left for the probe
+    assert ray.get(fleet.workers[0].calls.remote()) == ["wake", "generate", "sleep", "wake(weights)", "update", "wake"]
 
 
 # -- structure ------------------------------------------------------------------------------------
