@@ -13,9 +13,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain.config.preflight import rl_prompt_limit
 from posttrain.config.schema import RecipeConfig
 from posttrain.config.targets import build_target
-from posttrain.data.formatting import encode, prompt_text, rl_row_problem
+from posttrain.data.formatting import make_rl_prompt
 from posttrain.data.sampler import ResumableSampler
 from posttrain.data.sources import DatasetSource, build_examples, load_rows
 from posttrain.data.templates import apply_templates
@@ -80,9 +81,10 @@ def sample_and_select(cfg: RecipeConfig, run_dir: str) -> tuple[str, dict[str, f
 
     algo, tok = cfg.algorithm, apply_templates(load_tokenizer(cfg.model), cfg.data)
     rows = load_rows(cfg.data.train, "data.train", cfg.data.fields)
-    rows, _ = build_examples(rows, lambda r: rl_row_problem(r) or r, cfg.data.max_bad_fraction, "data.train")
+    limit = rl_prompt_limit(cfg)  # prompts the engine has no room for are bad rows, as in GRPO
+    made, rows = build_examples(rows, lambda r: make_rl_prompt(tok, r, limit), cfg.data.max_bad_fraction, "data.train")
     order = ResumableSampler(len(rows), cfg.run.seed, cfg.data.shuffle).take(min(algo.num_prompts, len(rows)))
-    prompts = [PromptRecord(j, prompt_text(tok, rows[i]), encode(tok, prompt_text(tok, rows[i])), dict(rows[i])) for j, i in enumerate(order)]
+    prompts = [PromptRecord(j, *made[i], dict(rows[i])) for j, i in enumerate(order)]  # (text, token ids): the engine has room
 
     start_ray(cfg.cluster)
     plan = plan_placement(cfg.cluster, cfg.rollout, 0)
