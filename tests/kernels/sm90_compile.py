@@ -260,6 +260,8 @@ def compile_job(job: Job) -> dict[str, Any]:
         # float32 atomic adds, scalar or vectorised (Triton >= 3.7: atom.global.gpu.relaxed.add.v4.f32).
         "atomic_f32": re.search(r"\b(?:red|atom)\.[\w.]*add(?:\.v\d)?\.f32", ptx) is not None,
         "wide_offsets": "mul.wide.s32" in ptx or "mul.lo.s64" in ptx,
+        # Software pipelining: async copies into shared memory (cp.async, or cp.async.bulk for TMA).
+        "pipelined": "cp.async" in ptx,
         # What the variant asks for, from its flags (checked by the test).
         # Warpgroup MMA needs 64 rows per dot (the dot's rows: BLOCK_M forward, BLOCK_N for dW;
         # smaller tiles use mma.sync); float32 GEMMs with input_precision="ieee" (torch's default,
@@ -270,6 +272,7 @@ def compile_job(job: Job) -> dict[str, Any]:
         "wants_tma_load": bool(flags.get("USE_TMA")),
         "wants_tma_store": bool(flags.get("USE_TMA")) and launch.attr == "_FWD" and not flags.get("SCATTER"),
         "wants_atomic_f32": bool(flags.get("SCATTER")),
+        "wants_pipelined": _is_gemm(launch) and job.config.get("num_stages", 1) > 1,
     }
 
 

@@ -30,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 PINNED_TRITON = "3.7.1"  # Requires-Dist of torch-2.13.0-cp311-manylinux_2_28_x86_64 (the CUDA build on PyPI)
 SMEM_LIMIT_BYTES = 232448
+FEATURES = ("wgmma", "tma_load", "tma_store", "atomic_f32", "pipelined")  # PTX features a variant can ask for
 
 
 def _triton_dir() -> Path | None:
@@ -84,19 +85,20 @@ def test_shared_memory_fits_hopper_and_the_pruning_estimate(compiled: dict) -> N
 
 def test_ptx_holds_what_each_variant_asks_for(compiled: dict) -> None:
     """wgmma for bf16 GEMMs, TMA loads on the TMA path, TMA stores for its plain epilogue, float32
-    atomics for the scatter epilogue (either spelling of the shared-memory state space)."""
+    atomics for the scatter epilogue (either spelling of the shared-memory state space), pipelined
+    GEMM main loops."""
     missing = []
     for r in compiled["results"]:
         if "error" in r:
             continue
-        for feature in ("wgmma", "tma_load", "tma_store", "atomic_f32"):
+        for feature in FEATURES:
             if r[f"wants_{feature}"] and not r[feature]:
                 missing.append(f"{r['job']}: no {feature}")
         if r["variant"].startswith("grouped_gemm") and not r["wide_offsets"]:
             missing.append(f"{r['job']}: 32-bit address arithmetic")
     assert not missing, "\n".join(missing[:10])
-    asked = {f for r in compiled["results"] for f in ("wgmma", "tma_load", "tma_store", "atomic_f32") if r.get(f"wants_{f}")}
-    assert asked == {"wgmma", "tma_load", "tma_store", "atomic_f32"}  # every feature was checked somewhere
+    asked = {f for r in compiled["results"] for f in FEATURES if r.get(f"wants_{f}")}
+    assert asked == set(FEATURES)  # every feature was checked somewhere
 
 
 def test_report_largest_shared_memory_per_dtype(compiled: dict, capsys: pytest.CaptureFixture) -> None:
