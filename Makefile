@@ -24,6 +24,13 @@ $(VENV)/.installed: pyproject.toml
 sandbox-setup:
 	bash sandboxes/setup.sh
 
+# The Triton that CUDA torch 2.13 pins, for the sm_90 compile test only (tests/kernels/test_kernels_compile.py
+# compiles every kernel for an H100 on CPU with it); kept apart from the CPU stack's triton 3.9.
+SM90_TRITON := .bench_deps/triton-3.7.1
+$(SM90_TRITON)/.installed:
+	$(PY) -m pip install -q --no-deps --target $(SM90_TRITON) triton==3.7.1
+	touch $@
+
 # SFT imitates a teacher who forgets the carry; GRPO on the true sum fixes it (`make demo SEED=1`).
 SEED ?= 0
 demo: install
@@ -33,7 +40,7 @@ demo: install
 	$(BIN)/posttrain plot runs/sft_tiny_carry
 	$(BIN)/posttrain plot runs/grpo_tiny_carry
 
-test: install sandbox-setup
+test: install sandbox-setup $(SM90_TRITON)/.installed
 	$(BIN)/pytest -q
 
 test-fast: install
