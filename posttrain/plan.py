@@ -224,7 +224,7 @@ def engine_rows(i: PlanInputs, phase: str) -> dict[str, int]:
     kv = max(0, budget - weights - ENGINE_WORKSPACE_BYTES)
     # receivers: two pooled buckets (one landing, one loading) for collective; IPC maps the
     # sender's; object_store lands one bucket at a time
-    recv = {"collective": 2, "ipc": 0}.get(i.transport, 1) * i.bucket_bytes
+    recv = {"collective": 2, "ipc": 0, "none": 0}.get(i.transport, 1) * i.bucket_bytes
     if phase == "sync" and i.colocated:  # weights woken for the sync; the KV cache after it
         return {"engine weights": weights, "KV cache": 0, "receive buffers": recv}
     rows = {"engine weights": weights, "engine workspace": ENGINE_WORKSPACE_BYTES, "KV cache": kv}
@@ -386,14 +386,17 @@ def plan_inputs(cfg: Any) -> PlanInputs:
     engine_cls = import_object(engine_cfg.get("_target_", "posttrain.rollout.vllm_engine.VLLMEngineConfig"), "rollout.engine._target_", "recipe")
     defaults = {f.name: f.default for f in dataclasses.fields(engine_cls) if f.default is not dataclasses.MISSING}
     get = lambda key: engine_cfg.get(key, defaults.get(key))  # noqa: E731 — the engine's own default
-    colocated = cfg.cluster.placement == "colocated"
-    # sync.transport null: the placement's default (posttrain.rl.config.SyncConfig): IPC colocated on GPU
-    transport = cfg.sync.transport or ("ipc" if colocated and on_gpu else "object_store")
+    colocated = cfg.cluster is not None and cfg.cluster.placement == "colocated"
+    # sync.transport null: the placement's default (posttrain.rl.config.SyncConfig): IPC colocated on
+    # GPU. No sync section (rejection sampling): the engine is never updated, no buffers.
+    sync = cfg.sync
+    transport = "none" if sync is None else sync.transport or ("ipc" if colocated and on_gpu else "object_store")
+    bucket = 0 if sync is None else sync.bucket_mb << 20
     return PlanInputs(
         **common, engine=cfg.rollout.gpus_per_worker > 0, colocated=colocated,
         engine_bytes=BYTES[get("dtype") or "float32"], tensor_parallel=int(get("tensor_parallel_size") or 1),
         num_workers=cfg.rollout.num_workers, gpu_memory_utilization=float(get("gpu_memory_utilization") or 0.0),
-        max_model_len=int(get("max_model_len") or seq), bucket_bytes=cfg.sync.bucket_mb << 20, transport=transport,
+        max_model_len=int(get("max_model_len") or seq), bucket_bytes=bucket, transport=transport,
     )  # fmt: skip
 
 
