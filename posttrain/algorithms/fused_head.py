@@ -183,13 +183,14 @@ def _backward_blocks(ctx, hidden_MH, labels_M, entropy_M, grad_logprobs_M, grad_
                 if want_hidden:
                     grad_hidden[sl] = grad_u @ linear.weight
                 for j, p in enumerate(params):
-                    if p is linear.weight:
-                        part = grad_u.t() @ x.to(p.dtype)
+                    if p is linear.weight:  # one [V, H] buffer, accumulated in place (no per-block copy)
+                        if grad_params[j] is None:
+                            grad_params[j] = grad_u.t() @ x.to(p.dtype)
+                        else:
+                            grad_params[j].addmm_(grad_u.t(), x.to(p.dtype))
                     elif p is linear.bias:
                         part = grad_u.sum(0)
-                    else:
-                        continue
-                    grad_params[j] = part if grad_params[j] is None else grad_params[j].add_(part)
+                        grad_params[j] = part if grad_params[j] is None else grad_params[j].add_(part)
             continue
         with torch.enable_grad():
             x = hidden_MH[sl].detach().requires_grad_(want_hidden)
