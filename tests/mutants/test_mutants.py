@@ -1,4 +1,4 @@
-"""CI gate for issue #12: every mutant in run_mutants.py makes the RL maths tests fail.
+"""CI gate for issues #12 and #26: every mutant in run_mutants.py makes the fast RL tests fail.
 
 Slow (one pytest run per mutant, ~15 s each on 2 shared cores): marked ``slow``, run in CI.
 """
@@ -30,7 +30,10 @@ def test_every_mutant_is_killed(tmp_path: Path) -> None:
     # the run really tested the copy, not the editable install
     assert all("posttrain-mutants-" in f for f in report["imports"].values())
     required = {"dual_clip_positive_adv", "tis_two_sided", "temperature_ignored", "grpo_std_no_bessel",
-                "token_mean_as_seq_mean", "kl_sign_flipped", "gae_lambda_ignored"}
+                "token_mean_as_seq_mean", "kl_sign_flipped", "gae_lambda_ignored",
+                # issue #26: the trainer rank's call sites and the step's wiring
+                "ref_logprobs_from_policy", "tis_from_current_policy", "value_clip_centred_on_new_values",
+                "epoch_shuffle_reused", "overlong_sign_flipped", "dapo_filter_without_overlong_filter"}
     assert required <= {o["name"] for o in report["outcomes"]}
 
 
