@@ -58,9 +58,15 @@ def measure(vocab: int, fused: bool, store: str) -> dict[str, float]:
             "grad_norm": metrics["grad_norm"], "loadavg": os.getloadavg()[0]}  # fmt: skip
 
 
-def run(vocab: int, fused: bool, tmp: str) -> dict[str, float]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "2")}
-    store = os.path.join(tmp, f"store_{vocab}_{int(fused)}")
+def run(vocab: int, fused: bool, tmp: str, fixed_mmap: bool = True) -> dict[str, float]:
+    """One measurement in a fresh process. ``fixed_mmap``: glibc's mmap threshold at 64 KiB (a stable
+    memory figure); False: glibc's default, which reuses freed blocks (the time figure: with the
+    fixed threshold every freed block is unmapped and the next one page-faults afresh, which costs
+    the fused head's many block-sized temporaries far more than the unfused head's few large ones)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("BENCH_THREADS", "2")}
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    store = os.path.join(tmp, f"store_{vocab}_{int(fused)}_{int(fixed_mmap)}")
     proc = subprocess.run([sys.executable, __file__, str(vocab), str(int(fused)), store], capture_output=True, text=True, env=env)
     if proc.returncode:
         raise SystemExit(proc.stderr[-3000:])
@@ -76,6 +82,7 @@ def main() -> None:
         for vocab in VOCABS:
             for fused in (True, False):
                 runs[f"{'fused' if fused else 'unfused'}_V{vocab}"] = r = run(vocab, fused, tmp)
+                r["step_s_default_malloc"] = run(vocab, fused, tmp, fixed_mmap=False)["step_s"]
                 print(vocab, "fused" if fused else "unfused", r, flush=True)
     big = VOCABS[-1]
     fused, unfused = runs[f"fused_V{big}"]["peak_rise_mib"], runs[f"unfused_V{big}"]["peak_rise_mib"]
@@ -90,7 +97,8 @@ def main() -> None:
         {
             "model": "TinyModelSpec Llama (hidden 128, 4 layers, tied embeddings), vocabulary widened, float32",
             "micro_batch": f"{ROWS} rows x {T} tokens, temperature 0.7, GRPO policy loss + entropy metric, AdamW",
-            "measure": "VmHWM - VmRSS over the 2nd train step, fresh process each, MALLOC_MMAP_THRESHOLD_=65536",
+            "measure": "VmHWM - VmRSS over the 2nd train step, fresh process each, MALLOC_MMAP_THRESHOLD_=65536; "
+            "step_s under that setting, step_s_default_malloc in another fresh process with glibc's default (the time to quote)",
             "threads": int(os.environ.get("BENCH_THREADS", "2")),
             "one_fp32_logits_BTV_mib": logits_mib,
             "fused_growth_49k_to_152k_mib": runs[f"fused_V{big}"]["peak_rise_mib"] - runs[f"fused_V{VOCABS[0]}"]["peak_rise_mib"],
