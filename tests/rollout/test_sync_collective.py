@@ -59,7 +59,7 @@ def _to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
 
 
 def _from_bytes(data: bytes | dict) -> dict[str, torch.Tensor]:
-    return torch.load(io.BytesIO(data)) if isinstance(data, bytes) else data
+    return torch.load(io.BytesIO(data), weights_only=True) if isinstance(data, bytes) else data
 
 
 def _spec(t, wire):
