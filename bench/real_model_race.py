@@ -333,7 +333,7 @@ def main() -> None:
     }  # fmt: skip
     write_result("real_model", "TRL GRPOTrainer (HF generate, 2 threads), same checkpoint/prompts/group/tokens/optimizer/schedule/budget",
                  per_min["posttrain"], per_min["trl"], "held-out accuracy gain per minute of training",
-                 ratio if ratio is not None else float("nan"), json.loads(json.dumps(raw)), args.out)  # fmt: skip
+                 ratio, json.loads(json.dumps(raw)), args.out)  # fmt: skip
 
 
 if __name__ == "__main__":
