@@ -267,8 +267,8 @@ def test_rl_packing_really_packs(workers, monkeypatch):
     packed = workers(PolicyLossConfig(), 20)
     seen: list[int] = []
     real = packing.forward
-    monkeypatch.setattr(
-        "posttrain.rl.trainer_worker.packed_forward",
+    monkeypatch.setattr(  # the policy's forward: through the fused head's model call (engine/head_logprobs.py)
+        "posttrain.engine.head_logprobs.packed_forward",
         lambda m, b: seen.append(b["packed_ids_1N"].shape[1]) or real(m, b),
     )
     packed.train(_batch(PolicyLossConfig()))
