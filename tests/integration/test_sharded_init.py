@@ -101,7 +101,9 @@ def _reference(rank: int, world: int, out: dict) -> None:
 
 @pytest.mark.slow  # two spawned gloo ranks: ~15 s on 2 CPU cores
 def test_two_ranks_build_on_meta_shard_first_keep_grads_sharded_and_match_one_rank():
-    with mp.Manager() as manager:
+    # A spawned manager: a forked one inherits this process's objects (a TCPStore left by an
+    # earlier test), whose destructor aborts in the child when GC runs there (seen in the suite).
+    with mp.get_context("spawn").Manager() as manager:
         out = manager.dict()
         launch(_rank, 2, args=(out,), backend="gloo")
         got = dict(out)

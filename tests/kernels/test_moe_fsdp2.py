@@ -72,7 +72,7 @@ def test_fsdp2_two_ranks_triton_matches_single_process_eager() -> None:
     set_moe_kernels(reference, "eager")
     want = [loss.item() for loss in _train(reference, BATCH)]
 
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # forked, it would inherit (and GC) this process's TCPStores
         out = manager.dict()
         mp.spawn(_rank_main, args=(_free_port(), out), nprocs=2, join=True)
         got = list(out["losses"])
